@@ -1,0 +1,114 @@
+"""Pure aggregation math and the per-round flat buffer (tensors in, tensors out).
+
+The buffer that crosses the network once per round is laid out as
+
+    [ sum_c n_c * (w_c - w)  (P floats) | sum_c n_c (1) | per-slot stats (S * 3) | per-rank (W) ]
+
+where the per-slot stats are (loss * n, n, samples) of each sampled client, written by the rank
+that trained it and zero elsewhere, and the per-rank block holds each rank's local compute time.
+Summing the buffer over ranks yields the weighted update and the statistics in ONE collective
+(pfl-research's WeightedStatistics idea with the metrics riding along).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+
+STATS_PER_CLIENT = 3  # weighted loss, weight, samples processed
+
+
+def weighted_mean(updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Reference FedAvg average sum_c n_c u_c / sum_c n_c, for tests and one-process checks."""
+    if len(updates) != len(weights) or not updates:
+        raise ValueError("need as many weights as updates, and at least one")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("the weights sum to zero")
+    out = torch.zeros_like(updates[0], dtype=torch.float64)
+    for update, weight in zip(updates, weights):
+        out += float(weight) * update.double()
+    return (out / total).to(updates[0].dtype)
+
+
+def client_weight(num_samples: int, weighting: str) -> float:
+    """n_c in FedAvg: the client's data size ('samples') or 1 ('uniform')."""
+    if weighting == "samples":
+        return float(num_samples)
+    if weighting == "uniform":
+        return 1.0
+    raise ValueError(f"unknown weighting '{weighting}'")
+
+
+@dataclass
+class RoundResult:
+    """The reduced buffer, decoded."""
+
+    mean_update: torch.Tensor  # sum n_c delta_c / sum n_c (zeros when no weight arrived)
+    total_weight: float
+    client_loss: Dict[int, float]  # sampled client id -> mean local loss
+    client_weight: Dict[int, float]
+    client_samples: Dict[int, int]
+    rank_compute_s: List[float]
+
+
+class RoundBuffer:
+    """One rank's contribution to a round: weighted update sum and stats, in one flat tensor."""
+
+    def __init__(self, num_params: int, cohort: Sequence[int], world_size: int,
+                 device: torch.device | str = "cpu"):
+        self.num_params = num_params
+        self.cohort = list(cohort)
+        self.world_size = world_size
+        self._slot = {client: i for i, client in enumerate(self.cohort)}
+        size = num_params + 1 + STATS_PER_CLIENT * len(self.cohort) + world_size
+        self.buffer = torch.zeros(size, dtype=torch.float32, device=device)
+        self._scratch: torch.Tensor | None = None
+
+    def _stats_at(self, client: int) -> int:
+        return self.num_params + 1 + STATS_PER_CLIENT * self._slot[client]
+
+    def add_client(self, client: int, local: torch.Tensor, global_: torch.Tensor, weight: float,
+                   loss: float, samples: int) -> None:
+        """Add weight * (local - global) and the client's stats to the buffer, in place."""
+        # The difference is taken before scaling (n * w_c - n * w would cancel catastrophically
+        # in fp32), and n * delta is rounded before it is added: a fused multiply-add here would
+        # round differently from the all-reduce's plain sums, and results would then depend on
+        # which clients share a rank. One scratch vector is reused for every client.
+        if self._scratch is None:
+            self._scratch = torch.empty_like(global_)
+        torch.sub(local, global_, out=self._scratch).mul_(weight)
+        self.buffer[: self.num_params].add_(self._scratch)
+        self.buffer[self.num_params] += weight
+        at = self._stats_at(client)
+        self.buffer[at] += loss * weight
+        self.buffer[at + 1] += weight
+        self.buffer[at + 2] += samples
+
+    def set_compute_time(self, rank: int, seconds: float) -> None:
+        self.buffer[-self.world_size + rank] = seconds
+
+    def decode(self) -> RoundResult:
+        """Interpret the (already reduced) buffer."""
+        stats = self.buffer[self.num_params:].double().cpu()
+        total_weight = float(stats[0])
+        update = self.buffer[: self.num_params]
+        mean_update = update / total_weight if total_weight > 0 else torch.zeros_like(update)
+        losses, weights, samples = {}, {}, {}
+        for client, slot in self._slot.items():
+            loss_w, weight, seen = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
+            weights[client] = weight
+            samples[client] = int(round(seen))
+            losses[client] = loss_w / weight if weight > 0 else float("nan")
+        return RoundResult(mean_update, total_weight, losses, weights, samples,
+                           stats[-self.world_size:].tolist())
+
+
+def weighted_loss(result: RoundResult) -> float:
+    """Train loss of the round: the clients' mean losses weighted like their updates."""
+    total = sum(result.client_weight.values())
+    if total <= 0:
+        return float("nan")
+    return sum(result.client_loss[c] * w for c, w in result.client_weight.items() if w > 0) / total

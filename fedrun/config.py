@@ -1,0 +1,377 @@
+"""Typed configuration: OmegaConf structured dataclasses, YAML files and ``key=value`` overrides.
+
+Loaded once at the entry point (``load_config``); everything below receives plain dataclasses.
+Each section validates itself in ``__post_init__`` (called by ``OmegaConf.to_object``), so an
+impossible value is reported with the full key name before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedrun.errors import ConfigError
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how they are prepared."""
+
+    name: str = "digits"
+    """'digits' (scikit-learn's bundled 8x8 digits, embedded), 'image_folder' or 'celeba'."""
+    root: Optional[str] = None
+    """Folder of images (searched recursively) for image_folder / celeba."""
+    image_size: int = 16
+    """Side of the square training images, in pixels."""
+    grayscale: bool = False
+    """Image folders: convert to one channel (digits are always one channel)."""
+    center_crop: bool = True
+    """Image folders: crop the largest centred square before resizing (CelebA: 178x178)."""
+    labels_csv: Optional[str] = None
+    """Optional CSV (or CelebA's whitespace list_attr_celeba.txt) giving a label per file."""
+    label_column: Optional[str] = None
+    """Column of labels_csv used as the label (e.g. 'Smiling' for CelebA)."""
+    filename_column: str = "image_id"
+    """Column of labels_csv holding the file name (relative to root, or the base name)."""
+    heldout_fraction: float = 0.1
+    """Share of the images kept out of training, for evaluation."""
+    max_samples: Optional[int] = None
+    """Use only a deterministic subset of this many images (quick runs)."""
+    skip_corrupt: bool = False
+    """Skip unreadable image files (listed in a warning) instead of stopping with an error."""
+
+    def __post_init__(self) -> None:
+        _require(self.name in ("digits", "image_folder", "celeba"), "data.name",
+                 f"must be 'digits', 'image_folder' or 'celeba', got '{self.name}'")
+        _require(self.image_size >= 4, "data.image_size", f"must be >= 4, got {self.image_size}")
+        _require(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction",
+                 f"must be in [0, 1), got {self.heldout_fraction}")
+        _require(self.max_samples is None or self.max_samples >= 1, "data.max_samples",
+                 f"must be >= 1, got {self.max_samples}")
+        if self.name != "digits":
+            _require(bool(self.root), "data.root", f"is required when data.name='{self.name}'")
+        if self.labels_csv is not None:
+            _require(bool(self.label_column), "data.label_column", "is required with data.labels_csv")
+
+
+@dataclass
+class PartitionConfig:
+    """How the training images are split among the clients."""
+
+    method: str = "iid"
+    """'iid', 'dirichlet' (label skew, alpha), 'shards' (k classes per client), 'unbalanced'."""
+    alpha: float = 0.5
+    """Dirichlet concentration: small = each client sees few classes, large = near iid."""
+    shards_per_client: int = 2
+    """'shards': label-sorted shards per client (about that many classes each)."""
+    unbalanced_sigma: float = 1.0
+    """'unbalanced': client sizes are log-normal with this sigma (0 = equal sizes)."""
+
+    def __post_init__(self) -> None:
+        _require(self.method in ("iid", "dirichlet", "shards", "unbalanced"), "partition.method",
+                 f"must be 'iid', 'dirichlet', 'shards' or 'unbalanced', got '{self.method}'")
+        _require(self.alpha > 0, "partition.alpha", f"must be > 0, got {self.alpha}")
+        _require(self.shards_per_client >= 1, "partition.shards_per_client",
+                 f"must be >= 1, got {self.shards_per_client}")
+        _require(self.unbalanced_sigma >= 0, "partition.unbalanced_sigma",
+                 f"must be >= 0, got {self.unbalanced_sigma}")
+
+
+@dataclass
+class ModelConfig:
+    """The diffusers UNet2DModel: built from these fields, or loaded from ``pretrained``."""
+
+    pretrained: Optional[str] = None
+    """Local folder or hub id of a UNet2DModel (or a DDPMPipeline folder with a 'unet/' subfolder)."""
+    block_out_channels: List[int] = field(default_factory=lambda: [32, 64])
+    layers_per_block: int = 1
+    down_block_types: List[str] = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
+    up_block_types: List[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
+    norm_num_groups: int = 8
+    attention_head_dim: Optional[int] = 8
+
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        _require(n >= 1, "model.block_out_channels", "needs at least one entry")
+        _require(len(self.down_block_types) == n, "model.down_block_types",
+                 f"needs {n} entries (one per model.block_out_channels), got {len(self.down_block_types)}")
+        _require(len(self.up_block_types) == n, "model.up_block_types",
+                 f"needs {n} entries (one per model.block_out_channels), got {len(self.up_block_types)}")
+        for c in self.block_out_channels:
+            _require(c % self.norm_num_groups == 0, "model.block_out_channels",
+                     f"{c} is not divisible by model.norm_num_groups={self.norm_num_groups}")
+
+
+@dataclass
+class DiffusionConfig:
+    """DDPM noise schedule (paper: linear beta 1e-4 .. 0.02, T = 1000, epsilon prediction)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        _require(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
+                 f"must be >= 2, got {self.num_train_timesteps}")
+        _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
+                 f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
+        _require(self.prediction_type in ("epsilon", "v_prediction", "sample"),
+                 "diffusion.prediction_type", f"unknown '{self.prediction_type}'")
+
+
+@dataclass
+class OptimConfig:
+    """The clients' local optimizer (AdamW, fresh for every client in every round)."""
+
+    lr: float = 1e-4
+    batch_size: int = 16
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: Optional[float] = 1.0
+    """Clip the gradient norm to this value (null = no clipping)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(len(self.betas) == 2, "optim.betas", "needs two values")
+        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip",
+                 f"must be > 0 or null, got {self.grad_clip}")
+
+
+@dataclass
+class ServerConfig:
+    """The server step applied to the averaged client update."""
+
+    strategy: str = "fedavg"
+    """'fedavg' (w += lr * mean update) or 'fedavgm' (server momentum)."""
+    lr: float = 1.0
+    """Server learning rate; 1.0 is plain FedAvg (the average of the client models)."""
+    momentum: float = 0.9
+    """'fedavgm' only."""
+    weighting: str = "samples"
+    """Weight of a client in the average: 'samples' (its data size, as in FedAvg) or 'uniform'."""
+
+    def __post_init__(self) -> None:
+        _require(self.strategy in ("fedavg", "fedavgm"), "server.strategy",
+                 f"must be 'fedavg' or 'fedavgm', got '{self.strategy}'")
+        _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, "server.momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.weighting in ("samples", "uniform"), "server.weighting",
+                 f"must be 'samples' or 'uniform', got '{self.weighting}'")
+
+
+@dataclass
+class EMAConfig:
+    """Server-side exponential moving average of the global weights (used for sampling/export)."""
+
+    enabled: bool = True
+    decay: float = 0.95
+    """Per-round decay; warmed up as min(decay, (1 + r) / (10 + r)) like diffusers' EMAModel."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.decay < 1, "ema.decay", f"must be in [0, 1), got {self.decay}")
+
+
+@dataclass
+class SampleConfig:
+    """Sample grids written to samples/round_NNNNN.png during training."""
+
+    every: int = 0
+    """Every this many rounds (0 = only at the end)."""
+    num_images: int = 64
+    scheduler: str = "ddim"
+    """'ddim' (fast) or 'ddpm' (all num_train_timesteps steps)."""
+    steps: int = 50
+    """DDIM inference steps."""
+    seed: int = 1234
+    """Sampling noise seed: the same for every grid so grids can be compared."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "sample.every", f"must be >= 0, got {self.every}")
+        _require(self.num_images >= 1, "sample.num_images", f"must be >= 1, got {self.num_images}")
+        _require(self.scheduler in ("ddim", "ddpm"), "sample.scheduler",
+                 f"must be 'ddim' or 'ddpm', got '{self.scheduler}'")
+        _require(self.steps >= 1, "sample.steps", f"must be >= 1, got {self.steps}")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Every this many rounds (0 = only at the end). The last round is always checkpointed."""
+    keep_last: int = 3
+    """Keep the newest N round checkpoints."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", f"must be >= 0, got {self.every}")
+        _require(self.keep_last >= 1, "checkpoint.keep_last", f"must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = True
+    """Log to Weights & Biases (rank 0 only)."""
+    wandb_mode: str = "offline"
+    """'offline' (default, no network or key needed), 'online' or 'disabled'. WANDB_MODE wins."""
+    wandb_project: str = "fedrun"
+    progress: bool = True
+    """tqdm progress bar over rounds on rank 0."""
+
+    def __post_init__(self) -> None:
+        _require(self.wandb_mode in ("offline", "online", "disabled"), "logging.wandb_mode",
+                 f"must be 'offline', 'online' or 'disabled', got '{self.wandb_mode}'")
+
+
+@dataclass
+class Config:
+    """One federated (or centralized) diffusion training run."""
+
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: str = "never"
+    """'never' (refuse an existing run), 'auto' (continue from the latest checkpoint of
+    output_dir) or the path of a checkpoint folder."""
+    overwrite: bool = False
+    """Delete an existing run in output_dir and start again."""
+    device: str = "auto"
+    """'auto' (cuda:LOCAL_RANK with NCCL when CUDA is available, else CPU with gloo), 'cpu', 'cuda'."""
+    dist_timeout_s: int = 1800
+    """Timeout of the process group's collectives, in seconds."""
+    threads: Optional[int] = None
+    """CPU threads per rank (null = this rank's share of the cores: oversubscription is slow)."""
+
+    num_clients: int = 4
+    """C: the number of (virtual) clients; may exceed the number of ranks."""
+    clients_per_round: Optional[int] = None
+    """K: clients sampled each round (null = all)."""
+    local_steps: int = 2
+    """E: local optimizer steps of each sampled client per round."""
+    local_epochs: Optional[float] = None
+    """Alternative to local_steps: passes over the client's data per round (overrides E)."""
+    rounds: int = 10
+    """T: global rounds."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        _require(bool(self.output_dir), "output_dir", "must not be empty")
+        _require(self.device in ("auto", "cpu", "cuda"), "device",
+                 f"must be 'auto', 'cpu' or 'cuda', got '{self.device}'")
+        _require(self.threads is None or self.threads >= 1, "threads",
+                 f"must be >= 1 or null, got {self.threads}")
+        _require(self.dist_timeout_s >= 1, "dist_timeout_s", f"must be >= 1, got {self.dist_timeout_s}")
+        _require(self.num_clients >= 1, "num_clients", f"must be >= 1, got {self.num_clients}")
+        if self.clients_per_round is not None:
+            _require(1 <= self.clients_per_round <= self.num_clients, "clients_per_round",
+                     f"must be between 1 and num_clients={self.num_clients}, got {self.clients_per_round}")
+        _require(self.local_steps >= 1, "local_steps", f"must be >= 1, got {self.local_steps}")
+        _require(self.local_epochs is None or self.local_epochs > 0, "local_epochs",
+                 f"must be > 0 or null, got {self.local_epochs}")
+        _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+
+    @property
+    def cohort_size(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+
+# Keys that do not change the trajectory of a run: a resumed run may change them freely.
+# `rounds` is among them so that a finished run can be extended.
+_DIGEST_EXEMPT = {"output_dir", "resume", "overwrite", "device", "dist_timeout_s", "threads", "rounds",
+                  "sample", "checkpoint", "logging"}
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                schema: type = Config) -> Any:
+    """Merge defaults <- YAML file <- ``key=value`` overrides, validate, return the dataclass."""
+    base = OmegaConf.structured(schema)
+    layers = [base]
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            layers.append(OmegaConf.load(file))
+        except Exception as exc:  # yaml syntax errors come in many classes
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        try:
+            layers.append(OmegaConf.from_dotlist([f"{key}={value}"]))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"override '{item}': {_first_line(exc)}") from None
+    try:
+        merged = OmegaConf.merge(*layers)
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None)
+    message = _first_line(exc)
+    if "Key '" in message and "not in" in message:
+        return f"unknown config key '{key}' ({message})"
+    return f"config key '{key}': {message}" if key else message
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def digest_view(cfg: Any) -> dict:
+    """The part of the config that determines the trajectory (compared on resume)."""
+    return {k: v for k, v in to_dict(cfg).items() if k not in _DIGEST_EXEMPT}
+
+
+def digest(cfg: Any) -> str:
+    blob = json.dumps(digest_view(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def diff_keys(old: dict, new: dict, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key, MISSING), new.get(key, MISSING)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(diff_keys(a, b, prefix=f"{name}."))
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out

@@ -1,0 +1,470 @@
+"""Image data sets: scikit-learn's digits, a folder of images, CelebA.
+
+Images come out of ``ImageDataset.get_batch`` as float32 tensors in [-1, 1], shape (B, C, H, W).
+Small data sets live in memory (digits as a float tensor, small folders as uint8); large folders
+(CelebA: 200k files) are decoded from disk per batch. Everything is deterministic from the seed so
+that every rank builds the same data set without communicating.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from fedrun.config import DataConfig
+from fedrun.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# Folders up to this many files are decoded once and kept as uint8 (20k 64x64 RGB = 245 MB) ...
+IN_MEMORY_MAX_FILES = 20_000
+# ... unless that would exceed this many bytes (large image_size): every rank holds its own copy.
+IN_MEMORY_MAX_BYTES = 1 << 30
+_CELEBA_ATTR_FILES = ("list_attr_celeba.csv", "list_attr_celeba.txt")
+_MAX_LISTED = 10
+
+
+@dataclass(frozen=True)
+class ImageLoader:
+    """Decodes one file into a (C, S, S) uint8 array: mode conversion, optional centre crop, resize."""
+
+    image_size: int
+    grayscale: bool = False
+    center_crop: bool = True
+
+    @property
+    def num_channels(self) -> int:
+        return 1 if self.grayscale else 3
+
+    def __call__(self, path: str) -> np.ndarray:
+        """Decode ``path``; any decoder failure becomes a DataError naming the file."""
+        try:
+            with Image.open(path) as img:
+                img = _to_mode(img, "L" if self.grayscale else "RGB")
+                if self.center_crop:
+                    img = _center_square(img)
+                img = img.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
+                arr = np.asarray(img, dtype=np.uint8)
+        except Exception as exc:  # decoders raise OSError, SyntaxError, ValueError, zlib.error, ...
+            raise DataError(f"cannot decode image file '{path}': {exc}") from None
+        return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def _to_mode(img: Image.Image, mode: str) -> Image.Image:
+    if img.mode.startswith("I;16"):
+        # 16-bit greyscale: PIL's convert would clip at 255 instead of rescaling.
+        img = Image.fromarray((np.asarray(img, dtype=np.float32) / 257.0).round().astype(np.uint8))
+    return img if img.mode == mode else img.convert(mode)
+
+
+def _center_square(img: Image.Image) -> Image.Image:
+    width, height = img.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+class ImageDataset:
+    """N images, float32 in [-1, 1], shape (C, H, W), optional int64 labels.
+
+    Backed either by a tensor (float32 already in [-1, 1], or uint8 0..255) or by a list of files
+    decoded on demand with ``loader``. Use ``from_tensor`` / ``from_files`` to build one.
+    """
+
+    def __init__(self, *, num_channels: int, image_size: int, images: Optional[torch.Tensor] = None,
+                 files: Optional[Sequence[str]] = None, loader: Optional[ImageLoader] = None,
+                 labels: Optional[np.ndarray] = None, class_names: Optional[List[str]] = None,
+                 name: str = "images") -> None:
+        if (images is None) == (files is None):
+            raise ValueError("ImageDataset needs exactly one of images / files")
+        if files is not None and loader is None:
+            raise ValueError("ImageDataset(files=...) needs a loader")
+        self.num_channels = num_channels
+        self.image_size = image_size
+        self.name = name
+        self.class_names = class_names
+        self._images = images
+        self._files = list(files) if files is not None else None
+        self._loader = loader
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        if self.labels is not None and len(self.labels) != len(self):
+            raise ValueError(f"{len(self.labels)} labels for {len(self)} images")
+
+    @classmethod
+    def from_tensor(cls, images: torch.Tensor, labels: Optional[np.ndarray] = None,
+                    **kwargs) -> "ImageDataset":
+        """In-memory data set from a (N, C, S, S) float32 [-1, 1] or uint8 tensor."""
+        return cls(num_channels=images.shape[1], image_size=images.shape[-1], images=images,
+                   labels=labels, **kwargs)
+
+    @classmethod
+    def from_files(cls, files: Sequence[str], loader: ImageLoader,
+                   labels: Optional[np.ndarray] = None, **kwargs) -> "ImageDataset":
+        """Lazy data set: each ``get_batch`` decodes its files with ``loader``."""
+        return cls(num_channels=loader.num_channels, image_size=loader.image_size, files=files,
+                   loader=loader, labels=labels, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self._images) if self._images is not None else len(self._files)
+
+    @property
+    def in_memory(self) -> bool:
+        return self._images is not None
+
+    @property
+    def files(self) -> Optional[List[str]]:
+        """The image files of a lazy data set (None when in memory)."""
+        return self._files
+
+    def get_batch(self, indices) -> torch.Tensor:
+        """(B, C, H, W) float32 in [-1, 1], in the order of ``indices`` (repeats allowed)."""
+        idx = _as_index(indices, len(self))
+        if self._images is not None:
+            batch = self._images[torch.from_numpy(idx)]
+            return batch if batch.dtype == torch.float32 else _uint8_to_unit(batch)
+        arrays = _map_threads(self._loader, [self._files[i] for i in idx])
+        if not arrays:
+            return torch.empty((0, self.num_channels, self.image_size, self.image_size))
+        return _uint8_to_unit(torch.from_numpy(np.stack(arrays)))
+
+    def subset(self, indices) -> "ImageDataset":
+        """A new data set holding the given images (and labels), in that order."""
+        idx = _as_index(indices, len(self))
+        return ImageDataset(
+            num_channels=self.num_channels, image_size=self.image_size, name=self.name,
+            images=None if self._images is None else self._images[torch.from_numpy(idx)],
+            files=None if self._files is None else [self._files[i] for i in idx],
+            loader=self._loader, class_names=self.class_names,
+            labels=None if self.labels is None else self.labels[idx])
+
+    def describe(self) -> str:
+        """One line: name, size, shape, labels, storage."""
+        c, s = self.num_channels, self.image_size
+        if self.labels is None:
+            labels = "unlabeled"
+        else:
+            labels = f"{len(self.class_names) if self.class_names else len(np.unique(self.labels))} classes"
+        storage = "in memory" if self.in_memory else "decoded from disk per batch"
+        return f"{self.name}: {len(self)} images {c}x{s}x{s}, {labels}, {storage}"
+
+    def __repr__(self) -> str:
+        return f"ImageDataset({self.describe()})"
+
+
+def _as_index(indices, length: int) -> np.ndarray:
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    # Negative indices would silently wrap around; they are always a caller bug here.
+    if idx.size and (idx.min() < 0 or idx.max() >= length):
+        raise IndexError(f"index out of range for a data set of {length} images")
+    return idx
+
+
+def _uint8_to_unit(batch: torch.Tensor) -> torch.Tensor:
+    return batch.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
+
+
+# --------------------------------------------------------------------------- thread pool
+_POOL: Dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One decode pool per process: keyed by pid because a forked child inherits dead threads."""
+    with _POOL_LOCK:
+        pool = _POOL.get(os.getpid())
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
+                                      thread_name_prefix="fedrun-decode")
+            _POOL[os.getpid()] = pool
+        return pool
+
+
+def _map_threads(fn, items: list) -> list:
+    """``[fn(x) for x in items]``, in threads when worth it (PIL releases the GIL while decoding)."""
+    if len(items) < 4:
+        return [fn(x) for x in items]
+    return list(_pool().map(fn, items))
+
+
+# --------------------------------------------------------------------------- building
+def build_datasets(cfg: DataConfig, seed: int) -> Tuple[ImageDataset, ImageDataset]:
+    """(train, heldout) for ``cfg``; deterministic from ``seed``.
+
+    ``max_samples`` picks a seeded subset first; the held-out set then gets
+    ``round(heldout_fraction * N)`` images (possibly none: an empty data set).
+    """
+    if cfg.name == "digits":
+        full = _build_digits(cfg, seed)
+    elif cfg.name in ("image_folder", "celeba"):
+        full = _build_folder(cfg, seed)
+    else:
+        raise DataError(f"unknown data.name '{cfg.name}'")
+    return split_heldout(full, cfg.heldout_fraction, seed)
+
+
+def split_heldout(dataset: ImageDataset, fraction: float, seed: int) -> Tuple[ImageDataset, ImageDataset]:
+    """Seeded (train, heldout) split; both keep the original (sorted) order."""
+    n = len(dataset)
+    perm = np.random.default_rng([seed, 7]).permutation(n)
+    n_heldout = int(round(fraction * n))
+    return dataset.subset(np.sort(perm[n_heldout:])), dataset.subset(np.sort(perm[:n_heldout]))
+
+
+def _subset_indices(n: int, max_samples: Optional[int], seed: int) -> np.ndarray:
+    """Sorted seeded choice of ``max_samples`` of ``n`` items (all of them when None or >= n)."""
+    if max_samples is None or max_samples >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, 3]).permutation(n)[:max_samples])
+
+
+@functools.lru_cache(maxsize=4)
+def _digits_tensor(image_size: int) -> Tuple[torch.Tensor, np.ndarray]:
+    # Cached: several data sets per process (tests, ranks in threads) need not reload sklearn's copy.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
+    if image_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
+                                            align_corners=False)
+    return x.clamp_(-1.0, 1.0).contiguous(), digits.target.astype(np.int64)
+
+
+def _build_digits(cfg: DataConfig, seed: int) -> ImageDataset:
+    images, labels = _digits_tensor(cfg.image_size)
+    full = ImageDataset.from_tensor(images, labels, class_names=[str(k) for k in range(10)],
+                                    name="digits")
+    return full.subset(_subset_indices(len(full), cfg.max_samples, seed))
+
+
+def _build_folder(cfg: DataConfig, seed: int) -> ImageDataset:
+    root = _check_root(cfg.root)
+    image_root = _celeba_image_root(root) if cfg.name == "celeba" else root
+    rel_paths = list_image_files(image_root)
+    rel_paths = [rel_paths[i] for i in _subset_indices(len(rel_paths), cfg.max_samples, seed)]
+    rel_paths = _drop_bad(image_root, rel_paths, _check_headers(image_root, rel_paths), cfg.skip_corrupt)
+    labels, class_names = _folder_labels(cfg, root, image_root, rel_paths)
+    loader = ImageLoader(cfg.image_size, cfg.grayscale, cfg.center_crop)
+    files = [str(image_root / p) for p in rel_paths]
+    if _fits_in_memory(len(files), loader):
+        images, ok = _decode_all(files, loader, cfg.skip_corrupt, image_root)
+        labels = None if labels is None else labels[ok]
+        return ImageDataset.from_tensor(images, labels, class_names=class_names, name=cfg.name)
+    return ImageDataset.from_files(files, loader, labels, class_names=class_names, name=cfg.name)
+
+
+def _check_root(root: Optional[str]) -> Path:
+    if not root:
+        raise DataError("data.root is required for image folders")
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise DataError(f"data.root '{root}' does not exist")
+    if not path.is_dir():
+        raise DataError(f"data.root '{root}' is not a directory")
+    return path
+
+
+def _celeba_image_root(root: Path) -> Path:
+    """The folder holding the CelebA images: root, root/img_align_celeba (Kaggle nests it twice)."""
+    image_root = root
+    for _ in range(2):
+        if (image_root / "img_align_celeba").is_dir():
+            image_root = image_root / "img_align_celeba"
+    return image_root
+
+
+def list_image_files(root: Path) -> List[str]:
+    """Sorted relative POSIX paths of the image files under ``root`` (recursive).
+
+    Hidden files and folders (``.git``, macOS ``._x.jpg`` resource forks) are skipped: they are
+    never images of the data set and the resource forks would all count as corrupt.
+    """
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(root)
+        found.extend((rel_dir / f).as_posix() for f in filenames
+                     if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+    if not found:
+        raise DataError(f"no image files found under '{root}' (searched recursively for "
+                        f"{', '.join(IMAGE_EXTENSIONS)}, any case)")
+    return sorted(found)
+
+
+def _check_header(path: str) -> Optional[str]:
+    try:
+        with Image.open(path):
+            return None  # only the header is read: cheap even for 200k files
+    except Exception as exc:  # UnidentifiedImageError, OSError, SyntaxError, ...
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _check_headers(image_root: Path, rel_paths: List[str]) -> Dict[str, str]:
+    """{relative path: reason} for the files whose header PIL cannot read."""
+    reasons = _map_threads(_check_header, [str(image_root / p) for p in rel_paths])
+    return {p: r for p, r in zip(rel_paths, reasons) if r is not None}
+
+
+def _drop_bad(image_root: Path, rel_paths: List[str], bad: Dict[str, str],
+              skip: bool) -> List[str]:
+    """Raise on unreadable files, or (``skip``) warn and drop them."""
+    if not bad:
+        return rel_paths
+    listing = "; ".join(f"{image_root / p} ({r})" for p, r in list(bad.items())[:_MAX_LISTED])
+    more = f"; ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+    if not skip:
+        raise DataError(f"{len(bad)} unreadable image file(s) under '{image_root}': {listing}{more}. "
+                        "Remove them or set data.skip_corrupt=true to skip them")
+    warnings.warn(f"skipping {len(bad)} unreadable image file(s): {listing}{more}", stacklevel=3)
+    kept = [p for p in rel_paths if p not in bad]
+    if not kept:
+        raise DataError(f"every image file under '{image_root}' is unreadable")
+    return kept
+
+
+def _fits_in_memory(n: int, loader: ImageLoader) -> bool:
+    nbytes = n * loader.num_channels * loader.image_size ** 2
+    return n <= IN_MEMORY_MAX_FILES and nbytes <= IN_MEMORY_MAX_BYTES
+
+
+def _decode_all(files: List[str], loader: ImageLoader, skip: bool,
+                image_root: Path) -> Tuple[torch.Tensor, np.ndarray]:
+    """Decode every file once: (uint8 tensor, indices of the files kept)."""
+
+    def decode(path: str):
+        try:
+            return loader(path), None
+        except DataError as exc:
+            return None, str(exc)
+
+    results = _map_threads(decode, files)
+    rel_paths = [Path(f).relative_to(image_root).as_posix() for f in files]
+    _drop_bad(image_root, rel_paths, {p: err for p, (_, err) in zip(rel_paths, results) if err}, skip)
+    ok = np.array([i for i, (arr, _) in enumerate(results) if arr is not None], dtype=np.int64)
+    return torch.from_numpy(np.stack([results[i][0] for i in ok])), ok
+
+
+# --------------------------------------------------------------------------- labels
+def _folder_labels(cfg: DataConfig, root: Path, image_root: Path,
+                   rel_paths: List[str]) -> Tuple[Optional[np.ndarray], Optional[List[str]]]:
+    """(int64 labels, class names) from the labels file, or (None, None) without one."""
+    table = _labels_file(cfg, root, image_root)
+    if table is None:
+        return None, None
+    by_name = read_label_column(table, cfg.label_column, cfg.filename_column)
+    values = _match_labels(by_name, rel_paths, table)
+    return encode_labels(values)
+
+
+def _labels_file(cfg: DataConfig, root: Path, image_root: Path) -> Optional[Path]:
+    if cfg.labels_csv is not None:
+        path = Path(cfg.labels_csv).expanduser()
+        # A relative path is taken from the working directory, else from data.root.
+        for candidate in (path, root / path):
+            if candidate.is_file():
+                return candidate
+        raise DataError(f"data.labels_csv '{cfg.labels_csv}' does not exist")
+    if cfg.name != "celeba" or not cfg.label_column:
+        return None
+    places = [root, root / "Anno", image_root, root.parent, root.parent / "Anno"]
+    for place in places:
+        for name in _CELEBA_ATTR_FILES:
+            if (place / name).is_file():
+                return place / name
+    raise DataError(f"data.label_column='{cfg.label_column}' needs CelebA's attribute list: none of "
+                    f"{', '.join(_CELEBA_ATTR_FILES)} found in {', '.join(str(p) for p in places)}; "
+                    "set data.labels_csv")
+
+
+def read_label_column(path: Path, label_column: str, filename_column: str) -> Dict[str, str]:
+    """{file name as written in the table: label string} for one column of a labels file.
+
+    Formats: a comma CSV with a header; a whitespace table with a header; CelebA's
+    ``list_attr_celeba.txt`` (a count line, then attribute names without a file name header,
+    then ``000001.jpg -1 1 ...``). A header one field shorter than the rows means that the first
+    field of each row is the file name.
+    """
+    header, rows = _read_table(path)
+    if rows and len(rows[0]) == len(header) + 1:
+        name_at, columns = 0, [None] + header
+    elif filename_column in header:
+        name_at, columns = header.index(filename_column), header
+    else:
+        raise DataError(f"labels file '{path}' has no file name column '{filename_column}' "
+                        f"(data.filename_column); columns: {', '.join(header)}")
+    if label_column not in columns:
+        available = [c for c in columns if c is not None and c != filename_column]
+        raise DataError(f"labels file '{path}' has no column '{label_column}' (data.label_column); "
+                        f"available columns: {', '.join(available)}")
+    label_at = columns.index(label_column)
+    out = {}
+    for line_no, row in enumerate(rows, start=1):
+        if len(row) != len(columns):
+            raise DataError(f"labels file '{path}': data row {line_no} has {len(row)} fields, "
+                            f"expected {len(columns)}")
+        out[row[name_at].strip()] = row[label_at].strip()
+    return out
+
+
+def _read_table(path: Path) -> Tuple[List[str], List[List[str]]]:
+    """(header, rows) of a comma CSV or whitespace table, CelebA's count line skipped."""
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read labels file '{path}': {exc}") from None
+    if lines and lines[0].strip().isdigit():
+        lines = lines[1:]  # CelebA's .txt files start with the number of rows
+    if not lines:
+        raise DataError(f"labels file '{path}' is empty")
+    if "," in lines[0]:
+        table = list(csv.reader(lines))
+        return [h.strip() for h in table[0]], table[1:]
+    return lines[0].split(), [ln.split() for ln in lines[1:]]
+
+
+def _match_labels(by_name: Dict[str, str], rel_paths: List[str], table: Path) -> List[str]:
+    """The label of each image, matched by relative path, else by base name."""
+    by_path = {_norm(name): value for name, value in by_name.items()}
+    by_base: Dict[str, Optional[str]] = {}
+    for name, value in by_path.items():
+        base = name.rsplit("/", 1)[-1]
+        # A base name listed twice with different labels cannot identify an image.
+        by_base[base] = value if by_base.get(base, value) == value else None
+    values, missing = [], []
+    for rel in rel_paths:
+        value = by_path.get(rel)
+        if value is None:
+            value = by_base.get(rel.rsplit("/", 1)[-1])
+        if value is None:
+            missing.append(rel)
+        values.append(value)
+    if missing:
+        raise DataError(f"{len(missing)} image(s) have no row in labels file '{table}' "
+                        f"(matched by relative path or base name), e.g. '{missing[0]}'")
+    return values
+
+
+def _norm(name: str) -> str:
+    name = name.replace("\\", "/")
+    return name[2:] if name.startswith("./") else name
+
+
+def encode_labels(values: List[str]) -> Tuple[np.ndarray, List[str]]:
+    """Map the distinct label strings (sorted, numerically when all are numbers) to 0..k-1."""
+    distinct = sorted(set(values))
+    try:
+        distinct.sort(key=float)
+    except ValueError:
+        pass  # not all numeric: keep the string order
+    code = {v: i for i, v in enumerate(distinct)}
+    return np.array([code[v] for v in values], dtype=np.int64), distinct

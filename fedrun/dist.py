@@ -1,0 +1,110 @@
+"""The only module that touches ``torch.distributed`` (and the torchrun environment).
+
+Everything else asks ``rank()``, ``world_size()``, ``all_reduce_sum()``. World size 1 is the
+degenerate case: no process group is created and every collective returns at once.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as torch_dist
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def is_initialized() -> bool:
+    return torch_dist.is_available() and torch_dist.is_initialized()
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if is_initialized() else _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if is_initialized() else _env_int("WORLD_SIZE", 1)
+
+
+def local_rank() -> int:
+    return _env_int("LOCAL_RANK", 0)
+
+
+def local_world_size() -> int:
+    return _env_int("LOCAL_WORLD_SIZE", 1)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _cpu_share() -> int:
+    """This rank's share of the cores: oversubscribed OpenMP threads make CPU steps 10-20x slower."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, local_world_size()))
+
+
+def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = None) -> torch.device:
+    """Bind this process to its device and join the process group (when launched by torchrun).
+
+    NCCL with ``cuda:LOCAL_RANK`` when CUDA is used, gloo on CPU. Returns the device.
+    """
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise RuntimeError("device='cuda' was asked for but CUDA is not available")
+        torch.cuda.set_device(local_rank())
+        dev = torch.device("cuda", local_rank())
+    else:
+        torch.set_num_threads(threads or _cpu_share())
+        dev = torch.device("cpu")
+    if launched_by_torchrun() and world_size() > 1 and not is_initialized():
+        torch_dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=dev if use_cuda else None,
+        )
+    return dev
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place. One collective; a no-op for world size 1."""
+    if is_initialized() and world_size() > 1:
+        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    if is_initialized() and world_size() > 1:
+        torch_dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (used for run-directory decisions, not per round)."""
+    if not (is_initialized() and world_size() > 1):
+        return obj
+    box = [obj if rank() == src else None]
+    torch_dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def destroy() -> None:
+    if is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def describe(device: Optional[torch.device] = None) -> str:
+    backend = torch_dist.get_backend() if is_initialized() else "none"
+    threads = torch.get_num_threads()
+    return f"rank {rank()}/{world_size()} backend={backend} device={device} threads={threads}"

@@ -1,0 +1,83 @@
+"""Server strategies: what the server does with the averaged client update.
+
+Every rank holds the same global vector and applies the same step to the same reduced update,
+so no broadcast is needed afterwards. A strategy's state must be in ``state_dict`` so a resumed
+run continues exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from fedrun.config import EMAConfig, ServerConfig
+
+
+class FedAvg:
+    """w <- w + lr * mean_update. With lr = 1 the new model is the weighted mean of the clients'."""
+
+    def __init__(self, lr: float = 1.0):
+        self.lr = lr
+
+    def step(self, weights: torch.Tensor, mean_update: torch.Tensor) -> None:
+        weights.add_(mean_update, alpha=self.lr)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        del state
+
+
+class FedAvgM(FedAvg):
+    """Server momentum (Hsu et al. 2019): v <- beta v + update; w <- w + lr v."""
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.9):
+        super().__init__(lr)
+        self.momentum = momentum
+        self.velocity: torch.Tensor | None = None
+
+    def step(self, weights: torch.Tensor, mean_update: torch.Tensor) -> None:
+        if self.velocity is None:
+            self.velocity = torch.zeros_like(weights)
+        self.velocity.mul_(self.momentum).add_(mean_update)
+        weights.add_(self.velocity, alpha=self.lr)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {} if self.velocity is None else {"velocity": self.velocity}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.velocity = state.get("velocity")
+
+
+def build_server(cfg: ServerConfig) -> FedAvg:
+    if cfg.strategy == "fedavg":
+        return FedAvg(cfg.lr)
+    if cfg.strategy == "fedavgm":
+        return FedAvgM(cfg.lr, cfg.momentum)
+    raise ValueError(f"unknown server strategy '{cfg.strategy}'")
+
+
+class EMA:
+    """Exponential moving average of the global weights, updated once per round.
+
+    The decay warms up as min(decay, (1 + r) / (10 + r)) (as diffusers' EMAModel does per step),
+    so short runs are not dominated by the random initialisation.
+    """
+
+    def __init__(self, weights: torch.Tensor, cfg: EMAConfig):
+        self.cfg = cfg
+        self.shadow = weights.detach().clone()
+        self.updates = 0
+
+    def decay_at(self, updates: int) -> float:
+        return min(self.cfg.decay, (1 + updates) / (10 + updates))
+
+    def update(self, weights: torch.Tensor) -> None:
+        if not self.cfg.enabled:
+            self.shadow.copy_(weights)
+            return
+        decay = self.decay_at(self.updates)
+        self.shadow.mul_(decay).add_(weights, alpha=1 - decay)
+        self.updates += 1

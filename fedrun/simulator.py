@@ -1,0 +1,320 @@
+"""The federated round loop (FedAvg over torchrun ranks), written as numbered steps.
+
+    Step 1  cohort: the sampled clients of this round (same on every rank), dealt to ranks
+    Step 2  local training: each rank trains its clients from the global weights and adds
+            n_c * (w_c - w) to its round buffer
+    Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, sum n_c, stats]
+    Step 4  server step on the averaged update (every rank, identically), EMA update
+    Step 5  rank 0: log, sample grid, checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from fedrun import dist
+from fedrun.aggregate import RoundBuffer, client_weight, weighted_loss
+from fedrun.checkpoint import Checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
+from fedrun.client import batch_indices, client_generator, num_local_steps, train_client
+from fedrun.cohort import assign_to_ranks, sample_cohort
+from fedrun.config import Config, diff_keys, digest, digest_view, to_dict, to_yaml
+from fedrun.errors import CheckpointError, FedrunError
+from fedrun.logging import RunLogger, truncate_metrics
+
+BYTES_PER_FLOAT = 4
+
+
+@dataclass
+class Federation:
+    """Everything the round loop works on; identical on every rank except ``rank``."""
+
+    cfg: Config
+    device: torch.device
+    rank: int
+    world_size: int
+    dataset: object
+    client_indices: List[np.ndarray]
+    unet: torch.nn.Module
+    params: object  # models.FlatParameters: the replica's trainable parameters, one vector
+    noise_scheduler: object
+    global_weights: torch.Tensor
+    server: object
+    ema: object
+    start_round: int = 0
+    samples_seen: int = 0
+    bytes_total: int = 0
+
+
+# ---------------------------------------------------------------- set-up
+
+def _prepare_on_rank0(cfg: Config) -> tuple:
+    """Rank 0 decides what happens to the run directory; the outcome (or the error) is shared."""
+    try:
+        resume_from = prepare_run_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
+        return ("ok", str(resume_from) if resume_from else None)
+    except FedrunError as exc:
+        return ("error", f"{type(exc).__name__}:{exc}")
+
+
+def setup(cfg: Config) -> Federation:
+    """Process group, run directory, data, partition, model, server: ready for round 0 (or resume)."""
+    from fedrun.data import build_datasets, partition_indices
+    from fedrun.models import FlatParameters, build_noise_scheduler, build_unet
+    from fedrun.server import EMA, build_server
+
+    device = dist.init(cfg.device, cfg.dist_timeout_s, cfg.threads)
+    rank, world = dist.rank(), dist.world_size()
+    decision = _prepare_on_rank0(cfg) if rank == 0 else None
+    status, payload = dist.broadcast_object(decision)
+    if status == "error":
+        kind, message = payload.split(":", 1)
+        raise CheckpointError(message) if kind == "CheckpointError" else FedrunError(message)
+
+    train, _heldout = build_datasets(cfg.data, cfg.seed)
+    client_indices = partition_indices(train.labels, len(train), cfg.num_clients, cfg.partition, cfg.seed)
+    unet = build_unet(cfg.model, train.image_size, train.num_channels, cfg.seed).to(device)
+    params = FlatParameters(unet)
+    fed = Federation(
+        cfg=cfg, device=device, rank=rank, world_size=world, dataset=train,
+        client_indices=client_indices, unet=unet, params=params,
+        noise_scheduler=build_noise_scheduler(cfg.diffusion),
+        global_weights=params.flat.detach().clone(), server=build_server(cfg.server), ema=None,
+    )
+    fed.ema = EMA(fed.global_weights, cfg.ema)
+    if payload is not None:
+        restore(fed, load_checkpoint(Path(payload)))
+    return fed
+
+
+def restore(fed: Federation, ckpt: Checkpoint) -> None:
+    """Load global weights, EMA and server state from a checkpoint; refuse a different config."""
+    saved_view = ckpt.state.get("config", {})
+    if ckpt.state.get("config_digest") != digest(fed.cfg):
+        changed = diff_keys(saved_view, digest_view(fed.cfg))
+        raise CheckpointError(
+            f"checkpoint '{ckpt.path}' was written with a different config; differing keys: "
+            + "; ".join(changed or ["(unknown: the checkpoint has no config view)"]))
+    if ckpt.round > fed.cfg.rounds:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' is at round {ckpt.round}, beyond "
+                              f"rounds={fed.cfg.rounds}; raise 'rounds' to continue it")
+    try:
+        fed.global_weights.copy_(fed.params.vector_from(ckpt.groups["model"]))
+        fed.ema.shadow.copy_(fed.params.vector_from(ckpt.groups["ema"]))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint '{ckpt.path}' does not fit the model: {exc}") from None
+    fed.server.load_state_dict({k: v.to(fed.device) for k, v in ckpt.groups.get("server", {}).items()})
+    fed.ema.updates = int(ckpt.state["ema_updates"])
+    fed.start_round = ckpt.round
+    fed.samples_seen = int(ckpt.state["samples_seen"])
+    fed.bytes_total = int(ckpt.state["bytes_total"])
+
+
+# ---------------------------------------------------------------- one round
+
+def select_clients(fed: Federation, global_round: int) -> tuple[list, list]:
+    """Step 1: the cohort (same on every rank) and the clients this rank trains."""
+    cfg = fed.cfg
+    cohort = sample_cohort(cfg.num_clients, cfg.cohort_size, cfg.seed, global_round)
+    costs = [_client_steps(fed, c) for c in cohort]
+    return cohort, assign_to_ranks(cohort, fed.world_size, costs)[fed.rank]
+
+
+def _client_steps(fed: Federation, client: int) -> int:
+    cfg = fed.cfg
+    return num_local_steps(len(fed.client_indices[client]), cfg.optim.batch_size,
+                           cfg.local_steps, cfg.local_epochs)
+
+
+def train_local(fed: Federation, cohort: list, mine: list, global_round: int) -> RoundBuffer:
+    """Step 2: train this rank's clients, each from the global weights, into the round buffer."""
+    cfg = fed.cfg
+    buffer = RoundBuffer(fed.params.numel, cohort, fed.world_size, fed.device)
+    started = time.perf_counter()
+    for client in mine:
+        fed.params.load_(fed.global_weights)
+        generator = client_generator(cfg.seed, client, global_round)
+        indices = fed.client_indices[client]
+        batches = batch_indices(indices, _client_steps(fed, client), cfg.optim.batch_size, generator)
+        result = train_client(fed.unet, fed.params.params, fed.noise_scheduler, fed.dataset,
+                              batches, generator, cfg.optim, fed.device)
+        buffer.add_client(client, fed.params.flat, fed.global_weights,
+                          client_weight(len(indices), cfg.server.weighting), result.mean_loss,
+                          result.samples)
+    if fed.device.type == "cuda":
+        torch.cuda.synchronize(fed.device)
+    buffer.set_compute_time(fed.rank, time.perf_counter() - started)
+    return buffer
+
+
+def server_update(fed: Federation, result) -> bool:
+    """Step 4: apply the averaged update (a round where no weight arrived keeps the model)."""
+    if result.total_weight <= 0:
+        return False
+    fed.server.step(fed.global_weights, result.mean_update)
+    fed.ema.update(fed.global_weights)
+    return True
+
+
+def account(fed: Federation, result) -> dict:
+    """Samples and bytes of the round (every rank keeps the totals: they are checkpointed)."""
+    update_bytes = fed.params.numel * BYTES_PER_FLOAT
+    trained = [c for c, w in result.client_weight.items() if w > 0]
+    round_samples = sum(result.client_samples.values())
+    round_bytes = 2 * update_bytes * len(trained)  # each client receives w and sends its update
+    fed.samples_seen += round_samples
+    fed.bytes_total += round_bytes
+    return {
+        "samples": fed.samples_seen,
+        "round_samples": round_samples,
+        "train_loss": weighted_loss(result),
+        "clients": trained,
+        "client_loss": {c: result.client_loss[c] for c in trained},
+        "client_samples": {c: result.client_samples[c] for c in trained},
+        "bytes_sent_per_client": update_bytes,
+        "bytes_received_per_client": update_bytes,
+        "bytes_round": round_bytes,
+        "bytes_total": fed.bytes_total,
+        "local_compute_s": max(result.rank_compute_s),
+        "local_compute_s_per_rank": result.rank_compute_s,
+    }
+
+
+# ---------------------------------------------------------------- outputs
+
+def _is_due(every: int, done_rounds: int, total: int) -> bool:
+    return done_rounds == total or (every > 0 and done_rounds % every == 0)
+
+
+def write_samples(fed: Federation, done_rounds: int, logger: RunLogger) -> None:
+    from fedrun.evaluate import save_grid
+    from fedrun.models import sample_images, unet_with_weights
+
+    cfg = fed.cfg.sample
+    unet = unet_with_weights(fed.unet, fed.params, fed.ema.shadow)
+    images = sample_images(unet, fed.noise_scheduler, cfg.num_images, cfg.scheduler, cfg.steps, cfg.seed)
+    grid = save_grid(images, Path(fed.cfg.output_dir) / "samples" / f"round_{done_rounds:05d}.png")
+    logger.image(done_rounds, "samples", grid, caption=f"EMA model after round {done_rounds}")
+
+
+def write_checkpoint(fed: Federation, done_rounds: int) -> Path:
+    state = {
+        "config_digest": digest(fed.cfg),
+        "config": digest_view(fed.cfg),
+        "ema_updates": fed.ema.updates,
+        "samples_seen": fed.samples_seen,
+        "bytes_total": fed.bytes_total,
+        "world_size": fed.world_size,
+        # All randomness is derived from (seed, round) and (seed, client, round): there is no
+        # hidden generator state to save, which is why a resumed run equals an uninterrupted one.
+        "rng": {"scheme": "derived per (seed, client, round)", "seed": fed.cfg.seed},
+    }
+    groups = {
+        "model": fed.params.state_dict(fed.global_weights),
+        "ema": fed.params.state_dict(fed.ema.shadow),
+        "server": fed.server.state_dict(),
+    }
+    return save_checkpoint(Path(fed.cfg.output_dir), done_rounds, groups, state,
+                           fed.cfg.checkpoint.keep_last)
+
+
+def export_final(fed: Federation) -> Path:
+    """final/: a stock DDPMPipeline with the EMA weights, written under a temporary name."""
+    import shutil
+
+    from fedrun.models import export_pipeline, unet_with_weights
+
+    out = Path(fed.cfg.output_dir) / "final"
+    tmp = out.with_name(".final.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    export_pipeline(unet_with_weights(fed.unet, fed.params, fed.ema.shadow), fed.noise_scheduler, tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+# ---------------------------------------------------------------- the loop
+
+def run(cfg: Config) -> Path:
+    """Train ``cfg.rounds`` FedAvg rounds; returns the run directory."""
+    fed = setup(cfg)
+    run_dir = Path(cfg.output_dir)
+    main = fed.rank == 0
+    if main:
+        from fedrun.checkpoint import atomic_write_text
+
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        truncate_metrics(run_dir, fed.start_round)
+        _write_partition(fed, run_dir)
+    logger = RunLogger(run_dir, cfg.logging, to_dict(cfg), cfg.rounds, fed.start_round, enabled=main)
+    logger.write(f"fedrun train: {dist.describe(fed.device)}, {len(fed.dataset)} training images, "
+                 f"{cfg.num_clients} clients ({cfg.cohort_size} per round), "
+                 f"{fed.params.numel:,} federated parameters"
+                 + (f", resuming after round {fed.start_round}" if fed.start_round else ""))
+    try:
+        record = {}
+        for global_round in range(fed.start_round, cfg.rounds):
+            record = run_round(fed, global_round, logger)
+        if main:
+            export_final(fed)
+            logger.summary({"final_train_loss": record.get("train_loss"),
+                            "samples": fed.samples_seen, "bytes_total": fed.bytes_total})
+    finally:
+        logger.close()
+    dist.barrier()
+    return run_dir
+
+
+def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
+    """One round; returns its metrics record (complete on rank 0)."""
+    cfg = fed.cfg
+    started = time.perf_counter()
+    # Step 1: cohort
+    cohort, mine = select_clients(fed, global_round)
+    # Step 2: local training
+    buffer = train_local(fed, cohort, mine, global_round)
+    # Step 3: one all-reduce of the flat buffer
+    reduce_started = time.perf_counter()
+    dist.all_reduce_sum(buffer.buffer)
+    result = buffer.decode()
+    aggregation_s = time.perf_counter() - reduce_started
+    # Step 4: server step
+    server_started = time.perf_counter()
+    updated = server_update(fed, result)
+    done = global_round + 1
+    record = {"round": done, **account(fed, result), "aggregation_s": aggregation_s,
+              "server_s": time.perf_counter() - server_started}
+    # Step 5: log / sample / checkpoint (rank 0)
+    if fed.rank != 0:
+        return record
+    if not updated:
+        logger.write(f"round {done}: no client update arrived; the global model is unchanged")
+    output_started = time.perf_counter()
+    if _is_due(cfg.sample.every, done, cfg.rounds):
+        write_samples(fed, done, logger)
+    record["sample_s"] = time.perf_counter() - output_started
+    checkpoint_started = time.perf_counter()
+    if _is_due(cfg.checkpoint.every, done, cfg.rounds):
+        write_checkpoint(fed, done)
+    record["checkpoint_s"] = time.perf_counter() - checkpoint_started
+    record["round_time_s"] = time.perf_counter() - started
+    logger.log(record)
+    logger.progress(done, loss=record["train_loss"], round_s=record["round_time_s"])
+    return record
+
+
+def _write_partition(fed: Federation, run_dir: Path) -> None:
+    import json
+
+    from fedrun.checkpoint import atomic_write_text
+    from fedrun.data import partition_summary
+
+    summary = partition_summary(fed.client_indices, fed.dataset.labels)
+    atomic_write_text(run_dir / "partition.json", json.dumps(summary))

@@ -1,0 +1,63 @@
+"""Run under torchrun by tests/test_multiprocess.py (one launch does several checks: start-up
+costs ~15-30 s per launch).
+
+    torchrun --nproc_per_node=N tests/dist_check.py OUT_DIR [train overrides...]
+
+1. Reduction: every rank adds the deterministic updates of the clients dealt to it into a
+   RoundBuffer; after the one all_reduce the mean must equal the one-process weighted mean.
+2. Training: ``fedrun train`` with the given overrides, in the same process group.
+Rank 0 writes OUT_DIR/check_wsN.json with the results.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from fedrun import dist
+from fedrun.aggregate import RoundBuffer, weighted_mean
+from fedrun.cli import main as fedrun_main
+from fedrun.cohort import assign_to_ranks
+
+
+def fake_client(client: int, num_params: int):
+    generator = torch.Generator().manual_seed(1000 + client)
+    return torch.randn(num_params, generator=generator), float(3 + 5 * client), 0.1 * client
+
+
+def reduction_check(num_params: int = 10_001, cohort=(0, 2, 3, 5, 6, 9)) -> dict:
+    rank, world = dist.rank(), dist.world_size()
+    global_w = torch.linspace(-1, 1, num_params)
+    buffer = RoundBuffer(num_params, cohort, world)
+    for client in assign_to_ranks(list(cohort), world)[rank]:
+        local, weight, loss = fake_client(client, num_params)
+        buffer.add_client(client, global_w + local, global_w, weight, loss, samples=16)
+    buffer.set_compute_time(rank, float(rank + 1))
+    dist.all_reduce_sum(buffer.buffer)
+    result = buffer.decode()
+    updates, weights, losses = zip(*(fake_client(c, num_params) for c in cohort))
+    expected = weighted_mean(list(updates), list(weights))
+    return {
+        "max_abs_diff": float((result.mean_update - expected).abs().max()),
+        "total_weight": result.total_weight,
+        "expected_total_weight": float(sum(weights)),
+        "losses_match": all(abs(result.client_loss[c] - l) < 1e-6 for c, l in zip(cohort, losses)),
+        "samples": result.client_samples,
+        "rank_compute_s": result.rank_compute_s,
+    }
+
+
+def main() -> int:
+    out, overrides = Path(sys.argv[1]), sys.argv[2:]
+    dist.init("cpu", timeout_s=300, threads=1)
+    report = {"world_size": dist.world_size(), "reduction": reduction_check()}
+    report["train_exit_code"] = fedrun_main(["train", *overrides])
+    if dist.rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"check_ws{dist.world_size()}.json").write_text(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Pure aggregation math, server steps and rank logic, against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from fedrun.aggregate import RoundBuffer, client_weight, weighted_loss, weighted_mean
+from fedrun.cohort import assign_to_ranks, sample_cohort
+from fedrun.config import EMAConfig
+from fedrun.server import EMA, FedAvg, FedAvgM
+
+
+def test_weighted_mean_matches_hand_computation():
+    # Prepare
+    updates = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, -2.0]), torch.tensor([0.0, 10.0])]
+    weights = [1.0, 3.0, 4.0]
+    # Execute
+    mean = weighted_mean(updates, weights)
+    # Assert: (1*1 + 3*3 + 4*0)/8 = 1.25 ; (1*2 - 3*2 + 4*10)/8 = 4.5
+    assert torch.allclose(mean, torch.tensor([1.25, 4.5]))
+
+
+def test_weighted_mean_rejects_bad_weights():
+    with pytest.raises(ValueError):
+        weighted_mean([torch.ones(2)], [0.0])
+    with pytest.raises(ValueError):
+        weighted_mean([torch.ones(2)], [1.0, 2.0])
+
+
+def test_client_weight():
+    assert client_weight(37, "samples") == 37.0
+    assert client_weight(37, "uniform") == 1.0
+    with pytest.raises(ValueError):
+        client_weight(3, "bogus")
+
+
+def test_round_buffer_sums_weighted_deltas_and_stats():
+    global_w = torch.tensor([1.0, 1.0, 1.0])
+    buffer = RoundBuffer(num_params=3, cohort=[2, 5, 7], world_size=2)
+    buffer.add_client(5, torch.tensor([2.0, 1.0, 0.0]), global_w, weight=2.0, loss=0.5, samples=8)
+    buffer.add_client(2, torch.tensor([1.0, 3.0, 1.0]), global_w, weight=6.0, loss=0.1, samples=24)
+    buffer.set_compute_time(1, 4.5)
+    result = buffer.decode()
+    # deltas: client 5 -> [1, 0, -1] (w=2), client 2 -> [0, 2, 0] (w=6); sum = [2, 12, -2] / 8
+    assert torch.allclose(result.mean_update, torch.tensor([0.25, 1.5, -0.25]))
+    assert result.total_weight == 8.0
+    assert result.client_loss[5] == pytest.approx(0.5)
+    assert result.client_loss[2] == pytest.approx(0.1)
+    assert math.isnan(result.client_loss[7]) and result.client_weight[7] == 0
+    assert result.client_samples == {2: 24, 5: 8, 7: 0}
+    assert result.rank_compute_s == [0.0, 4.5]
+    assert weighted_loss(result) == pytest.approx((0.5 * 2 + 0.1 * 6) / 8)
+
+
+def test_round_buffer_sum_of_two_ranks_equals_one_process():
+    """Adding two ranks' buffers (what all_reduce does) gives the one-process buffer."""
+    global_w = torch.zeros(4)
+    locals_ = {0: torch.arange(4.0), 1: torch.ones(4), 2: -torch.arange(4.0) * 2}
+    weights = {0: 10.0, 1: 1.0, 2: 5.0}
+    whole = RoundBuffer(4, [0, 1, 2], world_size=2)
+    rank0, rank1 = RoundBuffer(4, [0, 1, 2], 2), RoundBuffer(4, [0, 1, 2], 2)
+    for c in (0, 1, 2):
+        whole.add_client(c, locals_[c], global_w, weights[c], loss=c, samples=4)
+        (rank0 if c != 1 else rank1).add_client(c, locals_[c], global_w, weights[c], loss=c, samples=4)
+    rank0.buffer += rank1.buffer
+    expected = weighted_mean([locals_[c] for c in (0, 1, 2)], [weights[c] for c in (0, 1, 2)])
+    assert torch.allclose(rank0.decode().mean_update, expected)
+    assert torch.equal(rank0.buffer, whole.buffer)
+
+
+def test_empty_round_gives_zero_update():
+    result = RoundBuffer(3, [0, 1], 1).decode()
+    assert result.total_weight == 0
+    assert torch.equal(result.mean_update, torch.zeros(3))
+    assert math.isnan(weighted_loss(result))
+
+
+def test_fedavg_server_step_is_the_weighted_average_of_client_models():
+    global_w = torch.tensor([1.0, 2.0])
+    clients = [torch.tensor([3.0, 2.0]), torch.tensor([1.0, 0.0])]
+    weights = [1.0, 3.0]
+    buffer = RoundBuffer(2, [0, 1], 1)
+    for c, (w_c, n) in enumerate(zip(clients, weights)):
+        buffer.add_client(c, w_c, global_w, n, 0.0, 1)
+    FedAvg(lr=1.0).step(global_w, buffer.decode().mean_update)
+    assert torch.allclose(global_w, weighted_mean(clients, weights))  # [1.5, 0.5]
+    assert torch.allclose(global_w, torch.tensor([1.5, 0.5]))
+
+
+def test_fedavgm_momentum_hand_computed():
+    w = torch.zeros(1)
+    server = FedAvgM(lr=1.0, momentum=0.5)
+    server.step(w, torch.tensor([1.0]))  # v = 1, w = 1
+    server.step(w, torch.tensor([1.0]))  # v = 1.5, w = 2.5
+    assert w.item() == pytest.approx(2.5)
+    restored = FedAvgM(lr=1.0, momentum=0.5)
+    restored.load_state_dict(server.state_dict())
+    restored.step(w, torch.tensor([0.0]))  # v = 0.75, w = 3.25
+    assert w.item() == pytest.approx(3.25)
+
+
+def test_ema_warmup_and_decay():
+    ema = EMA(torch.zeros(1), EMAConfig(enabled=True, decay=0.95))
+    ema.update(torch.ones(1))  # decay = min(0.95, 1/10) = 0.1 -> 0.9
+    assert ema.shadow.item() == pytest.approx(0.9)
+    ema.update(torch.ones(1))  # decay = 2/11 -> 0.9 * 2/11 + 9/11
+    assert ema.shadow.item() == pytest.approx(0.9 * 2 / 11 + 9 / 11)
+    assert ema.decay_at(10_000) == 0.95
+    off = EMA(torch.zeros(1), EMAConfig(enabled=False))
+    off.update(torch.full((1,), 3.0))
+    assert off.shadow.item() == 3.0
+
+
+def test_cohort_is_deterministic_sorted_and_varies_by_round():
+    a = sample_cohort(10, 3, seed=0, global_round=4)
+    assert a == sample_cohort(10, 3, seed=0, global_round=4)
+    assert a == sorted(a) and len(set(a)) == 3 and all(0 <= c < 10 for c in a)
+    assert len({tuple(sample_cohort(10, 3, 0, r)) for r in range(20)}) > 5
+    assert sample_cohort(4, 4, seed=9, global_round=0) == [0, 1, 2, 3]
+    with pytest.raises(ValueError):
+        sample_cohort(3, 4, 0, 0)
+
+
+def test_assign_to_ranks_rank_k_is_client_k_and_balanced():
+    assert assign_to_ranks([0, 1, 2, 3], 4) == [[0], [1], [2], [3]]
+    assert assign_to_ranks(list(range(8)), 4) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert assign_to_ranks([3, 8], 4) == [[3], [8], [], []]  # more ranks than clients
+    # costs: LPT puts the big client alone
+    assert assign_to_ranks([0, 1, 2], 2, costs=[10, 4, 5]) == [[0], [1, 2]]
+    every = [c for rank in assign_to_ranks(list(range(13)), 3) for c in rank]
+    assert sorted(every) == list(range(13))

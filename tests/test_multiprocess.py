@@ -1,0 +1,117 @@
+"""Real multi-process runs: gloo process groups of 2 and 4 ranks started by torchrun.
+
+One module-scoped fixture launches three jobs of the same tiny config (C=4, 2 clients per round,
+unbalanced partition, 3 rounds): plain ``python -m fedrun train`` (world size 1) and torchrun with
+2 and 4 ranks (4 ranks > 2 sampled clients: two ranks idle each round). The tests then compare
+their outputs. Start-up dominates (diffusers import per rank), hence one launch per world size.
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny
+
+SHAPE = ["num_clients=4", "clients_per_round=2", "partition.method=unbalanced", "rounds=3",
+         "local_steps=2", "checkpoint.every=1", "sample.every=0"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multiprocess")
+    outputs = {}
+    single = run_cli(["train", *tiny(root / "ws1", *SHAPE, "logging.wandb=true",
+                                     "logging.wandb_mode=offline")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    outputs[1] = {"dir": root / "ws1", "stderr": single.stderr}
+    for world in (2, 4):
+        proc = run_cli([str(root / "checks"), *tiny(root / f"ws{world}", *SHAPE)],
+                       torchrun_nproc=world, module="tests/dist_check.py")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        report = json.loads((root / "checks" / f"check_ws{world}.json").read_text())
+        outputs[world] = {"dir": root / f"ws{world}", "report": report, "stderr": proc.stderr}
+    return outputs
+
+
+def _final_weights(run_dir):
+    return load_file(str(run_dir / "checkpoints" / "round_00003" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_reduced_update_equals_one_process_weighted_mean(runs, world):
+    report = runs[world]["report"]
+    assert report["world_size"] == world
+    reduction = report["reduction"]
+    assert reduction["max_abs_diff"] < 1e-6
+    assert reduction["total_weight"] == reduction["expected_total_weight"]
+    assert reduction["losses_match"]
+    assert reduction["rank_compute_s"] == [float(r + 1) for r in range(world)]
+    assert report["train_exit_code"] == 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_world_size_invariance(runs, world):
+    reference = _final_weights(runs[1]["dir"])
+    other = _final_weights(runs[world]["dir"])
+    assert reference.keys() == other.keys()
+    diff = max(float((reference[k] - other[k]).abs().max()) for k in reference)
+    print(f"world size 1 vs {world}: max abs weight difference {diff:.3g}")
+    assert diff <= 1e-5
+    # The training really moved the weights (a comparison of two untrained models proves nothing).
+    from fedrun.config import load_config
+    from fedrun.models import build_unet
+
+    cfg = load_config(None, tiny(runs[1]["dir"], *SHAPE))
+    init = build_unet(cfg.model, 8, 1, cfg.seed).state_dict()
+    moved = max(float((reference[k] - init[k]).abs().max()) for k in reference)
+    assert moved > 1e-3
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_metrics_are_identical_across_world_sizes(runs, world):
+    records = [json.loads(line) for line in (runs[world]["dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    reference = [json.loads(line) for line in (runs[1]["dir"] / "metrics.jsonl").read_text().splitlines()]
+    for mine, ref in zip(records, reference):
+        assert mine["clients"] == ref["clients"] and len(mine["clients"]) == 2
+        assert mine["samples"] == ref["samples"]
+        assert mine["train_loss"] == pytest.approx(ref["train_loss"], abs=1e-5)
+        assert len(mine["local_compute_s_per_rank"]) == world
+
+
+def test_run_directory_layout_and_logging(runs):
+    run_dir = runs[1]["dir"]
+    for name in ("config.yaml", "metrics.jsonl", "partition.json", "samples/round_00003.png",
+                 "checkpoints/round_00003/state.json", "final/model_index.json"):
+        assert (run_dir / name).exists(), name
+    # keep_last=3 of checkpoint.every=1 over 3 rounds: 1, 2, 3
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == \
+        ["round_00001", "round_00002", "round_00003"]
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in ("round", "samples", "train_loss", "client_loss", "bytes_sent_per_client",
+                "bytes_received_per_client", "bytes_round", "bytes_total", "round_time_s",
+                "local_compute_s", "aggregation_s"):
+        assert key in record, key
+    params = sum(t.numel() for t in _final_weights(run_dir).values())
+    assert record["bytes_sent_per_client"] == 4 * params
+    assert record["bytes_total"] == 3 * 2 * 2 * 4 * params  # rounds x clients x (send + receive)
+    sizes = json.loads((run_dir / "partition.json").read_text())["sizes"]
+    assert sum(sizes) == 216 and len(set(sizes)) > 1  # 240 - 10 % held out, unbalanced
+    assert list((run_dir / "wandb").glob("offline-run-*")), "offline W&B run missing"
+
+
+def test_exported_pipeline_loads_in_stock_diffusers(runs):
+    from diffusers import DDPMPipeline
+
+    pipe = DDPMPipeline.from_pretrained(str(runs[1]["dir"] / "final"))
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+               output_type="np")
+    assert out.images.shape == (2, 8, 8, 1)
+    assert torch.isfinite(torch.from_numpy(out.images)).all()
+    # final/ holds the EMA weights of the last checkpoint
+    ema = load_file(str(runs[1]["dir"] / "checkpoints" / "round_00003" / "ema.safetensors"))
+    exported = pipe.unet.state_dict()
+    assert all(torch.equal(exported[k], ema[k]) for k in ema)

@@ -1,0 +1,183 @@
+"""In-process (world size 1) training runs: equivalence with plain SGD, resume, and bad inputs."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny
+from fedrun import simulator
+from fedrun.config import load_config
+from fedrun.errors import CheckpointError, ConfigError, DataError
+
+
+def _weights(run_dir, round_, group="model"):
+    return load_file(str(Path(run_dir) / "checkpoints" / f"round_{round_:05d}" / f"{group}.safetensors"))
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_one_client_one_step_one_round_equals_one_centralized_step(tiny_config, tmp_path):
+    """C=1, E=1, T=1: FedAvg (server lr 1) must equal one plain AdamW step on the same batch."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from fedrun.client import client_generator
+    from fedrun.data import build_datasets
+
+    cfg = tiny_config("num_clients=1", "local_steps=1", "rounds=1")
+    simulator.run(cfg)
+    federated = _weights(cfg.output_dir, 1)
+
+    # The same step written out by hand with stock diffusers and torch.
+    train, _ = build_datasets(cfg.data, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+                       attention_head_dim=4)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                              beta_schedule="linear")
+    generator = client_generator(cfg.seed, client=0, global_round=0)
+    order = torch.randperm(len(train), generator=generator)[: cfg.optim.batch_size]
+    images = train.get_batch(order.numpy())
+    noise = torch.randn(images.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (images.shape[0],), generator=generator)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
+    loss = F.mse_loss(unet(scheduler.add_noise(images, noise, timesteps), timesteps).sample, noise)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+
+    central = unet.state_dict()
+    diff = max(float((federated[k] - central[k]).abs().max()) for k in federated)
+    assert diff < 1e-6
+    first = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):
+    shape = ["num_clients=3", "clients_per_round=2", "rounds=4", "checkpoint.every=2",
+             "server.strategy=fedavgm", "local_epochs=0.1"]
+    full = tiny_config(*shape, output_dir=tmp_path / "full")
+    simulator.run(full)
+
+    first_half = tiny_config(*shape, "rounds=2", output_dir=tmp_path / "resumed")
+    simulator.run(first_half)
+    assert (tmp_path / "resumed" / "final").is_dir()
+    second_half = tiny_config(*shape, "resume=auto", output_dir=tmp_path / "resumed")
+    simulator.run(second_half)
+
+    for group in ("model", "ema", "server"):
+        a, b = _weights(tmp_path / "full", 4, group), _weights(tmp_path / "resumed", 4, group)
+        assert a.keys() == b.keys() and a, group
+        assert all(torch.equal(a[k], b[k]) for k in a), group
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3, 4]
+    full_lines = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["samples"] == json.loads(full_lines[-1])["samples"]
+    assert json.loads(lines[-1])["train_loss"] == json.loads(full_lines[-1])["train_loss"]
+
+
+def test_existing_run_is_refused_and_left_intact(tiny_config, tmp_path):
+    cfg = tiny_config("rounds=1")
+    simulator.run(cfg)
+    before = _snapshot(Path(cfg.output_dir))
+    with pytest.raises(CheckpointError, match="already holds a run.*resume=auto.*overwrite=true"):
+        simulator.run(tiny_config("rounds=1"))
+    assert _snapshot(Path(cfg.output_dir)) == before
+
+    # resume=auto on a finished run: nothing to do, nothing changed but config/metrics rewrite
+    simulator.run(tiny_config("rounds=1", "resume=auto"))
+    after = _snapshot(Path(cfg.output_dir))
+    assert after["checkpoints/round_00001/model.safetensors"] == before["checkpoints/round_00001/model.safetensors"]
+
+    # overwrite=true really starts again
+    simulator.run(tiny_config("rounds=1", "overwrite=true", "seed=5"))
+    assert _snapshot(Path(cfg.output_dir))["checkpoints/round_00001/model.safetensors"] != \
+        before["checkpoints/round_00001/model.safetensors"]
+
+
+def test_changed_config_is_refused_naming_the_keys(tiny_config):
+    simulator.run(tiny_config("rounds=1"))
+    with pytest.raises(CheckpointError, match=r"local_steps: 2 -> 3; optim\.lr: 0\.001 -> 0\.002"):
+        simulator.run(tiny_config("rounds=2", "resume=auto", "optim.lr=2e-3", "local_steps=3"))
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_nothing_is_deleted(tiny_config):
+    cfg = tiny_config("rounds=2", "checkpoint.every=1")
+    simulator.run(cfg)
+    model_file = Path(cfg.output_dir) / "checkpoints" / "round_00002" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[: model_file.stat().st_size // 2])
+    before = _snapshot(Path(cfg.output_dir))
+    with pytest.raises(CheckpointError, match="round_00002/model.safetensors' is corrupt or truncated"):
+        simulator.run(tiny_config("rounds=3", "checkpoint.every=1", "resume=auto"))
+    assert _snapshot(Path(cfg.output_dir)) == before
+    # an explicit earlier checkpoint still resumes
+    earlier = Path(cfg.output_dir) / "checkpoints" / "round_00001"
+    simulator.run(tiny_config("rounds=3", "checkpoint.every=1", f"resume={earlier}"))
+    assert (Path(cfg.output_dir) / "checkpoints" / "round_00003" / "state.json").is_file()
+
+
+def test_bad_config_values_name_the_key():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        load_config(None, ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="'clients_per_round': must be between 1 and num_clients=4"):
+        load_config(None, ["num_clients=4", "clients_per_round=5"])
+    with pytest.raises(ConfigError, match="'local_steps': must be >= 1"):
+        load_config(None, ["local_steps=0"])
+    with pytest.raises(ConfigError, match="'rounds'.*could not be converted"):
+        load_config(None, ["rounds=many"])
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml", [])
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["rounds"])
+
+
+def test_every_shipped_config_loads():
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(str(path), [])
+
+
+def test_missing_data_folder_is_a_data_error(tiny_config, tmp_path):
+    cfg = tiny_config("data.name=image_folder", f"data.root={tmp_path / 'no_such_folder'}")
+    with pytest.raises(DataError, match="no_such_folder"):
+        simulator.run(cfg)
+
+
+def test_image_folder_run_with_a_corrupt_file(tiny_config, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(root / "a" / f"{i}.png")
+    (root / "broken.jpg").write_bytes(b"not an image at all")
+    cfg = tiny_config("data.name=image_folder", f"data.root={root}", "rounds=1", "num_clients=2",
+                      "model.attention_head_dim=4")
+    with pytest.raises(DataError, match="broken.jpg"):
+        simulator.run(cfg)
+    assert not (Path(cfg.output_dir) / "checkpoints").exists()
+    # with skip_corrupt the run trains on the 12 good images, 3 channels
+    run_dir = simulator.run(tiny_config("data.name=image_folder", f"data.root={root}", "rounds=1",
+                                        "num_clients=2", "data.skip_corrupt=true", "overwrite=true"))
+    assert _weights(run_dir, 1)["conv_in.weight"].shape[1] == 3
+
+
+def test_cli_reports_errors_in_one_line(tmp_path):
+    proc = run_cli(["train", "num_clients=2", "clients_per_round=3", f"output_dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert "error: config key 'clients_per_round'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run_cli(["train", "bogus.key=1"])
+    assert proc.returncode == 2 and "unknown config key 'bogus'" in proc.stderr
