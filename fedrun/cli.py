@@ -18,24 +18,15 @@ from typing import List, Optional
 
 from fedrun.errors import FedrunError
 
-VERBS = ("train", "central", "finetune", "sample", "evaluate", "compare")
-PLANNED = {"central", "finetune", "sample", "evaluate", "compare"}
+# Each verb: help text, a function adding its own arguments, the function running it.
+# Verbs take a config file plus key=value overrides unless they say otherwise.
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fedrun", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    train = verbs.add_parser("train", help="federated DDPM pre-training (FedAvg)")
-    train.add_argument("--config", "-c", help="YAML config file (defaults are used where absent)")
-    train.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    train.add_argument("--print-config", action="store_true",
-                       help="print the resolved config and exit")
-    for verb in sorted(PLANNED):
-        planned = verbs.add_parser(verb, help="(not implemented yet)")
-        planned.add_argument("args", nargs=argparse.REMAINDER)
-    return parser
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", help="YAML config file (defaults are used where absent)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -52,6 +43,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS = {
+    "train": ("federated DDPM pre-training (FedAvg over torchrun ranks)", _config_arguments, _cmd_train),
+}
+PLANNED = ("central", "finetune", "sample", "evaluate", "compare")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedrun", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(verbs.add_parser(verb, help=help_text, description=help_text))
+    for verb in PLANNED:
+        if verb not in COMMANDS:
+            verbs.add_parser(verb, help="(not implemented yet)").add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
 def _say(message: str) -> None:
     from fedrun import dist
 
@@ -62,8 +72,8 @@ def _say(message: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.verb == "train":
-            return _cmd_train(args)
+        if args.verb in COMMANDS:
+            return COMMANDS[args.verb][2](args)
         _say(f"fedrun {args.verb}: not implemented yet in this version")
         return 2
     except FedrunError as exc:
