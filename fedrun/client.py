@@ -66,17 +66,17 @@ def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch
     return F.mse_loss(prediction.float(), target.float())
 
 
-def train_client(unet, params, noise_scheduler, dataset, batches: np.ndarray,
-                 generator: torch.Generator, optim: OptimConfig, device: torch.device) -> ClientResult:
-    """Run one optimizer step per row of ``batches`` on ``unet`` (already holding the global
-    weights). A fresh AdamW per call: client optimizer state does not persist across rounds."""
+def train_client(model, params, loss_fn, batches: np.ndarray, generator: torch.Generator,
+                 optim: OptimConfig, device: torch.device) -> ClientResult:
+    """Run one optimizer step per row of ``batches`` on ``model`` (already holding the global
+    weights); ``loss_fn(batch_indices, generator)`` is the task's loss. A fresh AdamW per call:
+    client optimizer state does not persist across rounds."""
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                   weight_decay=optim.weight_decay)
-    unet.train()
+    model.train()
     loss_sum = torch.zeros((), device=device)
     for step_indices in batches:
-        images = dataset.get_batch(step_indices).to(device, non_blocking=True)
-        loss = diffusion_loss(unet, noise_scheduler, images, generator)
+        loss = loss_fn(step_indices, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip is not None:

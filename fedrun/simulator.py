@@ -35,13 +35,15 @@ class Federation:
     """Everything the round loop works on; identical on every rank except ``rank``."""
 
     cfg: Config
+    task: object  # e.g. pretrain.PretrainTask: builds data/model, loss, samples, export
     device: torch.device
     rank: int
     world_size: int
     dataset: object
     client_indices: List[np.ndarray]
-    unet: torch.nn.Module
+    model: torch.nn.Module  # the training replica
     params: object  # models.FlatParameters: the replica's trainable parameters, one vector
+    loss: object  # loss(batch_indices, generator) -> scalar tensor
     noise_scheduler: object
     global_weights: torch.Tensor
     server: object
@@ -62,10 +64,10 @@ def _prepare_on_rank0(cfg: Config) -> tuple:
         return ("error", f"{type(exc).__name__}:{exc}")
 
 
-def setup(cfg: Config) -> Federation:
+def setup(cfg: Config, task) -> Federation:
     """Process group, run directory, data, partition, model, server: ready for round 0 (or resume)."""
-    from fedrun.data import build_datasets, partition_indices
-    from fedrun.models import FlatParameters, build_noise_scheduler, build_unet
+    from fedrun.data import partition_indices
+    from fedrun.models import FlatParameters
     from fedrun.server import EMA, build_server
 
     device = dist.init(cfg.device, cfg.dist_timeout_s, cfg.threads)
@@ -76,16 +78,17 @@ def setup(cfg: Config) -> Federation:
         kind, message = payload.split(":", 1)
         raise CheckpointError(message) if kind == "CheckpointError" else FedrunError(message)
 
-    train, _heldout = build_datasets(cfg.data, cfg.seed)
-    client_indices = partition_indices(train.labels, len(train), cfg.num_clients, cfg.partition, cfg.seed)
-    unet = build_unet(cfg.model, train.image_size, train.num_channels, cfg.seed).to(device)
-    params = FlatParameters(unet)
+    built = task.build(device)
+    client_indices = partition_indices(built.dataset.labels, len(built.dataset), cfg.num_clients,
+                                       cfg.partition, cfg.seed)
+    params = FlatParameters(built.model)
     fed = Federation(
-        cfg=cfg, device=device, rank=rank, world_size=world, dataset=train,
-        client_indices=client_indices, unet=unet, params=params,
-        noise_scheduler=build_noise_scheduler(cfg.diffusion),
-        global_weights=params.flat.detach().clone(), server=build_server(cfg.server), ema=None,
+        cfg=cfg, task=task, device=device, rank=rank, world_size=world, dataset=built.dataset,
+        client_indices=client_indices, model=built.model, params=params, loss=None,
+        noise_scheduler=built.noise_scheduler, global_weights=params.flat.detach().clone(),
+        server=build_server(cfg.server), ema=None,
     )
+    fed.loss = task.make_loss(fed)
     fed.ema = EMA(fed.global_weights, cfg.ema)
     if payload is not None:
         restore(fed, load_checkpoint(Path(payload)))
@@ -141,8 +144,8 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
         generator = client_generator(cfg.seed, client, global_round)
         indices = fed.client_indices[client]
         batches = batch_indices(indices, _client_steps(fed, client), cfg.optim.batch_size, generator)
-        result = train_client(fed.unet, fed.params.params, fed.noise_scheduler, fed.dataset,
-                              batches, generator, cfg.optim, fed.device)
+        result = train_client(fed.model, fed.params.params, fed.loss, batches, generator,
+                              cfg.optim, fed.device)
         buffer.add_client(client, fed.params.flat, fed.global_weights,
                           client_weight(len(indices), cfg.server.weighting), result.mean_loss,
                           result.samples)
@@ -191,17 +194,6 @@ def _is_due(every: int, done_rounds: int, total: int) -> bool:
     return done_rounds == total or (every > 0 and done_rounds % every == 0)
 
 
-def write_samples(fed: Federation, done_rounds: int, logger: RunLogger) -> None:
-    from fedrun.evaluate import save_grid
-    from fedrun.models import sample_images, unet_with_weights
-
-    cfg = fed.cfg.sample
-    unet = unet_with_weights(fed.unet, fed.params, fed.ema.shadow)
-    images = sample_images(unet, fed.noise_scheduler, cfg.num_images, cfg.scheduler, cfg.steps, cfg.seed)
-    grid = save_grid(images, Path(fed.cfg.output_dir) / "samples" / f"round_{done_rounds:05d}.png")
-    logger.image(done_rounds, "samples", grid, caption=f"EMA model after round {done_rounds}")
-
-
 def write_checkpoint(fed: Federation, done_rounds: int) -> Path:
     state = {
         "config_digest": digest(fed.cfg),
@@ -224,16 +216,14 @@ def write_checkpoint(fed: Federation, done_rounds: int) -> Path:
 
 
 def export_final(fed: Federation) -> Path:
-    """final/: a stock DDPMPipeline with the EMA weights, written under a temporary name."""
+    """final/: the task's export (a stock diffusers folder), written under a temporary name."""
     import shutil
-
-    from fedrun.models import export_pipeline, unet_with_weights
 
     out = Path(fed.cfg.output_dir) / "final"
     tmp = out.with_name(".final.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    export_pipeline(unet_with_weights(fed.unet, fed.params, fed.ema.shadow), fed.noise_scheduler, tmp)
+    fed.task.export(fed, tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
@@ -242,9 +232,14 @@ def export_final(fed: Federation) -> Path:
 
 # ---------------------------------------------------------------- the loop
 
-def run(cfg: Config) -> Path:
-    """Train ``cfg.rounds`` FedAvg rounds; returns the run directory."""
-    fed = setup(cfg)
+def run(cfg: Config, task=None) -> Path:
+    """Train ``cfg.rounds`` FedAvg rounds of ``task`` (default: DDPM pre-training); returns the
+    run directory."""
+    if task is None:
+        from fedrun.pretrain import PretrainTask
+
+        task = PretrainTask(cfg)
+    fed = setup(cfg, task)
     run_dir = Path(cfg.output_dir)
     main = fed.rank == 0
     if main:
@@ -253,8 +248,9 @@ def run(cfg: Config) -> Path:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         truncate_metrics(run_dir, fed.start_round)
         _write_partition(fed, run_dir)
-    logger = RunLogger(run_dir, cfg.logging, to_dict(cfg), cfg.rounds, fed.start_round, enabled=main)
-    logger.write(f"fedrun train: {dist.describe(fed.device)}, {len(fed.dataset)} training images, "
+    logger = RunLogger(run_dir, cfg.logging, to_dict(cfg), cfg.rounds, fed.start_round, enabled=main,
+                       job_type=task.name)
+    logger.write(f"fedrun {task.name}: {dist.describe(fed.device)}, {task.describe(fed)}, "
                  f"{cfg.num_clients} clients ({cfg.cohort_size} per round), "
                  f"{fed.params.numel:,} federated parameters"
                  + (f", resuming after round {fed.start_round}" if fed.start_round else ""))
@@ -298,7 +294,7 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
         logger.write(f"round {done}: no client update arrived; the global model is unchanged")
     output_started = time.perf_counter()
     if _is_due(cfg.sample.every, done, cfg.rounds):
-        write_samples(fed, done, logger)
+        fed.task.write_samples(fed, done, logger)
     record["sample_s"] = time.perf_counter() - output_started
     checkpoint_started = time.perf_counter()
     if _is_due(cfg.checkpoint.every, done, cfg.rounds):
