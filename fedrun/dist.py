@@ -13,6 +13,11 @@ from typing import Any, Optional
 import torch
 import torch.distributed as torch_dist
 
+from fedrun.errors import DistributedError
+
+# The process-group timeout given to init(), quoted when a collective fails.
+_timeout_s: Optional[int] = None
+
 
 def _env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
@@ -70,6 +75,8 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
         torch.set_num_threads(threads or _cpu_share())
         dev = torch.device("cpu")
     if launched_by_torchrun() and world_size() > 1 and not is_initialized():
+        global _timeout_s
+        _timeout_s = timeout_s
         torch_dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -79,9 +86,19 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place. One collective; a no-op for world size 1."""
+    """Sum ``tensor`` over all ranks, in place. One collective; a no-op for world size 1.
+
+    A collective that fails or outlives the process-group timeout (a rank hung or died) raises
+    DistributedError instead of blocking forever."""
     if is_initialized() and world_size() > 1:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        try:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        except RuntimeError as exc:  # DistBackendError, DistNetworkError, gloo timeouts
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedError(
+                f"all_reduce on rank {rank()} of {world_size()} failed: another rank hung, died or "
+                f"lost its connection (process-group timeout dist_timeout_s={_timeout_s}): {detail}"
+            ) from exc
     return tensor
 
 
