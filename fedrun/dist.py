@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -75,6 +76,7 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
         torch.set_num_threads(threads or _cpu_share())
         dev = torch.device("cpu")
     if launched_by_torchrun() and world_size() > 1 and not is_initialized():
+        _warn_if_restarts_cannot_reconnect()
         global _timeout_s
         _timeout_s = timeout_s
         torch_dist.init_process_group(
@@ -83,6 +85,16 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
             device_id=dev if use_cuda else None,
         )
     return dev
+
+
+def _warn_if_restarts_cannot_reconnect() -> None:
+    """torchrun --max-restarts shares its store with the workers by default, and restarted
+    workers may then read the addresses of the dead ones (pytorch/pytorch#135712)."""
+    restarts = _env_int("TORCHELASTIC_MAX_RESTARTS", 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and rank() == 0:
+        print("fedrun: warning: torchrun --max-restarts with a shared rendezvous store: restarted "
+              "workers may fail to connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+              "torchrun (the launch/slurm scripts do)", file=sys.stderr, flush=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
