@@ -200,8 +200,10 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
 
 
 @pytest.fixture(scope="module")
-def slurm_jobs(tmp_path_factory):
+def slurm_jobs(tmp_path_factory, request):
     _ensure_slurm_installed()
+    # Only now (a skipped test must not pay for it): the same config run directly by torchrun.
+    reference = request.getfixturevalue("torchrun_reference")
     work = tmp_path_factory.mktemp("slurm")
     sweep = work / "sweep.txt"
     sweep.write_text("# the sweep of this test: index 1 is the second run line\nrounds=1\n\nrounds=2\n")
@@ -230,7 +232,7 @@ def slurm_jobs(tmp_path_factory):
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(work.glob("slurm-*.out")))
         failed = {k: states[v] for k, v in jobs.items() if states[v] != ["COMPLETED"]}
         assert not failed, f"jobs not completed: {failed}\n{logs}\n{cluster.logs()}"
-        yield {"runs": work / "runs", "jobs": jobs, "logs": logs}
+        yield {"runs": work / "runs", "jobs": jobs, "logs": logs, "reference": reference}
     finally:
         cluster.stop(list(jobs.values()))
 
@@ -247,24 +249,24 @@ def _same_weights(run_a, run_b, round_):
         assert all(torch.equal(a[k], b[k]) for k in a), "exported pipelines differ"
 
 
-def test_single_node_job_equals_torchrun(slurm_jobs, torchrun_reference):
+def test_single_node_job_equals_torchrun(slurm_jobs):
     run_dir = slurm_jobs["runs"] / f"fedrun-{slurm_jobs['jobs']['single']}"  # named by the job id
     assert (run_dir / "final" / "model_index.json").is_file()
-    _same_weights(run_dir, torchrun_reference, 4)
+    _same_weights(run_dir, slurm_jobs["reference"], 4)
     assert "2 ranks" in slurm_jobs["logs"]
 
 
-def test_multi_node_job_with_two_tasks_on_one_node_equals_torchrun(slurm_jobs, torchrun_reference):
+def test_multi_node_job_with_two_tasks_on_one_node_equals_torchrun(slurm_jobs):
     job = slurm_jobs["jobs"]["multi"]
     run_dir = slurm_jobs["runs"] / f"fedrun-{job}"
     assert f"fedrun job {job}: 2 agents x 1 ranks, rendezvous localhost:" in slurm_jobs["logs"]
     assert "rank 0/2 backend=gloo" in slurm_jobs["logs"]
-    _same_weights(run_dir, torchrun_reference, 4)
+    _same_weights(run_dir, slurm_jobs["reference"], 4)
 
 
-def test_sweep_array_index_runs_its_line(slurm_jobs, torchrun_reference):
+def test_sweep_array_index_runs_its_line(slurm_jobs):
     run_dir = slurm_jobs["runs"] / f"fedrun-sweep-{slurm_jobs['jobs']['sweep']}_1"
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert checkpoints == ["round_00001", "round_00002"]  # line 1 says rounds=2
     # One rank here, two in the reference: with two clients the sums are the same floats.
-    _same_weights(run_dir, torchrun_reference, 2)
+    _same_weights(run_dir, slurm_jobs["reference"], 2)
