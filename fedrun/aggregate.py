@@ -2,22 +2,25 @@
 
 The buffer that crosses the network once per round is laid out as
 
-    [ sum_c n_c * (w_c - w)  (P floats) | sum_c n_c (1) | per-slot stats (S * 3) | per-rank (W) ]
+    [ sum_c n_c * (w_c - w)  (P floats) | sum_c n_c (1) | per-slot stats (S * 4) | per-rank (W) ]
 
-where the per-slot stats are (loss * n, n, samples) of each sampled client, written by the rank
-that trained it and zero elsewhere, and the per-rank block holds each rank's local compute time.
+where the per-slot stats are (loss * n, n, samples, rejected) of each sampled client, written by
+the rank that trained it and zero elsewhere, and the per-rank block holds each rank's local
+compute time. A client update that is not finite never enters the sum: its slot only records
+that it was rejected (one NaN would otherwise poison the global model of every rank).
 Summing the buffer over ranks yields the weighted update and the statistics in ONE collective
 (pfl-research's WeightedStatistics idea with the metrics riding along).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 import torch
 
-STATS_PER_CLIENT = 3  # weighted loss, weight, samples processed
+STATS_PER_CLIENT = 4  # weighted loss, weight, samples processed, rejected (non-finite update)
 
 
 def weighted_mean(updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -52,6 +55,7 @@ class RoundResult:
     client_weight: Dict[int, float]
     client_samples: Dict[int, int]
     rank_compute_s: List[float]
+    rejected: List[int] = field(default_factory=list)  # clients whose update was not finite
 
 
 class RoundBuffer:
@@ -71,21 +75,29 @@ class RoundBuffer:
         return self.num_params + 1 + STATS_PER_CLIENT * self._slot[client]
 
     def add_client(self, client: int, local: torch.Tensor, global_: torch.Tensor, weight: float,
-                   loss: float, samples: int) -> None:
-        """Add weight * (local - global) and the client's stats to the buffer, in place."""
+                   loss: float, samples: int) -> bool:
+        """Add weight * (local - global) and the client's stats to the buffer, in place.
+
+        Returns False, adding nothing but the rejection and the samples processed, when the update
+        or the loss holds a NaN or an infinity."""
         # The difference is taken before scaling (n * w_c - n * w would cancel catastrophically
         # in fp32), and n * delta is rounded before it is added: a fused multiply-add here would
         # round differently from the all-reduce's plain sums, and results would then depend on
         # which clients share a rank. One scratch vector is reused for every client.
         if self._scratch is None:
             self._scratch = torch.empty_like(global_)
-        torch.sub(local, global_, out=self._scratch).mul_(weight)
+        torch.sub(local, global_, out=self._scratch)
+        at = self._stats_at(client)
+        self.buffer[at + 2] += samples
+        if not (math.isfinite(loss) and bool(torch.isfinite(self._scratch).all())):
+            self.buffer[at + 3] += 1
+            return False
+        self._scratch.mul_(weight)
         self.buffer[: self.num_params].add_(self._scratch)
         self.buffer[self.num_params] += weight
-        at = self._stats_at(client)
         self.buffer[at] += loss * weight
         self.buffer[at + 1] += weight
-        self.buffer[at + 2] += samples
+        return True
 
     def set_compute_time(self, rank: int, seconds: float) -> None:
         self.buffer[-self.world_size + rank] = seconds
@@ -96,14 +108,16 @@ class RoundBuffer:
         total_weight = float(stats[0])
         update = self.buffer[: self.num_params]
         mean_update = update / total_weight if total_weight > 0 else torch.zeros_like(update)
-        losses, weights, samples = {}, {}, {}
+        losses, weights, samples, rejected = {}, {}, {}, []
         for client, slot in self._slot.items():
-            loss_w, weight, seen = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
+            loss_w, weight, seen, bad = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
             weights[client] = weight
             samples[client] = int(round(seen))
             losses[client] = loss_w / weight if weight > 0 else float("nan")
+            if bad > 0:
+                rejected.append(client)
         return RoundResult(mean_update, total_weight, losses, weights, samples,
-                           stats[-self.world_size:].tolist())
+                           stats[-self.world_size:].tolist(), sorted(rejected))
 
 
 def weighted_loss(result: RoundResult) -> float:

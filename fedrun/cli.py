@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from fedrun.errors import FedrunError
+from fedrun.errors import DistributedError, FedrunError
 
 # Each verb: help text, a function adding its own arguments, the function running it.
 # Verbs take a config file plus key=value overrides unless they say otherwise.
@@ -62,10 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _say(message: str) -> None:
+def _say(message: str, every_rank: bool = False) -> None:
     from fedrun import dist
 
-    if dist.is_main():
+    if every_rank and dist.world_size() > 1:
+        print(f"[rank {dist.rank()}] {message}", file=sys.stderr, flush=True)
+    elif dist.is_main():
         print(message, file=sys.stderr, flush=True)
 
 
@@ -77,7 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _say(f"fedrun {args.verb}: not implemented yet in this version")
         return 2
     except FedrunError as exc:
-        _say(f"fedrun {args.verb}: error: {exc}")
+        # A failed collective is seen differently by each rank (the hung one says nothing).
+        _say(f"fedrun {args.verb}: error: {exc}", every_rank=isinstance(exc, DistributedError))
         return 2
     finally:
         from fedrun import dist

@@ -40,3 +40,23 @@ def assign_to_ranks(cohort: Sequence[int], world_size: int,
         ranks[target].append(cohort[i])
         load[target] += costs[i]
     return [sorted(clients) for clients in ranks]
+
+
+def dropped_clients(cohort: Sequence[int], probability: float, schedule: Sequence[Sequence[int]],
+                    seed: int, global_round: int) -> List[int]:
+    """The sampled clients that drop out of ``global_round`` (0-based), sorted.
+
+    A client drops when ``schedule`` lists [global_round + 1, client] (rounds counted from 1, as
+    in metrics.jsonl) or when its own draw, from a generator seeded by (seed, round, client),
+    falls below ``probability``. Every rank computes the same answer, and a client's fate does
+    not depend on which other clients were sampled.
+    """
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"dropout probability {probability} is not in [0, 1]")
+    scheduled = {int(client) for round_, client in schedule if int(round_) == global_round + 1}
+    dropped = []
+    for client in cohort:
+        draw = np.random.default_rng([seed, global_round, client, 0xD809]).random() if probability > 0 else 1.0
+        if client in scheduled or draw < probability:
+            dropped.append(client)
+    return sorted(dropped)

@@ -236,6 +236,28 @@ class LoggingConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Simulated faults of a real federation. Rounds are counted from 1, as in metrics.jsonl."""
+
+    dropout: float = 0.0
+    """Probability that a sampled client drops out of a round: it does not train and sends
+    nothing; the survivors are averaged with their weights renormalised. Drawn per
+    (seed, round, client), so every rank agrees without communicating."""
+    dropout_schedule: List[List[int]] = field(default_factory=list)
+    """Deterministic dropouts on top of ``dropout``: [round, client] pairs."""
+    nonfinite_schedule: List[List[int]] = field(default_factory=list)
+    """[round, client] pairs whose local model is replaced by NaN after training: a corrupt update
+    that the server's non-finite guard must reject (for testing that guard)."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.dropout <= 1.0, "faults.dropout", f"must be in [0, 1], got {self.dropout}")
+        for key in ("dropout_schedule", "nonfinite_schedule"):
+            for pair in getattr(self, key):
+                _require(len(pair) == 2 and pair[0] >= 1 and pair[1] >= 0, f"faults.{key}",
+                         f"needs [round >= 1, client >= 0] pairs, got {list(pair)}")
+
+
+@dataclass
 class Config:
     """One federated (or centralized) diffusion training run."""
 
@@ -274,6 +296,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.output_dir), "output_dir", "must not be empty")
@@ -290,6 +313,10 @@ class Config:
         _require(self.local_epochs is None or self.local_epochs > 0, "local_epochs",
                  f"must be > 0 or null, got {self.local_epochs}")
         _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        for key in ("dropout_schedule", "nonfinite_schedule"):
+            for _, client in getattr(self.faults, key):
+                _require(client < self.num_clients, f"faults.{key}",
+                         f"client {client} does not exist (num_clients={self.num_clients})")
 
     @property
     def cohort_size(self) -> int:

@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from typing import Any, Optional
 
 import torch
 import torch.distributed as torch_dist
+
+from fedrun.errors import DistributedError
+
+# The process-group timeout given to init(), quoted when a collective fails.
+_timeout_s: Optional[int] = None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -70,6 +76,9 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
         torch.set_num_threads(threads or _cpu_share())
         dev = torch.device("cpu")
     if launched_by_torchrun() and world_size() > 1 and not is_initialized():
+        _warn_if_restarts_cannot_reconnect()
+        global _timeout_s
+        _timeout_s = timeout_s
         torch_dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -78,10 +87,30 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
     return dev
 
 
+def _warn_if_restarts_cannot_reconnect() -> None:
+    """torchrun --max-restarts shares its store with the workers by default, and restarted
+    workers may then read the addresses of the dead ones (pytorch/pytorch#135712)."""
+    restarts = _env_int("TORCHELASTIC_MAX_RESTARTS", 0)
+    if restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and rank() == 0:
+        print("fedrun: warning: torchrun --max-restarts with a shared rendezvous store: restarted "
+              "workers may fail to connect; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before "
+              "torchrun (the launch/slurm scripts do)", file=sys.stderr, flush=True)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place. One collective; a no-op for world size 1."""
+    """Sum ``tensor`` over all ranks, in place. One collective; a no-op for world size 1.
+
+    A collective that fails or outlives the process-group timeout (a rank hung or died) raises
+    DistributedError instead of blocking forever."""
     if is_initialized() and world_size() > 1:
-        torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        try:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        except RuntimeError as exc:  # DistBackendError, DistNetworkError, gloo timeouts
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistributedError(
+                f"all_reduce on rank {rank()} of {world_size()} failed: another rank hung, died or "
+                f"lost its connection (process-group timeout dist_timeout_s={_timeout_s}): {detail}"
+            ) from exc
     return tensor
 
 

@@ -15,3 +15,7 @@ class DataError(FedrunError):
 
 class CheckpointError(FedrunError):
     """A checkpoint or run directory is missing, corrupt, or does not match the config."""
+
+
+class DistributedError(FedrunError):
+    """A collective failed or timed out: a rank hung, died or lost its connection."""

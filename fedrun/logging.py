@@ -31,6 +31,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+jsonable = _jsonable  # public name: records are also stored in checkpoints
+
+
 def read_metrics(run_dir: Path) -> list:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
@@ -38,15 +41,28 @@ def read_metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_metrics(run_dir: Path, after_round: int) -> None:
-    """Drop records of rounds after ``after_round`` (a resumed run recomputes them)."""
+def _round_of(line: str) -> float:
+    """The round of a metrics line; a torn line (a worker killed while writing it) is dropped."""
+    try:
+        return json.loads(line).get("round", 0)
+    except json.JSONDecodeError:
+        return math.inf
+
+
+def truncate_metrics(run_dir: Path, after_round: int, last_record: Optional[dict] = None) -> None:
+    """Drop records of rounds after ``after_round`` (a resumed run recomputes them).
+
+    ``last_record`` is the record of round ``after_round`` saved in its checkpoint: it is put back
+    when the process was killed after writing the checkpoint but before logging the round."""
     from fedrun.checkpoint import atomic_write_text
 
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    if not path.is_file() and last_record is None:
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("round", 0) <= after_round]
+    lines = path.read_text().splitlines() if path.is_file() else []
+    kept = [line for line in lines if line.strip() and _round_of(line) <= after_round]
+    if last_record is not None and not any(_round_of(line) == after_round for line in kept):
+        kept.append(json.dumps(_jsonable(last_record)))
     atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 

@@ -1,9 +1,11 @@
 """The federated round loop (FedAvg over torchrun ranks), written as numbered steps.
 
-    Step 1  cohort: the sampled clients of this round (same on every rank), dealt to ranks
+    Step 1  cohort: the sampled clients of this round (same on every rank), minus those that
+            drop out (faults.dropout), dealt to ranks
     Step 2  local training: each rank trains its clients from the global weights and adds
-            n_c * (w_c - w) to its round buffer
-    Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, sum n_c, stats]
+            n_c * (w_c - w) to its round buffer (a non-finite update is rejected, not added)
+    Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, sum n_c, stats]; a rank
+            that hangs makes it fail after dist_timeout_s with an error naming the round
     Step 4  server step on the averaged update (every rank, identically), EMA update
     Step 5  rank 0: log, sample grid, checkpoint
 """
@@ -22,10 +24,10 @@ from fedrun import dist
 from fedrun.aggregate import RoundBuffer, client_weight, weighted_loss
 from fedrun.checkpoint import Checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
 from fedrun.client import batch_indices, client_generator, num_local_steps, train_client
-from fedrun.cohort import assign_to_ranks, sample_cohort
+from fedrun.cohort import assign_to_ranks, dropped_clients, sample_cohort
 from fedrun.config import Config, diff_keys, digest, digest_view, to_dict, to_yaml
-from fedrun.errors import CheckpointError, FedrunError
-from fedrun.logging import RunLogger, truncate_metrics
+from fedrun.errors import CheckpointError, DistributedError, FedrunError
+from fedrun.logging import RunLogger, jsonable, truncate_metrics
 
 BYTES_PER_FLOAT = 4
 
@@ -49,6 +51,7 @@ class Federation:
     server: object
     ema: object
     start_round: int = 0
+    resumed_record: Optional[dict] = None  # metrics record of the checkpointed round
     samples_seen: int = 0
     bytes_total: int = 0
 
@@ -114,18 +117,23 @@ def restore(fed: Federation, ckpt: Checkpoint) -> None:
     fed.server.load_state_dict({k: v.to(fed.device) for k, v in ckpt.groups.get("server", {}).items()})
     fed.ema.updates = int(ckpt.state["ema_updates"])
     fed.start_round = ckpt.round
+    fed.resumed_record = ckpt.state.get("metrics_record")
     fed.samples_seen = int(ckpt.state["samples_seen"])
     fed.bytes_total = int(ckpt.state["bytes_total"])
 
 
 # ---------------------------------------------------------------- one round
 
-def select_clients(fed: Federation, global_round: int) -> tuple[list, list]:
-    """Step 1: the cohort (same on every rank) and the clients this rank trains."""
+def select_clients(fed: Federation, global_round: int) -> tuple[list, list, list]:
+    """Step 1: the cohort (same on every rank), the clients of it that drop out of this round,
+    and the surviving clients this rank trains."""
     cfg = fed.cfg
     cohort = sample_cohort(cfg.num_clients, cfg.cohort_size, cfg.seed, global_round)
-    costs = [_client_steps(fed, c) for c in cohort]
-    return cohort, assign_to_ranks(cohort, fed.world_size, costs)[fed.rank]
+    dropped = dropped_clients(cohort, cfg.faults.dropout, cfg.faults.dropout_schedule, cfg.seed,
+                              global_round)
+    survivors = [c for c in cohort if c not in dropped]
+    costs = [_client_steps(fed, c) for c in survivors]
+    return cohort, dropped, assign_to_ranks(survivors, fed.world_size, costs)[fed.rank]
 
 
 def _client_steps(fed: Federation, client: int) -> int:
@@ -146,6 +154,8 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
         batches = batch_indices(indices, _client_steps(fed, client), cfg.optim.batch_size, generator)
         result = train_client(fed.model, fed.params.params, fed.loss, batches, generator,
                               cfg.optim, fed.device)
+        if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
+            fed.params.flat[0] = float("nan")
         buffer.add_client(client, fed.params.flat, fed.global_weights,
                           client_weight(len(indices), cfg.server.weighting), result.mean_loss,
                           result.samples)
@@ -153,6 +163,15 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
         torch.cuda.synchronize(fed.device)
     buffer.set_compute_time(fed.rank, time.perf_counter() - started)
     return buffer
+
+
+def reduce_round(buffer: RoundBuffer, global_round: int):
+    """Step 3: ONE all-reduce of the flat buffer, decoded; a failure names the round."""
+    try:
+        dist.all_reduce_sum(buffer.buffer)
+    except DistributedError as exc:
+        raise DistributedError(f"round {global_round + 1}: {exc}") from exc
+    return buffer.decode()
 
 
 def server_update(fed: Federation, result) -> bool:
@@ -169,7 +188,8 @@ def account(fed: Federation, result) -> dict:
     update_bytes = fed.params.numel * BYTES_PER_FLOAT
     trained = [c for c, w in result.client_weight.items() if w > 0]
     round_samples = sum(result.client_samples.values())
-    round_bytes = 2 * update_bytes * len(trained)  # each client receives w and sends its update
+    sent = len(trained) + len(result.rejected)  # a rejected update was sent, then refused
+    round_bytes = 2 * update_bytes * sent  # each client receives w and sends its update
     fed.samples_seen += round_samples
     fed.bytes_total += round_bytes
     return {
@@ -179,6 +199,7 @@ def account(fed: Federation, result) -> dict:
         "clients": trained,
         "client_loss": {c: result.client_loss[c] for c in trained},
         "client_samples": {c: result.client_samples[c] for c in trained},
+        "rejected_nonfinite": result.rejected,
         "bytes_sent_per_client": update_bytes,
         "bytes_received_per_client": update_bytes,
         "bytes_round": round_bytes,
@@ -194,7 +215,7 @@ def _is_due(every: int, done_rounds: int, total: int) -> bool:
     return done_rounds == total or (every > 0 and done_rounds % every == 0)
 
 
-def write_checkpoint(fed: Federation, done_rounds: int) -> Path:
+def write_checkpoint(fed: Federation, done_rounds: int, record: Optional[dict] = None) -> Path:
     state = {
         "config_digest": digest(fed.cfg),
         "config": digest_view(fed.cfg),
@@ -205,6 +226,9 @@ def write_checkpoint(fed: Federation, done_rounds: int) -> Path:
         # All randomness is derived from (seed, round) and (seed, client, round): there is no
         # hidden generator state to save, which is why a resumed run equals an uninterrupted one.
         "rng": {"scheme": "derived per (seed, client, round)", "seed": fed.cfg.seed},
+        # The round's metrics (its timings are still running): restored on resume if the process
+        # dies between this checkpoint and the metrics.jsonl line, so the log stays complete.
+        "metrics_record": jsonable(record) if record is not None else None,
     }
     groups = {
         "model": fed.params.state_dict(fed.global_weights),
@@ -246,7 +270,7 @@ def run(cfg: Config, task=None) -> Path:
         from fedrun.checkpoint import atomic_write_text
 
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        truncate_metrics(run_dir, fed.start_round)
+        truncate_metrics(run_dir, fed.start_round, fed.resumed_record)
         _write_partition(fed, run_dir)
     logger = RunLogger(run_dir, cfg.logging, to_dict(cfg), cfg.rounds, fed.start_round, enabled=main,
                        job_type=task.name)
@@ -272,24 +296,25 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     """One round; returns its metrics record (complete on rank 0)."""
     cfg = fed.cfg
     started = time.perf_counter()
-    # Step 1: cohort
-    cohort, mine = select_clients(fed, global_round)
+    # Step 1: cohort, minus the clients that dropped out
+    cohort, dropped, mine = select_clients(fed, global_round)
     # Step 2: local training
     buffer = train_local(fed, cohort, mine, global_round)
     # Step 3: one all-reduce of the flat buffer
     reduce_started = time.perf_counter()
-    dist.all_reduce_sum(buffer.buffer)
-    result = buffer.decode()
+    result = reduce_round(buffer, global_round)
     aggregation_s = time.perf_counter() - reduce_started
     # Step 4: server step
     server_started = time.perf_counter()
     updated = server_update(fed, result)
     done = global_round + 1
-    record = {"round": done, **account(fed, result), "aggregation_s": aggregation_s,
-              "server_s": time.perf_counter() - server_started}
+    record = {"round": done, **account(fed, result), "dropped": dropped, "model_updated": updated,
+              "aggregation_s": aggregation_s, "server_s": time.perf_counter() - server_started}
     # Step 5: log / sample / checkpoint (rank 0)
     if fed.rank != 0:
         return record
+    if result.rejected:
+        logger.write(f"round {done}: rejected the non-finite update of client(s) {result.rejected}")
     if not updated:
         logger.write(f"round {done}: no client update arrived; the global model is unchanged")
     output_started = time.perf_counter()
@@ -298,7 +323,7 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     record["sample_s"] = time.perf_counter() - output_started
     checkpoint_started = time.perf_counter()
     if _is_due(cfg.checkpoint.every, done, cfg.rounds):
-        write_checkpoint(fed, done)
+        write_checkpoint(fed, done, record)
     record["checkpoint_s"] = time.perf_counter() - checkpoint_started
     record["round_time_s"] = time.perf_counter() - started
     logger.log(record)

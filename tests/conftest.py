@@ -49,3 +49,20 @@ def tiny_config(tmp_path):
         return load_config(None, tiny(output_dir or tmp_path / "run", *extra))
 
     return make
+
+
+# A 2-rank job whose rounds last long enough (a few tenths of a second) to be interrupted in the
+# middle; the same config run directly with torchrun is the uninterrupted reference of the
+# elastic-restart test and of the real-Slurm test (start-up dominates: one launch serves both).
+DIGITS_CONFIG = "configs/digits_fedavg.yaml"
+FAULT_SHAPE = ["num_clients=2", "rounds=4", "local_steps=40", "checkpoint.every=1",
+               "checkpoint.keep_last=4", "sample.every=0"]
+
+
+@pytest.fixture(scope="session")
+def torchrun_reference(tmp_path_factory):
+    """Run directory of FAULT_SHAPE trained by ``torchrun --standalone --nproc_per_node=2``."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    proc = run_cli(["train", "--config", DIGITS_CONFIG, *tiny(out, *FAULT_SHAPE)], torchrun_nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
