@@ -96,12 +96,17 @@ class AggregationCase:
         self.bare_global = self.global_weights.clone()
         self.bare_ema = self.global_weights.clone()
         self._filled = None
+        self._previous = None
 
-    def _fill(self):
-        """What train_local leaves behind: a RoundBuffer holding this rank's clients."""
+    def _fill(self, reuse: bool = True):
+        """What train_local leaves behind: a RoundBuffer holding this rank's clients (reusing last
+        round's storage, as the simulator does, unless ``reuse`` is False)."""
         from fedrun.aggregate import RoundBuffer
 
-        buffer = RoundBuffer(self.numel, self.cohort, self.world, self.device)
+        buffer = RoundBuffer(self.numel, self.cohort, self.world, self.device,
+                             reuse=self._previous if reuse else None)
+        if reuse:
+            self._previous = buffer
         for client in self.mine:
             buffer.add_client(client, self.local, self.global_weights, 100.0, 0.5, 64)
         buffer.set_compute_time(self.rank, 1.0)
@@ -116,6 +121,14 @@ class AggregationCase:
         from fedrun.simulator import server_update
 
         buffer = self._fill()
+        dist.all_reduce_sum(buffer.buffer)
+        server_update(self.fed, buffer.decode())
+
+    def fedrun_full_fresh(self) -> None:
+        """The same, with a newly allocated buffer every round (fedrun before the reuse fix)."""
+        from fedrun.simulator import server_update
+
+        buffer = self._fill(reuse=False)
         dist.all_reduce_sum(buffer.buffer)
         server_update(self.fed, buffer.decode())
 
@@ -144,7 +157,7 @@ class AggregationCase:
         self.bare_ema.lerp_(self.bare_global, 1 - 0.999)
 
 
-METHODS = ("bare_flat", "fedrun_full", "fedrun_reduce", "bare_fedavg", "per_tensor")
+METHODS = ("bare_flat", "fedrun_full", "fedrun_reduce", "bare_fedavg", "per_tensor", "fedrun_full_fresh")
 
 
 def aggregation(quick: bool, device: torch.device) -> dict:
@@ -169,6 +182,7 @@ def aggregation(quick: bool, device: torch.device) -> dict:
             "fedrun_reduce_vs_bare_allreduce": [f / b for f, b in zip(times["fedrun_reduce"], times["bare_flat"])],
             "fedrun_full_vs_bare_fedavg": [f / b for f, b in zip(times["fedrun_full"], times["bare_fedavg"])],
             "per_tensor_vs_bare_allreduce": [f / b for f, b in zip(times["per_tensor"], times["bare_flat"])],
+            "fresh_buffer_vs_reused": [f / b for f, b in zip(times["fedrun_full_fresh"], times["fedrun_full"])],
         }
         out["states"][name] = {
             "label": state["label"], "numel": state["numel"], "tensors": len(state["shapes"]),
