@@ -52,16 +52,19 @@ def _lora_shapes(adapted_linears: int, width: int, rank: int = 8) -> List[torch.
 
 def aggregation_states(quick: bool) -> Dict[str, dict]:
     states = {
-        "lora_46k": {"label": "LoRA r=8, 45 linears of width 64 (46 k floats, FACTS' tiny SD U-Net)",
-                     "shapes": _lora_shapes(45, 64)},
         "digits_unet": {"label": "digits U-Net (32, 64), 16x16x1" + (" [quick: tiny 8x8]" if quick else ""),
                         "shapes": _unet_shapes(configs.DIGITS, 8 if quick else 16, 1, quick)},
     }
     if not quick:
-        states["lora_0.8m"] = {"label": "LoRA r=8, 156 linears of width 320 (0.8 M floats, SD-1.5 scale)",
-                               "shapes": _lora_shapes(156, 320)}
-        states["large_unet"] = {"label": "paper's CelebA U-Net (64, 128, 256, 256), 64x64x3",
-                                "shapes": _unet_shapes(configs.CELEBA, 64, 3, False)}
+        states = {
+            "lora_46k": {"label": "LoRA r=8, 45 linears of width 64 (46 k floats, FACTS' tiny SD U-Net)",
+                         "shapes": _lora_shapes(45, 64)},
+            **states,
+            "lora_0.8m": {"label": "LoRA r=8, 156 linears of width 320 (0.8 M floats, SD-1.5 scale)",
+                          "shapes": _lora_shapes(156, 320)},
+            "large_unet": {"label": "paper's CelebA U-Net (64, 128, 256, 256), 64x64x3",
+                           "shapes": _unet_shapes(configs.CELEBA, 64, 3, False)},
+        }
     for state in states.values():
         state["numel"] = sum(s.numel() for s in state["shapes"])
     return states
@@ -165,7 +168,7 @@ def aggregation(quick: bool, device: torch.device) -> dict:
            "cohort_size": 4, "states": {}}
     for name, state in aggregation_states(quick).items():
         # Sub-millisecond collectives drown in scheduler noise on a shared box: repeat them more.
-        repeats = 3 if quick else (7 if state["numel"] > 5_000_000 else 31)
+        repeats = 2 if quick else (7 if state["numel"] > 5_000_000 else 31)
         case = AggregationCase(state["shapes"], device)
         times = {m: [] for m in METHODS}
         for rep in range(repeats + 1):  # the first pass is a warm-up
