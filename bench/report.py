@@ -230,11 +230,32 @@ def plots(out: Path, results: dict) -> List[str]:
             ax.set_yticks([])
             ax.set_xlabel("% of round time")
             ax.set_title(f"round time breakdown, {bd['rounds']} rounds of fedrun train")
-            ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+            ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.5))
             fig.tight_layout()
             fig.savefig(out / "breakdown.png", dpi=110, bbox_inches="tight")
             plt.close(fig)
             written.append("breakdown.png")
+        if "fedcentral" in first:
+            rows = first["fedcentral"]["rows"]
+            labels = [f"E={r['local_steps']}" for r in rows]
+            fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.6))
+            x = range(len(rows))
+            ax1.bar([i - 0.2 for i in x], [r["fedrun_s"]["median"] for r in rows], 0.4, label="fedrun (FedAvg)")
+            ax1.bar([i + 0.2 for i in x], [r["ddp_s"]["median"] for r in rows], 0.4, label="DDP")
+            ax1.set_xticks(list(x), labels)
+            ax1.set_ylabel("wall time (s, median)")
+            ax1.set_title(f"equal samples ({rows[0]['samples']})")
+            ax1.legend()
+            ax2.bar([i - 0.2 for i in x], [r["fedrun_ring_bytes_per_rank"] / 2**20 for r in rows], 0.4, label="fedrun")
+            ax2.bar([i + 0.2 for i in x], [r["ddp_ring_bytes_per_rank"] / 2**20 for r in rows], 0.4, label="DDP")
+            ax2.set_xticks(list(x), labels)
+            ax2.set_ylabel("MiB sent per rank (ring all-reduce)")
+            ax2.set_title("bytes communicated")
+            ax2.legend()
+            fig.tight_layout()
+            fig.savefig(out / "fedcentral.png", dpi=110)
+            plt.close(fig)
+            written.append("fedcentral.png")
     mem = results["local"]["memory"]
     lc = results["local"]["local_compute"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -260,3 +281,11 @@ def write(out: Path, results: dict) -> None:
     names = plots(out, results)
     text = markdown(results) + "\n" + "\n".join(f"![{n}]({n})" for n in names) + "\n"
     (out / "results.md").write_text(text)
+
+
+if __name__ == "__main__":  # re-render: python -m bench.report docs/benchmarks/results.json
+    import json
+    import sys
+
+    source = Path(sys.argv[1])
+    write(source.parent, json.loads(source.read_text()))
