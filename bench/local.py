@@ -138,7 +138,7 @@ def _memory_child(num_clients: int, clients_per_round: int, rounds: int, workdir
 
 def memory_vs_clients(quick: bool, workdir: Path) -> dict:
     counts = (4, 16, 64, 256)
-    clients_per_round, rounds = 4, (2 if quick else 5)
+    clients_per_round, rounds = 4, (1 if quick else 5)
     # Import everything a run touches before forking, so "growth" is the run's own state
     # (model, optimizer, data, buffers) and not lazily imported modules.
     import diffusers  # noqa: F401

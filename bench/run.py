@@ -25,15 +25,29 @@ from pathlib import Path
 from bench import common, configs
 
 
-def _launch(cmd: list, log: Path, timeout: int) -> float:
-    started = time.perf_counter()
-    with open(log, "w") as out:
-        proc = subprocess.run(cmd, cwd=configs.REPO, env=common.bench_env(), stdout=out,
-                              stderr=subprocess.STDOUT, timeout=timeout)
-    if proc.returncode != 0:
+def _start(cmd: list, log: Path) -> tuple:
+    out = open(log, "w")
+    proc = subprocess.Popen(cmd, cwd=configs.REPO, env=common.bench_env(), stdout=out,
+                            stderr=subprocess.STDOUT)
+    return proc, out, cmd, log, time.perf_counter()
+
+
+def _finish(started: tuple, timeout: int) -> float:
+    proc, out, cmd, log, t0 = started
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    out.close()
+    if code != 0:
         tail = log.read_text()[-4000:]
-        raise SystemExit(f"benchmark step failed ({proc.returncode}): {shlex.join(cmd)}\n{tail}")
-    return time.perf_counter() - started
+        raise SystemExit(f"benchmark step failed ({code}): {shlex.join(cmd)}\n{tail}")
+    return time.perf_counter() - t0
+
+
+def _launch(cmd: list, log: Path, timeout: int) -> float:
+    return _finish(_start(cmd, log), timeout)
 
 
 def _torchrun(nproc: int) -> list:
@@ -69,21 +83,36 @@ def main(argv=None) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="fedrun-bench-") as tmp:
         tmp = Path(tmp)
-        step = "local"
-        seconds = _launch([sys.executable, "-m", "bench.local", "--out", str(tmp / "local.json"), *quick],
-                          tmp / "local.log", timeout)
-        results["steps"][step] = {"wall_s": seconds, "load_after": common.loadavg()}
-        results["local"] = _read(tmp / "local.json")
-        results["workers"] = {}
+        local_cmd = [sys.executable, "-m", "bench.local", "--out", str(tmp / "local.json"), *quick]
         ranks = _rank_counts(args.quick)
+        commands = {}
         for nproc in ranks:
             tasks = "aggregation,fedcentral,breakdown" if nproc == ranks[0] else "aggregation"
-            report = tmp / f"worker{nproc}.json"
-            cmd = _torchrun(nproc) + ["-m", "bench.worker", "--out", str(report), "--workdir",
-                                      str(tmp / f"work{nproc}"), "--tasks", tasks, *quick]
-            seconds = _launch(cmd, tmp / f"worker{nproc}.log", timeout)
-            results["steps"][f"worker{nproc}"] = {"wall_s": seconds, "load_after": common.loadavg()}
-            results["workers"][str(nproc)] = _read(report)
+            commands[nproc] = _torchrun(nproc) + [
+                "-m", "bench.worker", "--out", str(tmp / f"worker{nproc}.json"), "--workdir",
+                str(tmp / f"work{nproc}"), "--tasks", tasks, *quick]
+        if args.quick:
+            # Timings do not matter in a smoke run, start-up does: run the steps concurrently.
+            running = {"local": _start(local_cmd, tmp / "local.log")}
+            running.update({f"worker{n}": _start(c, tmp / f"worker{n}.log") for n, c in commands.items()})
+            try:
+                for step, started_step in running.items():
+                    results["steps"][step] = {"wall_s": _finish(started_step, timeout),
+                                              "load_after": common.loadavg()}
+            finally:  # a failed step must not leave the other one running
+                for proc, *_ in running.values():
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+        else:  # one step at a time: benchmarks must not compete with each other for the cores
+            results["steps"]["local"] = {"wall_s": _launch(local_cmd, tmp / "local.log", timeout),
+                                         "load_after": common.loadavg()}
+            for nproc, cmd in commands.items():
+                results["steps"][f"worker{nproc}"] = {
+                    "wall_s": _launch(cmd, tmp / f"worker{nproc}.log", timeout),
+                    "load_after": common.loadavg()}
+        results["local"] = _read(tmp / "local.json")
+        results["workers"] = {str(n): _read(tmp / f"worker{n}.json") for n in commands}
         if not ranks:
             results["workers_skipped"] = "fewer than 2 GPUs: multi-rank benchmarks need one GPU per rank"
     results["total_wall_s"] = time.perf_counter() - started
