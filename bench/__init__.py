@@ -3,7 +3,8 @@
     python -m bench.run            # full run (~6-10 min on a 2-core CPU), results in docs/benchmarks/
     python -m bench.run --quick    # seconds-scale smoke run (CI), results in runs/bench-quick/
 
-Modules: ``common`` (timing statistics, machine description, process-group helpers),
+Modules: ``configs`` (the fedrun config overrides each benchmark runs), ``common`` (timing
+statistics, machine description, rank-wide maxima),
 ``local`` (single-process benchmarks: local compute overhead, memory vs virtual clients),
 ``worker`` (multi-rank benchmarks under torchrun: aggregation cost, federated vs centralized DDP,
 round-time breakdown of a real ``fedrun train`` run), ``report`` (JSON, markdown, plots).

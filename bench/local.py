@@ -100,7 +100,7 @@ def local_compute(quick: bool, workdir: Path) -> dict:
                      "fedrun_samples_per_s": samples / t_fed, "bare_samples_per_s": samples / t_bare,
                      "ratio": (samples / t_fed) / (samples / t_bare), "load": common.loadavg()})
     return {
-        "what": "samples/s of simulator.train_local (one round of this rank's clients) vs a bare loop",
+        "what": "samples/s of simulator.train_local (2 of the round's clients per repeat) vs a bare loop",
         "device": str(fed.device), "threads": torch.get_num_threads(),
         "model_params": fed.params.numel, "batch_size": batch,
         "clients_per_repeat": clients_per_repeat,
@@ -121,6 +121,7 @@ def _memory_child(num_clients: int, clients_per_round: int, rounds: int, workdir
         from fedrun import simulator
 
         start_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        # quick=True: the tests' tiny U-Net; it is the data structures per client that must stay flat.
         cfg = configs.load(Path(workdir) / f"mem_c{num_clients}", True, f"num_clients={num_clients}",
                            f"clients_per_round={clients_per_round}", f"rounds={rounds}",
                            "local_steps=2", "sample.every=0", "checkpoint.every=0")
