@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -49,7 +49,8 @@ def client_weight(num_samples: int, weighting: str) -> float:
 class RoundResult:
     """The reduced buffer, decoded."""
 
-    mean_update: torch.Tensor  # sum n_c delta_c / sum n_c (zeros when no weight arrived)
+    mean_update: torch.Tensor  # sum n_c delta_c / sum n_c (zeros when no weight arrived); shares
+    # storage with the buffer's scratch vector: valid until the next add_client or reuse
     total_weight: float
     client_loss: Dict[int, float]  # sampled client id -> mean local loss
     client_weight: Dict[int, float]
@@ -62,17 +63,32 @@ class RoundBuffer:
     """One rank's contribution to a round: weighted update sum and stats, in one flat tensor."""
 
     def __init__(self, num_params: int, cohort: Sequence[int], world_size: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", reuse: Optional["RoundBuffer"] = None):
+        """``reuse``: last round's buffer, whose storage this one takes over (and zeroes) when the
+        sizes match. A fresh multi-megabyte tensor every round costs page faults on every touch,
+        more than the all-reduce of the same bytes on CPU (docs/benchmarks). ``reuse`` and the
+        results it decoded must not be used afterwards."""
         self.num_params = num_params
         self.cohort = list(cohort)
         self.world_size = world_size
         self._slot = {client: i for i, client in enumerate(self.cohort)}
         size = num_params + 1 + STATS_PER_CLIENT * len(self.cohort) + world_size
-        self.buffer = torch.zeros(size, dtype=torch.float32, device=device)
-        self._scratch: torch.Tensor | None = None
+        if (reuse is not None and reuse.buffer.numel() == size
+                and reuse.buffer.device == torch.device(device)):
+            self.buffer = reuse.buffer.zero_()
+            self._scratch = reuse._scratch
+        else:
+            self.buffer = torch.zeros(size, dtype=torch.float32, device=device)
+            self._scratch: torch.Tensor | None = None
+        self._update_is_zero = True
 
     def _stats_at(self, client: int) -> int:
         return self.num_params + 1 + STATS_PER_CLIENT * self._slot[client]
+
+    def _scratch_like(self, vector: torch.Tensor) -> torch.Tensor:
+        if self._scratch is None:
+            self._scratch = torch.empty_like(vector)
+        return self._scratch
 
     def add_client(self, client: int, local: torch.Tensor, global_: torch.Tensor, weight: float,
                    loss: float, samples: int) -> bool:
@@ -83,17 +99,25 @@ class RoundBuffer:
         # The difference is taken before scaling (n * w_c - n * w would cancel catastrophically
         # in fp32), and n * delta is rounded before it is added: a fused multiply-add here would
         # round differently from the all-reduce's plain sums, and results would then depend on
-        # which clients share a rank. One scratch vector is reused for every client.
-        if self._scratch is None:
-            self._scratch = torch.empty_like(global_)
-        torch.sub(local, global_, out=self._scratch)
+        # which clients share a rank. The first client of a round writes straight into the
+        # (zero) buffer -- 0 + x == x exactly -- saving a pass; later ones go through one
+        # scratch vector, reused across clients and rounds.
+        first = self._update_is_zero
+        update = self.buffer[: self.num_params]
+        target = update if first else self._scratch_like(global_)
+        torch.sub(local, global_, out=target)
         at = self._stats_at(client)
         self.buffer[at + 2] += samples
-        if not (math.isfinite(loss) and bool(torch.isfinite(self._scratch).all())):
+        if not (math.isfinite(loss) and bool(torch.isfinite(target).all())):
+            if first:
+                update.zero_()
             self.buffer[at + 3] += 1
             return False
-        self._scratch.mul_(weight)
-        self.buffer[: self.num_params].add_(self._scratch)
+        target.mul_(weight)
+        if first:
+            self._update_is_zero = False
+        else:
+            update.add_(target)
         self.buffer[self.num_params] += weight
         self.buffer[at] += loss * weight
         self.buffer[at + 1] += weight
@@ -107,7 +131,10 @@ class RoundBuffer:
         stats = self.buffer[self.num_params:].double().cpu()
         total_weight = float(stats[0])
         update = self.buffer[: self.num_params]
-        mean_update = update / total_weight if total_weight > 0 else torch.zeros_like(update)
+        if total_weight > 0:  # into the scratch vector: no new P-float tensor per round
+            mean_update = torch.div(update, total_weight, out=self._scratch_like(update))
+        else:
+            mean_update = torch.zeros_like(update)
         losses, weights, samples, rejected = {}, {}, {}, []
         for client, slot in self._slot.items():
             loss_w, weight, seen, bad = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()

@@ -54,6 +54,7 @@ class Federation:
     resumed_record: Optional[dict] = None  # metrics record of the checkpointed round
     samples_seen: int = 0
     bytes_total: int = 0
+    round_buffer: Optional[RoundBuffer] = None  # reused every round (no per-round allocation)
 
 
 # ---------------------------------------------------------------- set-up
@@ -145,7 +146,8 @@ def _client_steps(fed: Federation, client: int) -> int:
 def train_local(fed: Federation, cohort: list, mine: list, global_round: int) -> RoundBuffer:
     """Step 2: train this rank's clients, each from the global weights, into the round buffer."""
     cfg = fed.cfg
-    buffer = RoundBuffer(fed.params.numel, cohort, fed.world_size, fed.device)
+    buffer = RoundBuffer(fed.params.numel, cohort, fed.world_size, fed.device, reuse=fed.round_buffer)
+    fed.round_buffer = buffer
     started = time.perf_counter()
     for client in mine:
         fed.params.load_(fed.global_weights)

@@ -130,3 +130,49 @@ def test_assign_to_ranks_rank_k_is_client_k_and_balanced():
     assert assign_to_ranks([0, 1, 2], 2, costs=[10, 4, 5]) == [[0], [1, 2]]
     every = [c for rank in assign_to_ranks(list(range(13)), 3) for c in rank]
     assert sorted(every) == list(range(13))
+
+
+def test_round_buffer_reuse_takes_over_storage_and_matches_a_fresh_buffer():
+    """The simulator reuses last round's storage (no per-round allocation): same bits as fresh."""
+    generator = torch.Generator().manual_seed(0)
+    global_w = torch.randn(1000, generator=generator)
+    locals_ = [global_w + 0.01 * torch.randn(1000, generator=generator) for _ in range(3)]
+    weights = [37.0, 5.0, 11.0]
+
+    def fill(buffer):
+        for c, (local, weight) in enumerate(zip(locals_, weights)):
+            buffer.add_client(c, local, global_w, weight, loss=0.1 * c, samples=8)
+        buffer.set_compute_time(0, 2.0)
+        return buffer
+
+    previous = fill(RoundBuffer(1000, [0, 1, 2], 1))
+    previous.decode()
+    reused = fill(RoundBuffer(1000, [0, 1, 2], 1, reuse=previous))
+    fresh = fill(RoundBuffer(1000, [0, 1, 2], 1))
+    assert reused.buffer.data_ptr() == previous.buffer.data_ptr()
+    assert torch.equal(reused.buffer, fresh.buffer)
+    assert torch.equal(reused.decode().mean_update, fresh.decode().mean_update)
+    # A different size (another cohort size) cannot reuse: it allocates.
+    other = RoundBuffer(1000, [0, 1], 1, reuse=reused)
+    assert other.buffer.data_ptr() != reused.buffer.data_ptr()
+    assert torch.count_nonzero(other.buffer) == 0
+
+
+def test_round_buffer_rounds_like_separate_products_summed():
+    """n * delta is rounded before it is summed, for the first client (written in place) and the
+    others (via scratch) alike: the buffer equals the plain sum of rounded products, bit for bit."""
+    generator = torch.Generator().manual_seed(1)
+    global_w = torch.randn(4096, generator=generator)
+    locals_ = [global_w + torch.randn(4096, generator=generator) * 1e-3 for _ in range(3)]
+    weights = [3.0, 7.0, 113.0]
+    buffer = RoundBuffer(4096, [0, 1, 2], 1)
+    for c in range(3):
+        buffer.add_client(c, locals_[c], global_w, weights[c], loss=0.0, samples=1)
+    expected = torch.zeros(4096)
+    for local, weight in zip(locals_, weights):
+        expected = expected + (local - global_w) * weight
+    assert torch.equal(buffer.buffer[:4096], expected)
+    before = buffer.buffer.clone()
+    result = buffer.decode()
+    assert torch.equal(buffer.buffer, before)  # decoding leaves the reduced buffer intact
+    assert torch.equal(result.mean_update, expected / sum(weights))
