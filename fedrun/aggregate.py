@@ -49,14 +49,21 @@ def client_weight(num_samples: int, weighting: str) -> float:
 class RoundResult:
     """The reduced buffer, decoded."""
 
-    mean_update: torch.Tensor  # sum n_c delta_c / sum n_c (zeros when no weight arrived); shares
-    # storage with the buffer's scratch vector: valid until the next add_client or reuse
+    update_sum: torch.Tensor  # sum n_c delta_c: a view of the buffer, valid until it is reused
     total_weight: float
     client_loss: Dict[int, float]  # sampled client id -> mean local loss
     client_weight: Dict[int, float]
     client_samples: Dict[int, int]
     rank_compute_s: List[float]
     rejected: List[int] = field(default_factory=list)  # clients whose update was not finite
+
+    @property
+    def mean_update(self) -> torch.Tensor:
+        """sum n_c delta_c / sum n_c (zeros when no weight arrived), as a new tensor. The round
+        loop does not need it: the server step folds the division into its own pass."""
+        if self.total_weight <= 0:
+            return torch.zeros_like(self.update_sum)
+        return self.update_sum / self.total_weight
 
 
 class RoundBuffer:
@@ -108,7 +115,10 @@ class RoundBuffer:
         torch.sub(local, global_, out=target)
         at = self._stats_at(client)
         self.buffer[at + 2] += samples
-        if not (math.isfinite(loss) and bool(torch.isfinite(target).all())):
+        # One reduction instead of torch.isfinite(...).all(), which allocates P booleans: a NaN
+        # or an infinity anywhere makes the sum non-finite (so would an overflow of the sum past
+        # 3e38, which no sane update reaches).
+        if not (math.isfinite(loss) and math.isfinite(float(target.sum()))):
             if first:
                 update.zero_()
             self.buffer[at + 3] += 1
@@ -130,11 +140,6 @@ class RoundBuffer:
         """Interpret the (already reduced) buffer."""
         stats = self.buffer[self.num_params:].double().cpu()
         total_weight = float(stats[0])
-        update = self.buffer[: self.num_params]
-        if total_weight > 0:  # into the scratch vector: no new P-float tensor per round
-            mean_update = torch.div(update, total_weight, out=self._scratch_like(update))
-        else:
-            mean_update = torch.zeros_like(update)
         losses, weights, samples, rejected = {}, {}, {}, []
         for client, slot in self._slot.items():
             loss_w, weight, seen, bad = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
@@ -143,7 +148,7 @@ class RoundBuffer:
             losses[client] = loss_w / weight if weight > 0 else float("nan")
             if bad > 0:
                 rejected.append(client)
-        return RoundResult(mean_update, total_weight, losses, weights, samples,
+        return RoundResult(self.buffer[: self.num_params], total_weight, losses, weights, samples,
                            stats[-self.world_size:].tolist(), sorted(rejected))
 
 

@@ -180,7 +180,7 @@ def server_update(fed: Federation, result) -> bool:
     """Step 4: apply the averaged update (a round where no weight arrived keeps the model)."""
     if result.total_weight <= 0:
         return False
-    fed.server.step(fed.global_weights, result.mean_update)
+    fed.server.step(fed.global_weights, result.update_sum, result.total_weight)
     fed.ema.update(fed.global_weights)
     return True
 

@@ -176,3 +176,18 @@ def test_round_buffer_rounds_like_separate_products_summed():
     result = buffer.decode()
     assert torch.equal(buffer.buffer, before)  # decoding leaves the reduced buffer intact
     assert torch.equal(result.mean_update, expected / sum(weights))
+
+
+def test_server_step_folds_the_division_into_its_pass():
+    """step(w, sum n*delta, sum n) equals step(w, mean) for FedAvg and FedAvgM."""
+    update_sum, total = torch.tensor([3.0, -6.0, 1.5]), 3.0
+    mean = update_sum / total
+    a, b = torch.ones(3), torch.ones(3)
+    FedAvg(lr=0.5).step(a, update_sum, total)
+    FedAvg(lr=0.5).step(b, mean)
+    assert torch.allclose(a, torch.tensor([1.5, 0.0, 1.25]), atol=1e-6) and torch.allclose(a, b, atol=1e-6)
+    m1, m2 = FedAvgM(lr=1.0, momentum=0.5), FedAvgM(lr=1.0, momentum=0.5)
+    for _ in range(2):
+        m1.step(a, update_sum, total)
+        m2.step(b, mean)
+    assert torch.allclose(a, b, atol=1e-6)
