@@ -15,3 +15,7 @@ class DataError(FedrunError):
 
 class CheckpointError(FedrunError):
     """A checkpoint or run directory is missing, corrupt, or does not match the config."""
+
+
+class EvaluationError(FedrunError):
+    """Sampling or FID/KID cannot run: no model to sample from, no reference images, no weights."""

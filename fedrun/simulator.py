@@ -5,7 +5,7 @@
             n_c * (w_c - w) to its round buffer
     Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, sum n_c, stats]
     Step 4  server step on the averaged update (every rank, identically), EMA update
-    Step 5  rank 0: log, sample grid, checkpoint
+    Step 5  rank 0: log, sample grid, evaluation (FID/KID every eval.every rounds), checkpoint
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Federation:
     start_round: int = 0
     samples_seen: int = 0
     bytes_total: int = 0
+    resumed_from: Optional[Path] = None  # the checkpoint folder this run continued from
 
 
 # ---------------------------------------------------------------- set-up
@@ -91,7 +92,8 @@ def setup(cfg: Config, task) -> Federation:
     fed.loss = task.make_loss(fed)
     fed.ema = EMA(fed.global_weights, cfg.ema)
     if payload is not None:
-        restore(fed, load_checkpoint(Path(payload)))
+        fed.resumed_from = Path(payload)
+        restore(fed, load_checkpoint(fed.resumed_from))
     return fed
 
 
@@ -194,7 +196,8 @@ def _is_due(every: int, done_rounds: int, total: int) -> bool:
     return done_rounds == total or (every > 0 and done_rounds % every == 0)
 
 
-def write_checkpoint(fed: Federation, done_rounds: int) -> Path:
+def write_checkpoint(fed: Federation, done_rounds: int, extra_groups: Optional[dict] = None) -> Path:
+    """Global weights, EMA and server state (plus ``extra_groups``, e.g. an optimizer's state)."""
     state = {
         "config_digest": digest(fed.cfg),
         "config": digest_view(fed.cfg),
@@ -210,6 +213,7 @@ def write_checkpoint(fed: Federation, done_rounds: int) -> Path:
         "model": fed.params.state_dict(fed.global_weights),
         "ema": fed.params.state_dict(fed.ema.shadow),
         "server": fed.server.state_dict(),
+        **(extra_groups or {}),
     }
     return save_checkpoint(Path(fed.cfg.output_dir), done_rounds, groups, state,
                            fed.cfg.checkpoint.keep_last)
@@ -287,22 +291,36 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     done = global_round + 1
     record = {"round": done, **account(fed, result), "aggregation_s": aggregation_s,
               "server_s": time.perf_counter() - server_started}
-    # Step 5: log / sample / checkpoint (rank 0)
+    # Step 5: log / sample / evaluate / checkpoint (rank 0)
     if fed.rank != 0:
         return record
     if not updated:
         logger.write(f"round {done}: no client update arrived; the global model is unchanged")
+    return write_outputs(fed, done, record, logger, started)
+
+
+def write_outputs(fed: Federation, done: int, record: dict, logger: RunLogger, started: float,
+                  extra_groups=None) -> dict:
+    """Step 5 on rank 0 (shared with the centralized baseline): sample grid, evaluation,
+    checkpoint, then the round's record to metrics.jsonl / W&B. ``extra_groups()``, when given,
+    returns more tensor groups for the checkpoint (called only when one is due)."""
+    cfg = fed.cfg
     output_started = time.perf_counter()
     if _is_due(cfg.sample.every, done, cfg.rounds):
         fed.task.write_samples(fed, done, logger)
     record["sample_s"] = time.perf_counter() - output_started
+    if cfg.eval.every > 0 and _is_due(cfg.eval.every, done, cfg.rounds) and hasattr(fed.task, "evaluate"):
+        eval_started = time.perf_counter()
+        record.update(fed.task.evaluate(fed, done, logger))
+        record["eval_s"] = time.perf_counter() - eval_started
     checkpoint_started = time.perf_counter()
     if _is_due(cfg.checkpoint.every, done, cfg.rounds):
-        write_checkpoint(fed, done)
+        write_checkpoint(fed, done, extra_groups() if extra_groups else None)
     record["checkpoint_s"] = time.perf_counter() - checkpoint_started
     record["round_time_s"] = time.perf_counter() - started
     logger.log(record)
-    logger.progress(done, loss=record["train_loss"], round_s=record["round_time_s"])
+    logger.progress(done, loss=record["train_loss"], round_s=record["round_time_s"],
+                    **({"fid": record["fid"]} if "fid" in record else {}))
     return record
 
 
