@@ -5,7 +5,7 @@ Launch:
     python -m fedrun central --config configs/digits_fedavg.yaml     # centralized baseline
     python -m fedrun sample --run runs/digits_fedavg n=1000          # samples of the EMA model
     python -m fedrun evaluate --run runs/digits_fedavg               # FID/KID + floor
-    python -m fedrun compare --grid configs/compare_paper.yaml --jobs 2   # the paper's grid
+    python -m fedrun compare --grid configs/grids/paper.yaml --jobs 2   # the paper's grid
     torchrun --nproc_per_node=4 -m fedrun train --config configs/digits_fedavg.yaml   # 4 ranks
     fedrun train --config configs/digits_fedavg.yaml rounds=50 num_clients=8 output_dir=runs/c8
 
@@ -110,8 +110,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--grid", default="configs/compare_paper.yaml",
-                        help="grid YAML (default: the paper's grid, configs/compare_paper.yaml)")
+    parser.add_argument("--grid", default="configs/grids/paper.yaml",
+                        help="grid YAML (default: the paper's grid, configs/grids/paper.yaml)")
     parser.add_argument("--quick", action="store_true", help="the grid's tiny 'quick' variant")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in parallel as separate processes (1: one after the other, in this process)")

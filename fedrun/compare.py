@@ -1,10 +1,10 @@
 """``fedrun compare``: run (or collect) a grid of federated and centralized runs at the same
 sample budget and seeds, and write a report folder (markdown table, curves, findings).
 
-    python -m fedrun compare --grid configs/compare_paper.yaml --jobs 2
-    python -m fedrun compare --grid configs/compare_paper.yaml --quick      # tiny, for tests
+    python -m fedrun compare --grid configs/grids/paper.yaml --jobs 2
+    python -m fedrun compare --grid configs/grids/paper.yaml --quick      # tiny, for tests
 
-The grid file (see configs/compare_paper.yaml) names a base config, the seeds, the budget in
+The grid file (see configs/grids/paper.yaml) names a base config, the seeds, the budget in
 samples, the evaluation points, the runs (each a list of overrides; ``kind: central`` for the
 baseline), the series to plot and the claims to check. For every run the comparison derives
 
@@ -215,15 +215,18 @@ def collect(spec: RunSpec) -> dict:
         raise FedrunError(f"run '{spec.run_dir}' has no evaluation records in metrics.jsonl")
     last = records[-1]
     info_file = spec.run_dir / RUN_INFO
-    wall = (json.loads(info_file.read_text())["wall_s"] if info_file.is_file()
-            else sum(r.get("round_time_s", 0.0) for r in records))
+    if info_file.is_file():
+        wall, ended = json.loads(info_file.read_text())["wall_s"], info_file.stat().st_mtime
+    else:
+        wall = sum(r.get("round_time_s", 0.0) for r in records)
+        ended = (spec.run_dir / "metrics.jsonl").stat().st_mtime
     final = evals[-1]
     return {
         "name": spec.name, "seed": spec.seed, "kind": spec.kind,
         "fid": final["fid"], "kid": final["kid"], "floor_fid": final["floor_fid"],
         "floor_kid": final["floor_kid"], "class_tv": final.get("class_tv"),
         "final_loss": last["train_loss"], "samples": last["samples"], "bytes_total": last["bytes_total"],
-        "wall_s": wall, "eval_samples": final["eval_samples"], "eval_reference": final["eval_reference"],
+        "wall_s": wall, "ended": ended, "eval_samples": final["eval_samples"], "eval_reference": final["eval_reference"],
         "eval_feature": final["eval_feature"],
         "curve": [(r["samples"], r["fid"]) for r in evals],
         "params_bytes": last.get("bytes_sent_per_client"),
@@ -412,6 +415,9 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     specs = plan_runs(grid) if collect_only else run_grid(grid, jobs, say)
     results = [collect(s) for s in specs]
     summary = summarise(results, [r["name"] for r in grid.runs])
-    wall = sum(r["wall_s"] for r in results) if collect_only else time.perf_counter() - started
+    if collect_only:  # from the first run's start to the last run's end
+        wall = max(r["ended"] for r in results) - min(r["ended"] - r["wall_s"] for r in results)
+    else:
+        wall = time.perf_counter() - started
     target = Path(report_dir) if report_dir else Path(grid.output_dir) / "report"
     return write_report(grid, summary, results, target, command, wall)
