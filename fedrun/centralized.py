@@ -8,6 +8,9 @@ clients' data, for a budget in samples matched to a federated run.
 Results do not depend on the world size: step s draws its global batch (indices, noise,
 timesteps) from a generator seeded by (seed, s) on every rank, and rank k trains on the k-th
 slice of it; DDP's average of the slices' gradients is the gradient of the global batch.
+Equal up to float rounding, which Adam amplifies over many steps; with ``central.micro_batch``
+= batch / W_max every rank count up to W_max (powers of two) computes the same micro-batches
+and the results are bit-identical (halving is exact; a sum of two terms does not depend on order).
 
 Steps are grouped in "rounds" of ``central.steps_per_round`` (default K x E: as many samples as a
 federated round), the unit of EMA updates, metrics records and the *.every cadences, so central
@@ -20,6 +23,7 @@ so one step moves 2 (W - 1) x 4 P bytes in total (0 with one process).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -77,6 +81,11 @@ class CentralTrainer:
                               f"be divisible by the number of ranks ({fed.world_size})")
         self.slice = slice(fed.rank * self.batch // fed.world_size,
                            (fed.rank + 1) * self.batch // fed.world_size)
+        slice_size = self.batch // fed.world_size
+        self.micro = min(cfg.central.micro_batch or slice_size, slice_size)
+        if slice_size % self.micro:
+            raise ConfigError(f"config key 'central.micro_batch': {self.micro} does not divide a "
+                              f"rank's slice of the global batch ({slice_size})")
         self.union = np.sort(np.concatenate(fed.client_indices))  # the clients' data, pooled
         fed.params.load_(fed.global_weights)
         self.model = dist.data_parallel(fed.model)
@@ -95,16 +104,24 @@ class CentralTrainer:
         noise = torch.randn(shape, generator=generator)
         timesteps = torch.randint(0, fed.noise_scheduler.config.num_train_timesteps, (self.batch,),
                                   generator=generator)
-        images = fed.dataset.get_batch(indices[self.slice]).to(fed.device)
         self.model.train()
-        loss = diffusion_loss(self.model, fed.noise_scheduler, images, None,
-                              noise=noise[self.slice], timesteps=timesteps[self.slice])
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP all-reduces (averages) the gradients here
+        starts = range(self.slice.start, self.slice.stop, self.micro)
+        loss_sum = torch.zeros((), device=fed.device)
+        for i, start in enumerate(starts):
+            part = slice(start, start + self.micro)
+            images = fed.dataset.get_batch(indices[part]).to(fed.device)
+            # The last micro-batch's backward all-reduces (averages) the accumulated gradients.
+            sync = i == len(starts) - 1
+            with (contextlib.nullcontext() if sync else dist.no_sync(self.model)):
+                loss = diffusion_loss(self.model, fed.noise_scheduler, images, None,
+                                      noise=noise[part], timesteps=timesteps[part])
+                (loss / len(starts)).backward()  # the slice's mean loss
+            loss_sum += loss.detach() * self.micro
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(fed.params.params, cfg.optim.grad_clip)
         self.optimizer.step()
-        return loss.detach() * images.shape[0]
+        return loss_sum
 
     # The optimizer state is part of the resumable state (it persists across steps here).
     def optimizer_groups(self) -> dict:

@@ -281,6 +281,10 @@ class CentralConfig:
     steps_per_round: Optional[int] = None
     """Optimizer steps per 'round', the unit of EMA updates, logging and *.every cadences;
     null = K x E, so that a central round sees as many samples as a federated round."""
+    micro_batch: Optional[int] = None
+    """Images per forward/backward pass (gradients accumulated over a rank's slice); null = the
+    whole slice. With micro_batch = batch / W_max, 1..W_max ranks give bit-identical gradients
+    for power-of-two world sizes (same shapes, exact halving), not only equal up to rounding."""
 
     def __post_init__(self) -> None:
         _require(self.samples is None or self.samples >= 1, "central.samples",
@@ -289,6 +293,8 @@ class CentralConfig:
                  f"must be >= 1 or null, got {self.batch_size}")
         _require(self.steps_per_round is None or self.steps_per_round >= 1, "central.steps_per_round",
                  f"must be >= 1 or null, got {self.steps_per_round}")
+        _require(self.micro_batch is None or self.micro_batch >= 1, "central.micro_batch",
+                 f"must be >= 1 or null, got {self.micro_batch}")
 
 
 @dataclass

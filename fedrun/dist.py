@@ -111,6 +111,13 @@ def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
     return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
+def no_sync(module: torch.nn.Module):
+    """Context without DDP's gradient all-reduce (gradient accumulation); a no-op otherwise."""
+    import contextlib
+
+    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
 def destroy() -> None:
     if is_initialized():
         torch_dist.destroy_process_group()
