@@ -209,3 +209,17 @@ def test_compare_rejects_a_budget_that_does_not_divide_into_rounds(tmp_path):
 
     with pytest.raises(ConfigError, match="grid run 'a': samples \\(100\\) is not a multiple .*128"):
         plan_runs(load_grid(str(grid)))
+
+
+def test_resumed_central_run_equals_uninterrupted_run(tmp_path):
+    """The AdamW state is part of the central checkpoint: resuming continues exactly."""
+    from fedrun.centralized import run_central
+
+    shape = ["num_clients=2", "local_steps=2", "checkpoint.every=1"]
+    run_central(load_config(None, tiny(tmp_path / "full", *shape, "rounds=4")))
+    run_central(load_config(None, tiny(tmp_path / "resumed", *shape, "rounds=2")))
+    run_central(load_config(None, tiny(tmp_path / "resumed", *shape, "rounds=4", "resume=auto")))
+    for group in ("model", "ema", "optimizer"):
+        a, b = (load_file(str(tmp_path / r / "checkpoints" / "round_00004" / f"{group}.safetensors"))
+                for r in ("full", "resumed"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
