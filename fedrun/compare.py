@@ -230,6 +230,7 @@ def collect(spec: RunSpec) -> dict:
         "eval_feature": final["eval_feature"],
         "curve": [(r["samples"], r["fid"]) for r in evals],
         "params_bytes": last.get("bytes_sent_per_client"),
+        "steps": last.get("steps"),  # central runs: optimizer steps taken
     }
 
 
@@ -327,6 +328,7 @@ def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], repo
         "(0 = the same mix of digits). Bytes: federated = 2 × 4 P bytes per client per round "
         "(the model down, the update up; P parameters, fp32); centralized = gradient all-reduce "
         "volume 2 (W − 1) × 4 P per step over W ranks (0 for one process).", "",
+        *_ddp_note(results),
         "## The paper's findings on this grid", "",
     ]
     for f in findings:
@@ -346,6 +348,19 @@ def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], repo
         {"grid": grid.source, "samples": grid.samples, "seeds": grid.seeds, "wall_s": wall_s,
          "command": command, "runs": results, "findings": findings}, indent=1))
     return report_dir / "README.md"
+
+
+def _ddp_note(results: List[dict]) -> List[str]:
+    """What the one-process centralized runs would have communicated as DDP over 4 workers."""
+    model_bytes = next((r["params_bytes"] for r in results if r.get("params_bytes")), None)
+    central = [r for r in results if r["kind"] == "central" and r["bytes_total"] == 0]
+    if not model_bytes or not central:
+        return []
+    steps = central[0]["steps"]
+    per_step = 2 * 3 * model_bytes
+    return [f"For scale: run as DDP over W = 4 workers, the centralized baseline would move "
+            f"2 × 3 × 4 P = {per_step / 1e6:.3g} MB per step, {per_step * steps / 1e9:.3g} GB over its "
+            f"{steps:,} steps (P = {model_bytes // 4:,} parameters).", ""]
 
 
 def _pyplot():
