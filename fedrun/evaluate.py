@@ -366,7 +366,9 @@ def load_run_model(run_dir, cfg, checkpoint: Optional[str] = None):
             raise CheckpointError(f"run '{run_dir}' has no final/ pipeline (unfinished?); "
                                   "use checkpoint=latest or a round number")
         from diffusers import DDPMPipeline
+        from diffusers.utils import logging as diffusers_logging
 
+        diffusers_logging.disable_progress_bar()
         pipe = DDPMPipeline.from_pretrained(str(final))
         return pipe.unet.eval(), pipe.scheduler, "final"
     if checkpoint == "latest":
