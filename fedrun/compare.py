@@ -407,6 +407,8 @@ def plot_bytes(summary: Dict[str, dict], report_dir: Path) -> Path:
     for name, s in summary.items():
         ax.errorbar(s["bytes_total"][0] / 1e6, s["fid"][0], yerr=np.nan_to_num(s["fid"][1]),
                     marker="s" if s["kind"] == "central" else "o", capsize=3, label=name)
+    floor = np.mean([s["floor_fid"][0] for s in summary.values()])
+    ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlabel("bytes communicated (MB; symlog, 0 = one-process centralized)")
     ax.set_ylabel("final FID")
