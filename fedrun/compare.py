@@ -410,6 +410,7 @@ def plot_bytes(summary: Dict[str, dict], report_dir: Path) -> Path:
     floor = np.mean([s["floor_fid"][0] for s in summary.values()])
     ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
     ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(-0.5, 3 * max(1.0, max(s["bytes_total"][0] for s in summary.values()) / 1e6))
     ax.set_xlabel("bytes communicated (MB; symlog, 0 = one-process centralized)")
     ax.set_ylabel("final FID")
     ax.set_title("Communication vs quality at equal samples seen", fontsize=10)
