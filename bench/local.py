@@ -73,7 +73,7 @@ def local_compute(quick: bool, workdir: Path) -> dict:
     clients_per_repeat = 2  # short repeats: the two sides of a pair see the same machine load
 
     def my_clients(r: int) -> tuple:
-        cohort, mine = simulator.select_clients(fed, r)
+        cohort, _dropped, mine = simulator.select_clients(fed, r)
         mine = mine[:clients_per_repeat]
         return cohort, mine, sum(simulator._client_steps(fed, c) for c in mine)
 

@@ -2,6 +2,10 @@
 
 Launch:
     python -m fedrun train --config configs/digits_fedavg.yaml [key=value ...]      # 1 process
+    python -m fedrun central --config configs/digits_fedavg.yaml     # centralized baseline
+    python -m fedrun sample --run runs/digits_fedavg n=1000          # samples of the EMA model
+    python -m fedrun evaluate --run runs/digits_fedavg               # FID/KID + floor
+    python -m fedrun compare --grid configs/grids/paper.yaml --jobs 2   # the paper's grid
     torchrun --nproc_per_node=4 -m fedrun train --config configs/digits_fedavg.yaml   # 4 ranks
     fedrun train --config configs/digits_fedavg.yaml rounds=50 num_clients=8 output_dir=runs/c8
 
@@ -43,8 +47,99 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_central(args: argparse.Namespace) -> int:
+    from fedrun.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from fedrun.centralized import run_central
+
+    _say(f"done: {run_central(cfg)}")
+    return 0
+
+
+# Short keys of `sample` / `evaluate` (any dotted config key is accepted too).
+_RUN_KEYS = {"n": "eval.num_samples", "scheduler": "eval.scheduler", "steps": "eval.steps",
+             "seed": "eval.seed", "feature": "eval.feature", "inception_weights": "eval.inception_weights"}
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run directory (output_dir of a run)")
+    parser.add_argument("settings", nargs="*", metavar="key=value",
+                        help="n=, scheduler=ddim|ddpm, steps=, seed=, checkpoint=final|latest|ROUND|PATH, "
+                             "out= (sample), samples= (evaluate: a samples.npz), feature=digits|inception, "
+                             "inception_weights=, or any dotted config key")
+
+
+def _run_settings(args: argparse.Namespace, special: tuple) -> tuple:
+    from fedrun.errors import ConfigError
+
+    overrides, chosen = [], {}
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"'{item}' is not of the form key=value")
+        if key in special:
+            chosen[key] = value
+        else:
+            overrides.append(f"{_RUN_KEYS.get(key, key)}={value}")
+    # The run's own logging/threads settings are irrelevant here; keep the output quiet.
+    return overrides, chosen
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from fedrun.evaluate import open_run, sample_run
+
+    overrides, chosen = _run_settings(args, ("checkpoint", "out"))
+    if not any(o.startswith("eval.num_samples=") for o in overrides):
+        overrides.append("eval.num_samples=64")
+    cfg = open_run(args.run, overrides)
+    sample_run(args.run, cfg, chosen.get("checkpoint"), chosen.get("out"), say=_say)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedrun.evaluate import evaluate_run, open_run
+
+    overrides, chosen = _run_settings(args, ("checkpoint", "samples"))
+    cfg = open_run(args.run, overrides)
+    evaluate_run(args.run, cfg, chosen.get("checkpoint"), chosen.get("samples"), say=_say)
+    return 0
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grid", default="configs/grids/paper.yaml",
+                        help="grid YAML (default: the paper's grid, configs/grids/paper.yaml)")
+    parser.add_argument("--quick", action="store_true", help="the grid's tiny 'quick' variant")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in parallel as separate processes (1: one after the other, in this process)")
+    parser.add_argument("--collect", action="store_true", help="only collect finished runs, train nothing")
+    parser.add_argument("--out", help="folder of the runs (default: the grid's output_dir)")
+    parser.add_argument("--report", help="report folder (default: <output_dir>/report)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fedrun.compare import compare
+
+    command = "python -m fedrun compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else [])
+    report = compare(args.grid, args.quick, max(1, args.jobs), args.collect, args.report,
+                     args.overrides, command=command.strip(), say=_say, output_dir=args.out)
+    _say(f"report: {report}")
+    return 0
+
+
 COMMANDS = {
     "train": ("federated DDPM pre-training (FedAvg over torchrun ranks)", _config_arguments, _cmd_train),
+    "central": ("centralized DDP baseline on the union of the clients' data, same budget",
+                _config_arguments, _cmd_central),
+    "sample": ("samples of a run's EMA model (final/ or a checkpoint) with diffusers schedulers",
+               _run_arguments, _cmd_sample),
+    "evaluate": ("FID/KID of a run's samples, with the real-vs-real floor", _run_arguments, _cmd_evaluate),
+    "compare": ("run or collect a grid of runs and write the comparison report", _compare_arguments,
+                _cmd_compare),
 }
 PLANNED = ("central", "finetune", "sample", "evaluate", "compare")
 

@@ -48,12 +48,19 @@ class ClientResult:
     samples: int  # samples processed (steps x batch)
 
 
-def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch.Generator):
-    """The DDPM objective: MSE between the added noise (or v / x0) and the U-Net's prediction."""
+def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch.Generator | None,
+                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None):
+    """The DDPM objective: MSE between the added noise (or v / x0) and the U-Net's prediction.
+
+    Noise and timesteps are drawn from ``generator`` unless given (the centralized baseline
+    draws them for the global batch and passes each rank its slice)."""
     batch = images.shape[0]
-    noise = torch.randn(images.shape, generator=generator).to(images.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
-                              generator=generator).to(images.device)
+    if noise is None:
+        noise = torch.randn(images.shape, generator=generator)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
+                                  generator=generator)
+    noise, timesteps = noise.to(images.device), timesteps.to(images.device)
     noisy = noise_scheduler.add_noise(images, noise, timesteps)
     prediction = unet(noisy, timesteps).sample
     kind = noise_scheduler.config.prediction_type

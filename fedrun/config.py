@@ -258,6 +258,68 @@ class FaultsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID/KID of samples from the EMA model (``fedrun.evaluate``), during training and in
+    ``fedrun evaluate``; always reported with the real-vs-real floor and the sample count."""
+
+    every: int = 0
+    """Evaluate during training every this many rounds and after the last (0 = never)."""
+    num_samples: int = 1000
+    """Generated samples per evaluation (fewer than 1000: biased FID, a warning says so)."""
+    feature: str = "digits"
+    """'digits' (the shipped digits classifier, offline) or 'inception' (torchmetrics' FID InceptionV3)."""
+    inception_weights: Optional[str] = None
+    """Local path of weights-inception-2015-12-05-6726825d.pth for 'inception' without internet."""
+    scheduler: str = "ddim"
+    """Sampler: 'ddim' (fast) or 'ddpm' (all num_train_timesteps steps)."""
+    steps: int = 50
+    """DDIM inference steps."""
+    seed: int = 4321
+    """Noise seed of the evaluation samples (the same at every evaluation) and of the floor subset."""
+    kid_subset_size: int = 100
+    """KID subset size (capped by the number of reference and generated images)."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(self.num_samples >= 2, "eval.num_samples", f"must be >= 2, got {self.num_samples}")
+        _require(self.feature in ("digits", "inception"), "eval.feature",
+                 f"unknown feature extractor '{self.feature}' (choose one of: digits, inception)")
+        _require(self.scheduler in ("ddim", "ddpm"), "eval.scheduler",
+                 f"must be 'ddim' or 'ddpm', got '{self.scheduler}'")
+        _require(self.steps >= 1, "eval.steps", f"must be >= 1, got {self.steps}")
+        _require(self.kid_subset_size >= 2, "eval.kid_subset_size",
+                 f"must be >= 2, got {self.kid_subset_size}")
+
+
+@dataclass
+class CentralConfig:
+    """``fedrun central``: the data-parallel baseline on the union of the clients' data, with the
+    same model, optimizer, learning rate and batch as a client."""
+
+    samples: Optional[int] = None
+    """Budget in samples seen; null = the federated budget of this config: rounds x K x E x B."""
+    batch_size: Optional[int] = None
+    """Global batch of one optimizer step, split evenly over the ranks; null = optim.batch_size."""
+    steps_per_round: Optional[int] = None
+    """Optimizer steps per 'round', the unit of EMA updates, logging and *.every cadences;
+    null = K x E, so that a central round sees as many samples as a federated round."""
+    micro_batch: Optional[int] = None
+    """Images per forward/backward pass (gradients accumulated over a rank's slice); null = the
+    whole slice. With micro_batch = batch / W_max, 1..W_max ranks give bit-identical gradients
+    for power-of-two world sizes (same shapes, exact halving), not only equal up to rounding."""
+
+    def __post_init__(self) -> None:
+        _require(self.samples is None or self.samples >= 1, "central.samples",
+                 f"must be >= 1 or null, got {self.samples}")
+        _require(self.batch_size is None or self.batch_size >= 1, "central.batch_size",
+                 f"must be >= 1 or null, got {self.batch_size}")
+        _require(self.steps_per_round is None or self.steps_per_round >= 1, "central.steps_per_round",
+                 f"must be >= 1 or null, got {self.steps_per_round}")
+        _require(self.micro_batch is None or self.micro_batch >= 1, "central.micro_batch",
+                 f"must be >= 1 or null, got {self.micro_batch}")
+
+
+@dataclass
 class Config:
     """One federated (or centralized) diffusion training run."""
 
@@ -297,6 +359,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    central: CentralConfig = field(default_factory=CentralConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.output_dir), "output_dir", "must not be empty")
@@ -326,7 +390,7 @@ class Config:
 # Keys that do not change the trajectory of a run: a resumed run may change them freely.
 # `rounds` is among them so that a finished run can be extended.
 _DIGEST_EXEMPT = {"output_dir", "resume", "overwrite", "device", "dist_timeout_s", "threads", "rounds",
-                  "sample", "checkpoint", "logging"}
+                  "sample", "checkpoint", "logging", "eval"}
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,

@@ -128,6 +128,25 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` wrapped in DistributedDataParallel (gradients averaged over the ranks during
+    backward); the module itself when there is no process group (world size 1)."""
+    if not (is_initialized() and world_size() > 1):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [module.device.index] if getattr(module, "device", None) is not None \
+        and module.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def no_sync(module: torch.nn.Module):
+    """Context without DDP's gradient all-reduce (gradient accumulation); a no-op otherwise."""
+    import contextlib
+
+    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
+
+
 def destroy() -> None:
     if is_initialized():
         torch_dist.destroy_process_group()

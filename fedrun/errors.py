@@ -19,3 +19,7 @@ class CheckpointError(FedrunError):
 
 class DistributedError(FedrunError):
     """A collective failed or timed out: a rank hung, died or lost its connection."""
+
+
+class EvaluationError(FedrunError):
+    """Sampling or FID/KID cannot run: no model to sample from, no reference images, no weights."""

@@ -31,13 +31,15 @@ class PretrainTask:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.heldout = None  # the held-out split: the reference images of FID/KID
+        self._evaluator = None
 
     def build(self, device: torch.device) -> Built:
         from fedrun.data import build_datasets
         from fedrun.models import build_noise_scheduler, build_unet
 
         cfg = self.cfg
-        train, _heldout = build_datasets(cfg.data, cfg.seed)
+        train, self.heldout = build_datasets(cfg.data, cfg.seed)
         unet = build_unet(cfg.model, train.image_size, train.num_channels, cfg.seed).to(device)
         return Built(train, unet, build_noise_scheduler(cfg.diffusion))
 
@@ -66,6 +68,20 @@ class PretrainTask:
                                cfg.num_images, cfg.scheduler, cfg.steps, cfg.seed)
         grid = save_grid(images, Path(self.cfg.output_dir) / "samples" / f"round_{done_rounds:05d}.png")
         logger.image(done_rounds, "samples", grid, caption=f"EMA model after round {done_rounds}")
+
+    def evaluate(self, fed, done_rounds: int, logger) -> dict:
+        """FID/KID (with the floor) of eval.num_samples samples of the EMA model; grid to W&B."""
+        from fedrun.evaluate import build_evaluator, generate, save_grid, to_model_range
+
+        if self._evaluator is None:  # reference features and floors are computed once per run
+            self._evaluator = build_evaluator(self.cfg.eval, fed.dataset, self.heldout)
+        images = generate(self.sample_model(fed, fed.ema.shadow), fed.noise_scheduler, self.cfg.eval)
+        record = self._evaluator.report(to_model_range(images))
+        grid = save_grid(images[:64], Path(self.cfg.output_dir) / "samples" / f"eval_round_{done_rounds:05d}.png")
+        logger.image(done_rounds, "eval_samples", grid,
+                     caption=f"EMA model after round {done_rounds}: FID {record['fid']:.3g} "
+                             f"(floor {record['floor_fid']:.3g}, {record['eval_feature']} features)")
+        return record
 
     def export(self, fed, out_dir: Path) -> None:
         """A stock DDPMPipeline with the EMA weights."""

@@ -7,7 +7,7 @@
     Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, sum n_c, stats]; a rank
             that hangs makes it fail after dist_timeout_s with an error naming the round
     Step 4  server step on the averaged update (every rank, identically), EMA update
-    Step 5  rank 0: log, sample grid, checkpoint
+    Step 5  rank 0: log, sample grid, evaluation (FID/KID every eval.every rounds), checkpoint
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ class Federation:
     samples_seen: int = 0
     bytes_total: int = 0
     round_buffer: Optional[RoundBuffer] = None  # reused every round (no per-round allocation)
+    resumed_from: Optional[Path] = None  # the checkpoint folder this run continued from
 
 
 # ---------------------------------------------------------------- set-up
@@ -68,8 +69,16 @@ def _prepare_on_rank0(cfg: Config) -> tuple:
         return ("error", f"{type(exc).__name__}:{exc}")
 
 
-def setup(cfg: Config, task) -> Federation:
-    """Process group, run directory, data, partition, model, server: ready for round 0 (or resume)."""
+def default_task(cfg: Config):
+    from fedrun.pretrain import PretrainTask
+
+    return PretrainTask(cfg)
+
+
+def setup(cfg: Config, task=None) -> Federation:
+    """Process group, run directory, data, partition, model, server: ready for round 0 (or resume).
+    ``task`` defaults to DDPM pre-training."""
+    task = task or default_task(cfg)
     from fedrun.data import partition_indices
     from fedrun.models import FlatParameters
     from fedrun.server import EMA, build_server
@@ -95,7 +104,8 @@ def setup(cfg: Config, task) -> Federation:
     fed.loss = task.make_loss(fed)
     fed.ema = EMA(fed.global_weights, cfg.ema)
     if payload is not None:
-        restore(fed, load_checkpoint(Path(payload)))
+        fed.resumed_from = Path(payload)
+        restore(fed, load_checkpoint(fed.resumed_from))
     return fed
 
 
@@ -217,7 +227,10 @@ def _is_due(every: int, done_rounds: int, total: int) -> bool:
     return done_rounds == total or (every > 0 and done_rounds % every == 0)
 
 
-def write_checkpoint(fed: Federation, done_rounds: int, record: Optional[dict] = None) -> Path:
+def write_checkpoint(fed: Federation, done_rounds: int, record: Optional[dict] = None,
+                     extra_groups: Optional[dict] = None) -> Path:
+    """Global weights, EMA and server state (plus ``extra_groups``, e.g. an optimizer's state)
+    and the round's metrics ``record``."""
     state = {
         "config_digest": digest(fed.cfg),
         "config": digest_view(fed.cfg),
@@ -236,6 +249,7 @@ def write_checkpoint(fed: Federation, done_rounds: int, record: Optional[dict] =
         "model": fed.params.state_dict(fed.global_weights),
         "ema": fed.params.state_dict(fed.ema.shadow),
         "server": fed.server.state_dict(),
+        **(extra_groups or {}),
     }
     return save_checkpoint(Path(fed.cfg.output_dir), done_rounds, groups, state,
                            fed.cfg.checkpoint.keep_last)
@@ -261,10 +275,7 @@ def export_final(fed: Federation) -> Path:
 def run(cfg: Config, task=None) -> Path:
     """Train ``cfg.rounds`` FedAvg rounds of ``task`` (default: DDPM pre-training); returns the
     run directory."""
-    if task is None:
-        from fedrun.pretrain import PretrainTask
-
-        task = PretrainTask(cfg)
+    task = task or default_task(cfg)
     fed = setup(cfg, task)
     run_dir = Path(cfg.output_dir)
     main = fed.rank == 0
@@ -312,24 +323,38 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     done = global_round + 1
     record = {"round": done, **account(fed, result), "dropped": dropped, "model_updated": updated,
               "aggregation_s": aggregation_s, "server_s": time.perf_counter() - server_started}
-    # Step 5: log / sample / checkpoint (rank 0)
+    # Step 5: log / sample / evaluate / checkpoint (rank 0)
     if fed.rank != 0:
         return record
     if result.rejected:
         logger.write(f"round {done}: rejected the non-finite update of client(s) {result.rejected}")
     if not updated:
         logger.write(f"round {done}: no client update arrived; the global model is unchanged")
+    return write_outputs(fed, done, record, logger, started)
+
+
+def write_outputs(fed: Federation, done: int, record: dict, logger: RunLogger, started: float,
+                  extra_groups=None) -> dict:
+    """Step 5 on rank 0 (shared with the centralized baseline): sample grid, evaluation,
+    checkpoint, then the round's record to metrics.jsonl / W&B. ``extra_groups()``, when given,
+    returns more tensor groups for the checkpoint (called only when one is due)."""
+    cfg = fed.cfg
     output_started = time.perf_counter()
     if _is_due(cfg.sample.every, done, cfg.rounds):
         fed.task.write_samples(fed, done, logger)
     record["sample_s"] = time.perf_counter() - output_started
+    if cfg.eval.every > 0 and _is_due(cfg.eval.every, done, cfg.rounds) and hasattr(fed.task, "evaluate"):
+        eval_started = time.perf_counter()
+        record.update(fed.task.evaluate(fed, done, logger))
+        record["eval_s"] = time.perf_counter() - eval_started
     checkpoint_started = time.perf_counter()
     if _is_due(cfg.checkpoint.every, done, cfg.rounds):
-        write_checkpoint(fed, done, record)
+        write_checkpoint(fed, done, record, extra_groups() if extra_groups else None)
     record["checkpoint_s"] = time.perf_counter() - checkpoint_started
     record["round_time_s"] = time.perf_counter() - started
     logger.log(record)
-    logger.progress(done, loss=record["train_loss"], round_s=record["round_time_s"])
+    logger.progress(done, loss=record["train_loss"], round_s=record["round_time_s"],
+                    **({"fid": record["fid"]} if "fid" in record else {}))
     return record
 
 
