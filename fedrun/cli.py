@@ -43,8 +43,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from fedrun.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from fedrun import simulator
+    from fedrun.finetune import FinetuneTask
+
+    run_dir = simulator.run(cfg, FinetuneTask(cfg))
+    _say(f"done: {run_dir}")
+    return 0
+
+
 COMMANDS = {
     "train": ("federated DDPM pre-training (FedAvg over torchrun ranks)", _config_arguments, _cmd_train),
+    "finetune": ("federated LoRA fine-tuning of a Stable Diffusion-style model", _config_arguments,
+                 _cmd_finetune),
 }
 PLANNED = ("central", "finetune", "sample", "evaluate", "compare")
 

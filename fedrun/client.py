@@ -48,14 +48,20 @@ class ClientResult:
     samples: int  # samples processed (steps x batch)
 
 
-def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch.Generator):
-    """The DDPM objective: MSE between the added noise (or v / x0) and the U-Net's prediction."""
+def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch.Generator,
+                   encoder_hidden_states: torch.Tensor | None = None):
+    """The DDPM objective: MSE between the added noise (or v / x0) and the U-Net's prediction.
+
+    ``images`` may be VAE latents; ``encoder_hidden_states`` conditions a text-to-image U-Net."""
     batch = images.shape[0]
     noise = torch.randn(images.shape, generator=generator).to(images.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
                               generator=generator).to(images.device)
     noisy = noise_scheduler.add_noise(images, noise, timesteps)
-    prediction = unet(noisy, timesteps).sample
+    if encoder_hidden_states is None:
+        prediction = unet(noisy, timesteps).sample
+    else:
+        prediction = unet(noisy, timesteps, encoder_hidden_states).sample
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise

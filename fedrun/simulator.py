@@ -149,6 +149,9 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
         buffer.add_client(client, fed.params.flat, fed.global_weights,
                           client_weight(len(indices), cfg.server.weighting), result.mean_loss,
                           result.samples)
+        if hasattr(fed.task, "observe_client"):  # optional task hook (LoRA: the product B_c A_c)
+            fed.task.observe_client(fed, client, client_weight(len(indices), cfg.server.weighting),
+                                    global_round)
     if fed.device.type == "cuda":
         torch.cuda.synchronize(fed.device)
     buffer.set_compute_time(fed.rank, time.perf_counter() - started)
@@ -261,7 +264,8 @@ def run(cfg: Config, task=None) -> Path:
         if main:
             export_final(fed)
             logger.summary({"final_train_loss": record.get("train_loss"),
-                            "samples": fed.samples_seen, "bytes_total": fed.bytes_total})
+                            "samples": fed.samples_seen, "bytes_total": fed.bytes_total,
+                            **(task.summary(fed) if hasattr(task, "summary") else {})})
     finally:
         logger.close()
     dist.barrier()
@@ -281,11 +285,14 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     dist.all_reduce_sum(buffer.buffer)
     result = buffer.decode()
     aggregation_s = time.perf_counter() - reduce_started
+    # optional task metrics of the reduced round, before the server step (may be collective)
+    task_metrics = fed.task.round_metrics(fed, global_round, result) \
+        if hasattr(fed.task, "round_metrics") else {}
     # Step 4: server step
     server_started = time.perf_counter()
     updated = server_update(fed, result)
     done = global_round + 1
-    record = {"round": done, **account(fed, result), "aggregation_s": aggregation_s,
+    record = {"round": done, **account(fed, result), **task_metrics, "aggregation_s": aggregation_s,
               "server_s": time.perf_counter() - server_started}
     # Step 5: log / sample / checkpoint (rank 0)
     if fed.rank != 0:
