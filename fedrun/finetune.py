@@ -102,6 +102,9 @@ class FinetuneTask:
                               "data.name=image_folder and data.root=<folder>")
         if not ft.instance_prompt and not ft.prompts_file:
             raise ConfigError("config key 'finetune.instance_prompt': set it (or finetune.prompts_file)")
+        if device.type != "cuda" and ft.base_dtype != "float32":
+            raise ConfigError(f"config key 'finetune.base_dtype': '{ft.base_dtype}' needs a GPU; "
+                              "use float32 on CPU")
         dataset = build_captioned_images(cfg.data.root, cfg.data.image_size, cfg.data.grayscale,
                                          cfg.data.center_crop, ft.instance_prompt, ft.prompts_file)
         self.parts = parts = load_text_to_image(ft.pretrained, device, ft.base_dtype)

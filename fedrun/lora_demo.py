@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/lora_demo", help="working folder of the demo")
     parser.add_argument("--results", default=None, help="also write numbers and grids here")
-    parser.add_argument("--vae-steps", type=int, default=400)
+    parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--samples-per-prompt", type=int, default=64)
     parser.add_argument("--pretrain", nargs="*", default=[], metavar="key=value",
                         help="overrides of configs/lora_digits_pretrain.yaml")

@@ -84,7 +84,7 @@ def build_vae(channels: int = 1, image_size: int = 16, latent_channels: int = 4,
         in_channels=channels, out_channels=channels, sample_size=image_size,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64), layers_per_block=1, latent_channels=latent_channels,
+        block_out_channels=(16, 32), layers_per_block=1, latent_channels=latent_channels,
         norm_num_groups=8)
 
 
@@ -108,7 +108,7 @@ def build_noise_scheduler():
 
     return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                          beta_schedule="scaled_linear", prediction_type="epsilon",
-                         clip_sample=False)
+                         clip_sample=False, steps_offset=1)
 
 
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler):
@@ -137,7 +137,7 @@ def build_tiny_pipeline(out_dir: Path, words: Iterable[str] = DEFAULT_WORDS, vae
     return Path(out_dir)
 
 
-def train_vae(images: torch.Tensor, steps: int = 600, batch_size: int = 64, lr: float = 2e-3,
+def train_vae(images: torch.Tensor, steps: int = 400, batch_size: int = 32, lr: float = 2e-3,
               kl_weight: float = 1e-6, seed: int = 0, log=None):
     """Train ``build_vae`` to reconstruct ``images`` ((N, C, S, S) in [-1, 1]); sets
     ``scaling_factor`` = 1 / std(latents) so that scaled latents have unit variance, as in SD."""
@@ -157,7 +157,7 @@ def train_vae(images: torch.Tensor, steps: int = 600, batch_size: int = 64, lr: 
         optimizer.step()
         schedule.step()
         if log is not None and (step + 1) % 100 == 0:
-            log(f"vae step {step + 1}/{steps}: loss {float(loss):.4f}")
+            log(f"vae step {step + 1}/{steps}: loss {loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
         latents = vae.encode(images[:512]).latent_dist.mean
