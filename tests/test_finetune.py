@@ -340,3 +340,22 @@ def test_bad_inputs_are_clear_errors(assets, tmp_path, capsys):
     err = _cli_error(capsys, *finetune_overrides(pipeline, subject, tmp_path / "r4",
                                                  "finetune.lora_aggregation=median"))
     assert "finetune.lora_aggregation" in err
+
+
+def test_resumed_ffa_run_equals_an_uninterrupted_one(assets, tmp_path):
+    """ffa's frozen A is not in the checkpoint: it is re-derived from the seed on resume."""
+    _run(*assets, tmp_path / "resumed", "finetune.lora_aggregation=ffa", "rounds=1")
+    from fedrun import simulator
+    from fedrun.config import load_config
+    from fedrun.finetune import FinetuneTask
+
+    full = tmp_path / "full"
+    _run(*assets, full, "finetune.lora_aggregation=ffa", "rounds=2")
+    cfg = load_config(None, finetune_overrides(*assets, tmp_path / "resumed",
+                                               "finetune.lora_aggregation=ffa", "rounds=2",
+                                               "resume=auto"))
+    simulator.run(cfg, FinetuneTask(cfg))
+    one = load_file(str(full / "final" / "pytorch_lora_weights.safetensors"))
+    two = load_file(str(tmp_path / "resumed" / "final" / "pytorch_lora_weights.safetensors"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert any("lora_A" in k or "lora.down" in k for k in one)  # A is exported too
