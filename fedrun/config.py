@@ -267,6 +267,13 @@ class FinetuneConfig:
     prompts_file: Optional[str] = None
     """metadata.jsonl ({"file_name", "text"} per line) or CSV (file_name,text): one prompt per
     image; relative paths are tried in the working directory, then in data.root."""
+    class_prompt: Optional[str] = None
+    """DreamBooth prior preservation: the prompt of the class images ('a photo of a dog')."""
+    class_data_dir: Optional[str] = None
+    """Folder of class images (e.g. sampled from the base model for class_prompt); every client
+    draws as many of them per step as it has subject images in its batch."""
+    prior_loss_weight: float = 1.0
+    """Weight of the class images' loss (DreamBooth's prior-preservation loss)."""
     prompt_dropout: float = 0.0
     """Probability of training on the empty prompt instead (for classifier-free guidance)."""
     validation_prompts: List[str] = field(default_factory=list)
@@ -289,6 +296,10 @@ class FinetuneConfig:
                  f"must be 'fedavg' or 'ffa', got '{self.lora_aggregation}'")
         _require(self.aggregation_error_every >= 0, "finetune.aggregation_error_every",
                  f"must be >= 0, got {self.aggregation_error_every}")
+        _require(bool(self.class_prompt) == bool(self.class_data_dir), "finetune.class_data_dir",
+                 "finetune.class_prompt and finetune.class_data_dir go together (both or neither)")
+        _require(self.prior_loss_weight >= 0, "finetune.prior_loss_weight",
+                 f"must be >= 0, got {self.prior_loss_weight}")
         _require(0.0 <= self.prompt_dropout < 1.0, "finetune.prompt_dropout",
                  f"must be in [0, 1), got {self.prompt_dropout}")
         _require(self.guidance_scale >= 0, "finetune.guidance_scale",

@@ -129,8 +129,15 @@ class FinetuneTask:
             unet.requires_grad_(True)
         # Index 0 is the empty prompt (classifier-free guidance's unconditional embedding).
         self.prompts = ["", *dataset.prompts]
-        self.text_embeddings = encode_prompts(parts.tokenizer, parts.text_encoder, self.prompts, device)
         self.latents = LatentCache(parts.vae, dataset, device)
+        self.class_latents = None
+        if ft.class_prompt:  # DreamBooth prior preservation
+            class_images = build_captioned_images(ft.class_data_dir, cfg.data.image_size,
+                                                  cfg.data.grayscale, cfg.data.center_crop,
+                                                  ft.class_prompt, None)
+            self.class_latents = LatentCache(parts.vae, class_images, device)
+            self.prompts.append(ft.class_prompt)
+        self.text_embeddings = encode_prompts(parts.tokenizer, parts.text_encoder, self.prompts, device)
         return Built(dataset, unet, parts.noise_scheduler)
 
     def make_loss(self, fed):
@@ -141,11 +148,10 @@ class FinetuneTask:
         dtype = self.parts.unet.dtype
         low_precision = fed.device.type == "cuda" and self.ft.base_dtype != "float32"
 
-        def loss(indices, generator):
-            mean, std = self.latents.get(indices)
+        def latent_loss(cache, indices, ids, generator):
+            mean, std = cache.get(indices)
             noise = torch.randn(mean.shape, generator=generator).to(fed.device)
             latents = (mean + std * noise) * scale
-            ids = prompt_ids[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
             if self.ft.prompt_dropout > 0:
                 dropped = torch.rand(len(ids), generator=generator) < self.ft.prompt_dropout
                 ids = torch.where(dropped, torch.zeros_like(ids), ids)
@@ -153,6 +159,16 @@ class FinetuneTask:
             with torch.autocast(fed.device.type, dtype=dtype, enabled=low_precision):
                 return diffusion_loss(fed.model, fed.noise_scheduler, latents, generator,
                                       encoder_hidden_states=context)
+
+        def loss(indices, generator):
+            ids = prompt_ids[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+            value = latent_loss(self.latents, indices, ids, generator)
+            if self.class_latents is not None:  # as many class images as subject images
+                drawn = torch.randint(len(self.class_latents.images), (len(ids),), generator=generator)
+                class_ids = torch.full_like(ids, len(self.prompts) - 1)
+                value = value + self.ft.prior_loss_weight * latent_loss(
+                    self.class_latents, drawn.numpy(), class_ids, generator)
+            return value
         return loss
 
     def describe(self, fed) -> str:

@@ -359,3 +359,17 @@ def test_resumed_ffa_run_equals_an_uninterrupted_one(assets, tmp_path):
     two = load_file(str(tmp_path / "resumed" / "final" / "pytorch_lora_weights.safetensors"))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert any("lora_A" in k or "lora.down" in k for k in one)  # A is exported too
+
+
+def test_prior_preservation_with_class_images(assets, tmp_path, capsys):
+    pipeline, subject = assets
+    err = _cli_error(capsys, *finetune_overrides(pipeline, subject, tmp_path / "r0",
+                                                 "finetune.class_prompt=a photo of the digit"))
+    assert "finetune.class_data_dir" in err
+    run_dir, task = _run(pipeline, subject, tmp_path / "run", "rounds=1",
+                         "finetune.class_prompt=a photo of the digit nine",
+                         f"finetune.class_data_dir={subject}", "finetune.aggregation_error_every=0")
+    assert task.prompts == ["", INSTANCE, "a photo of the digit nine"]
+    assert task.class_latents.encoded == 1  # the class images were encoded and used
+    record = _metrics(run_dir)[0]
+    assert "lora_aggregation_error" not in record and record["train_loss"] > 0
