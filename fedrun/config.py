@@ -272,6 +272,9 @@ class FinetuneConfig:
     class_data_dir: Optional[str] = None
     """Folder of class images (e.g. sampled from the base model for class_prompt); every client
     draws as many of them per step as it has subject images in its batch."""
+    class_prompts_file: Optional[str] = None
+    """Per-image prompts of the class images (metadata.jsonl or CSV, like prompts_file): prior
+    preservation over several prompts; class_prompt then covers the images it does not list."""
     prior_loss_weight: float = 1.0
     """Weight of the class images' loss (DreamBooth's prior-preservation loss)."""
     prompt_dropout: float = 0.0
@@ -296,8 +299,9 @@ class FinetuneConfig:
                  f"must be 'fedavg' or 'ffa', got '{self.lora_aggregation}'")
         _require(self.aggregation_error_every >= 0, "finetune.aggregation_error_every",
                  f"must be >= 0, got {self.aggregation_error_every}")
-        _require(bool(self.class_prompt) == bool(self.class_data_dir), "finetune.class_data_dir",
-                 "finetune.class_prompt and finetune.class_data_dir go together (both or neither)")
+        _require(bool(self.class_prompt or self.class_prompts_file) == bool(self.class_data_dir),
+                 "finetune.class_data_dir", "goes with finetune.class_prompt or "
+                 "finetune.class_prompts_file (both or neither)")
         _require(self.prior_loss_weight >= 0, "finetune.prior_loss_weight",
                  f"must be >= 0, got {self.prior_loss_weight}")
         _require(0.0 <= self.prompt_dropout < 1.0, "finetune.prompt_dropout",

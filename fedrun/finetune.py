@@ -131,12 +131,14 @@ class FinetuneTask:
         self.prompts = ["", *dataset.prompts]
         self.latents = LatentCache(parts.vae, dataset, device)
         self.class_latents = None
-        if ft.class_prompt:  # DreamBooth prior preservation
+        if ft.class_data_dir:  # DreamBooth prior preservation
             class_images = build_captioned_images(ft.class_data_dir, cfg.data.image_size,
                                                   cfg.data.grayscale, cfg.data.center_crop,
-                                                  ft.class_prompt, None)
+                                                  ft.class_prompt, ft.class_prompts_file)
             self.class_latents = LatentCache(parts.vae, class_images, device)
-            self.prompts.append(ft.class_prompt)
+            self.prompts += [p for p in class_images.prompts if p not in self.prompts]
+            self.class_prompt_ids = torch.as_tensor(
+                [self.prompts.index(class_images.prompts[i]) for i in class_images.prompt_ids])
         self.text_embeddings = encode_prompts(parts.tokenizer, parts.text_encoder, self.prompts, device)
         return Built(dataset, unet, parts.noise_scheduler)
 
@@ -165,9 +167,8 @@ class FinetuneTask:
             value = latent_loss(self.latents, indices, ids, generator)
             if self.class_latents is not None:  # as many class images as subject images
                 drawn = torch.randint(len(self.class_latents.images), (len(ids),), generator=generator)
-                class_ids = torch.full_like(ids, len(self.prompts) - 1)
                 value = value + self.ft.prior_loss_weight * latent_loss(
-                    self.class_latents, drawn.numpy(), class_ids, generator)
+                    self.class_latents, drawn.numpy(), self.class_prompt_ids[drawn], generator)
             return value
         return loss
 

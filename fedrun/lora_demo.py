@@ -117,38 +117,68 @@ def measure(pipe, num_per_prompt: int, steps: int, guidance: float, seed: int) -
     return rates, images, predicted
 
 
-def evaluate(base_dir: Path, lora_dir: Path, results: Path, num_per_prompt: int, steps: int,
-             guidance: float, seed: int = 4321) -> dict:
-    """Before/after nine-rate and prior preservation, through stock diffusers loading."""
-    from diffusers import StableDiffusionPipeline
+def write_prior_images(base_dir: Path, root: Path, per_digit: int, steps: int, guidance: float,
+                       seed: int = 777) -> Path:
+    """DreamBooth's class images: samples of the base model for "a photo of the digit k"
+    (k = 0..8), with a metadata.jsonl, for prior preservation."""
+    from PIL import Image
 
-    from fedrun.finetune import save_rows_grid
+    from fedrun.lora import generate
+
+    pipe = _load_pipeline(base_dir)
+    prompts = [digit_prompt(k) for k in range(SUBJECT_DIGIT)]
+    images = generate(pipe, prompts, per_digit, steps, guidance, seed)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, image in enumerate(images):
+        name = f"prior_{i:04d}.png"
+        Image.fromarray((image[..., 0] * 255).round().astype(np.uint8), mode="L").save(root / name)
+        lines.append(json.dumps({"file_name": name, "text": prompts[i // per_digit]}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def _load_pipeline(base_dir: Path):
+    from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(base_dir), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    before, images_before, predicted_before = measure(pipe, num_per_prompt, steps, guidance, seed)
-    pipe.load_lora_weights(str(lora_dir))
-    after, images_after, predicted_after = measure(pipe, num_per_prompt, steps, guidance, seed)
+    return pipe
+
+
+def _summary(rates: dict, predicted: np.ndarray) -> dict:
+    return {
+        "nine_rate": rates[INSTANCE_PROMPT],
+        "prior_preservation": float(np.mean([rates[digit_prompt(k)] for k in range(SUBJECT_DIGIT)])),
+        "other_prompts_classified_nine": float((predicted[1:] == SUBJECT_DIGIT).mean()),
+        "per_prompt": rates,
+        "instance_prompt_predictions": np.bincount(predicted[0], minlength=10).tolist(),
+    }
+
+
+def evaluate(base_dir: Path, lora_dirs: dict, results: Path, num_per_prompt: int, steps: int,
+             guidance: float, seed: int = 4321) -> dict:
+    """Nine-rate and prior preservation of the base pipeline and of each LoRA, loaded onto it
+    with stock ``load_lora_weights``; one grid per model (rows: instance prompt, digits 0-8)."""
+    from fedrun.finetune import save_rows_grid
+
+    pipe = _load_pipeline(base_dir)
     results.mkdir(parents=True, exist_ok=True)
     show = min(num_per_prompt, 16)
-    rows = lambda images: images.reshape(10, num_per_prompt, *images.shape[1:])[:, :show].reshape(-1, *images.shape[1:])
-    save_rows_grid(rows(images_before), show, results / "before.png")
-    save_rows_grid(rows(images_after), show, results / "after.png")
-    prior_before = float(np.mean([before[digit_prompt(k)] for k in range(SUBJECT_DIGIT)]))
-    prior_after = float(np.mean([after[digit_prompt(k)] for k in range(SUBJECT_DIGIT)]))
-    nine_share = lambda predicted: float((predicted[1:] == SUBJECT_DIGIT).mean())
-    return {
-        "samples_per_prompt": num_per_prompt, "ddim_steps": steps, "guidance_scale": guidance,
-        "instance_prompt": INSTANCE_PROMPT,
-        "nine_rate_before": before[INSTANCE_PROMPT], "nine_rate_after": after[INSTANCE_PROMPT],
-        "prior_preservation_before": prior_before, "prior_preservation_after": prior_after,
-        "other_prompts_classified_nine_before": nine_share(predicted_before),
-        "other_prompts_classified_nine_after": nine_share(predicted_after),
-        "per_prompt_before": before, "per_prompt_after": after,
-        "instance_prompt_predictions_before": np.bincount(predicted_before[0], minlength=10).tolist(),
-        "instance_prompt_predictions_after": np.bincount(predicted_after[0], minlength=10).tolist(),
-    }
+    report = {"samples_per_prompt": num_per_prompt, "ddim_steps": steps,
+              "guidance_scale": guidance, "instance_prompt": INSTANCE_PROMPT,
+              "grid_rows": [INSTANCE_PROMPT] + [digit_prompt(k) for k in range(SUBJECT_DIGIT)]}
+    for name, lora_dir in [("before", None), *lora_dirs.items()]:
+        if lora_dir is not None:
+            pipe.load_lora_weights(str(lora_dir))
+        rates, images, predicted = measure(pipe, num_per_prompt, steps, guidance, seed)
+        if lora_dir is not None:
+            pipe.unload_lora_weights()
+        report[name] = _summary(rates, predicted)
+        grid = images.reshape(10, num_per_prompt, *images.shape[1:])[:, :show]
+        save_rows_grid(grid.reshape(-1, *images.shape[1:]), show, results / f"{name}.png")
+    return report
 
 
 def main(argv=None) -> int:
@@ -161,6 +191,8 @@ def main(argv=None) -> int:
                         help="overrides of configs/lora_digits_pretrain.yaml")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="key=value",
                         help="overrides of configs/lora_digits_nine.yaml")
+    parser.add_argument("--prior-images", type=int, default=16,
+                        help="class images per digit 0-8 for the prior-preservation variant (0: skip it)")
     parser.add_argument("--skip-pretrain", action="store_true",
                         help="reuse OUT/pretrain/final from an earlier run")
     args = parser.parse_args(argv)
@@ -180,18 +212,31 @@ def main(argv=None) -> int:
             f"finetune.pretrained={out / 'base_init'}", f"data.root={prior}",
             f"output_dir={out / 'pretrain'}", "overwrite=true", *args.pretrain])
         timings["pretrain_s"] = time.perf_counter() - t
+    from fedrun.config import load_config
+
+    cfg = load_config(str(REPO / "configs" / "lora_digits_nine.yaml"), args.finetune)
     t = time.perf_counter()
-    _say("federated LoRA fine-tuning on 16 nines, 4 clients x 4")
+    _say("federated LoRA fine-tuning on 16 nines, 4 clients x 4 (the paper's recipe)")
     run_finetune("lora_digits_nine.yaml", [
         f"finetune.pretrained={pretrained}", f"data.root={subject}",
         f"output_dir={out / 'lora'}", "overwrite=true", *args.finetune])
     timings["finetune_s"] = time.perf_counter() - t
+    lora_dirs = {"after": out / "lora" / "final"}
+    if args.prior_images > 0:
+        t = time.perf_counter()
+        _say("the same with DreamBooth prior preservation (class images from the base model)")
+        prior_root = write_prior_images(pretrained, out / "data" / "prior", args.prior_images,
+                                        cfg.sample.steps, cfg.finetune.guidance_scale)
+        run_finetune("lora_digits_nine.yaml", [
+            f"finetune.pretrained={pretrained}", f"data.root={subject}",
+            f"output_dir={out / 'lora_prior'}", "overwrite=true",
+            f"finetune.class_data_dir={prior_root}", "finetune.class_prompts_file=metadata.jsonl",
+            *args.finetune])
+        timings["finetune_prior_s"] = time.perf_counter() - t
+        lora_dirs["after_prior_preservation"] = out / "lora_prior" / "final"
     t = time.perf_counter()
-    from fedrun.config import load_config
-
-    cfg = load_config(str(REPO / "configs" / "lora_digits_nine.yaml"), args.finetune)
     results_dir = Path(args.results) if args.results else out / "results"
-    report = evaluate(pretrained, out / "lora" / "final", results_dir, args.samples_per_prompt,
+    report = evaluate(pretrained, lora_dirs, results_dir, args.samples_per_prompt,
                       cfg.sample.steps, cfg.finetune.guidance_scale)
     timings["evaluate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - started
@@ -203,7 +248,8 @@ def main(argv=None) -> int:
     report["lora_aggregation_error_last_round"] = last.get("lora_aggregation_error")
     report["timings_s"] = timings
     (results_dir / "lora_digits.json").write_text(json.dumps(report, indent=2) + "\n")
-    _say(json.dumps({k: v for k, v in report.items() if not k.startswith("per_prompt")}, indent=1))
+    _say(json.dumps({k: (v if not isinstance(v, dict) else {m: w for m, w in v.items() if m != "per_prompt"})
+                     for k, v in report.items()}, indent=1))
     return 0
 
 

@@ -362,14 +362,27 @@ def test_resumed_ffa_run_equals_an_uninterrupted_one(assets, tmp_path):
 
 
 def test_prior_preservation_with_class_images(assets, tmp_path, capsys):
+    import shutil
+
     pipeline, subject = assets
     err = _cli_error(capsys, *finetune_overrides(pipeline, subject, tmp_path / "r0",
                                                  "finetune.class_prompt=a photo of the digit"))
     assert "finetune.class_data_dir" in err
+    # class images with their own prompts (metadata.jsonl); class_prompt covers the rest
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    files = sorted(p.name for p in subject.iterdir())
+    for name in files[:3]:
+        shutil.copy(subject / name, class_dir / name)
+    (class_dir / "metadata.jsonl").write_text(
+        json.dumps({"file_name": files[0], "text": "a photo of the digit three"}) + "\n")
     run_dir, task = _run(pipeline, subject, tmp_path / "run", "rounds=1",
                          "finetune.class_prompt=a photo of the digit nine",
-                         f"finetune.class_data_dir={subject}", "finetune.aggregation_error_every=0")
-    assert task.prompts == ["", INSTANCE, "a photo of the digit nine"]
+                         f"finetune.class_data_dir={class_dir}",
+                         "finetune.class_prompts_file=metadata.jsonl",
+                         "finetune.aggregation_error_every=0")
+    assert task.prompts == ["", INSTANCE, "a photo of the digit nine", "a photo of the digit three"]
+    assert task.class_prompt_ids.tolist() == [3, 2, 2]
     assert task.class_latents.encoded == 1  # the class images were encoded and used
     record = _metrics(run_dir)[0]
     assert "lora_aggregation_error" not in record and record["train_loss"] > 0
