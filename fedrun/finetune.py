@@ -178,7 +178,9 @@ class FinetuneTask:
                 f"({ft.lora_aggregation}): {fed.params.numel:,} of "
                 f"{self.lora_parameters + self.unet_parameters:,} U-Net parameters travel"
                 if ft.mode == "lora" else f"full U-Net ({self.unet_parameters:,} parameters)")
-        return f"{fed.dataset.describe()}, base '{ft.pretrained}', {what}"
+        prior = (f", prior preservation on {len(self.class_latents.images)} class images "
+                 f"(weight {ft.prior_loss_weight})" if self.class_latents is not None else "")
+        return f"{fed.dataset.describe()}{prior}, base '{ft.pretrained}', {what}"
 
     # ------------------------------------------------------------ per-round hooks
     def _error_due(self, global_round: int) -> bool:

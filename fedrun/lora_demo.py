@@ -15,7 +15,9 @@ images. Here, at the scale of one CPU core:
    conditioned, 10% empty prompts for classifier-free guidance) on digits 0-8, 4 clients
    (configs/lora_digits_pretrain.yaml). Its final/ is a whole pipeline: the "pre-trained SD".
 4. federated LoRA fine-tuning: ``fedrun finetune`` on the 16 nines with the new instance prompt
-   "a photo of sks digit", 4 clients x 4 images (configs/lora_digits_nine.yaml).
+   "a photo of sks digit", 4 clients x 4 images (configs/lora_digits_nine.yaml: the paper's
+   recipe), and the same with DreamBooth prior preservation on 16 samples of the base model per
+   digit prompt 0-8 (configs/lora_digits_nine_prior.yaml).
 5. measurement with the shipped digits classifier: the share of samples for the instance prompt
    classified as nine with the base pipeline and with the LoRA loaded by stock
    ``pipe.load_lora_weights(final)``, and prior preservation: for each prompt "a photo of the
@@ -227,11 +229,10 @@ def main(argv=None) -> int:
         _say("the same with DreamBooth prior preservation (class images from the base model)")
         prior_root = write_prior_images(pretrained, out / "data" / "prior", args.prior_images,
                                         cfg.sample.steps, cfg.finetune.guidance_scale)
-        run_finetune("lora_digits_nine.yaml", [
+        run_finetune("lora_digits_nine_prior.yaml", [
             f"finetune.pretrained={pretrained}", f"data.root={subject}",
             f"output_dir={out / 'lora_prior'}", "overwrite=true",
-            f"finetune.class_data_dir={prior_root}", "finetune.class_prompts_file=metadata.jsonl",
-            *args.finetune])
+            f"finetune.class_data_dir={prior_root}", *args.finetune])
         timings["finetune_prior_s"] = time.perf_counter() - t
         lora_dirs["after_prior_preservation"] = out / "lora_prior" / "final"
     t = time.perf_counter()
