@@ -291,25 +291,26 @@ def test_saved_lora_loads_with_stock_load_lora_weights_and_changes_the_output(as
         assert torch.equal(match[0].detach().float(), tensor)
 
 
-def test_one_and_two_processes_give_the_same_lora(assets, fedavg_run, tmp_path):
-    run_dir, _ = fedavg_run
-    proc = run_cli(["finetune", *finetune_overrides(*assets, tmp_path / "ws2")], torchrun_nproc=2)
+def test_one_and_two_processes_give_the_same_lora(assets, tmp_path):
+    # Two clients: world size 1 sums 0 + c0 + c1, world size 2 all-reduces c0 + c1: the same
+    # floats, so the LoRA weights must be bit-identical. (With more clients per rank the sums
+    # differ in order, ~1e-9 after a round, which Adam's normalised steps then amplify.)
+    shape = ("num_clients=2", "rounds=2")
+    one_dir, _ = _run(*assets, tmp_path / "ws1", *shape)
+    proc = run_cli(["finetune", *finetune_overrides(*assets, tmp_path / "ws2", *shape)],
+                   torchrun_nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # Round 1: the two sums differ only in summation order (c0+c1+c2+c3 vs (c0+c1)+(c2+c3)).
-    first_one, first_two = _checkpoint(run_dir, 1), _checkpoint(tmp_path / "ws2", 1)
-    assert max(float((first_one[k] - first_two[k]).abs().max()) for k in first_one) <= 1e-7
-    # Round 2 starts from globals that differ by ~1e-9; Adam normalises the tiny gradients of A
-    # (B was ~0 a round ago), which amplifies that to ~1e-5 on weights of ~0.3.
-    one = load_file(str(run_dir / "final" / "pytorch_lora_weights.safetensors"))
+    assert "rank 0/2" in proc.stderr
+    one = load_file(str(one_dir / "final" / "pytorch_lora_weights.safetensors"))
     two = load_file(str(tmp_path / "ws2" / "final" / "pytorch_lora_weights.safetensors"))
     assert one.keys() == two.keys()
-    diff = max(float((one[k] - two[k]).abs().max()) for k in one)
-    print(f"world size 1 vs 2: max abs LoRA difference {diff:.3g}")
-    assert diff <= 1e-4
-    ws1, ws2 = _metrics(run_dir), _metrics(tmp_path / "ws2")
-    assert [r["lora_aggregation_error"] for r in ws2] == \
-        pytest.approx([r["lora_aggregation_error"] for r in ws1], rel=1e-2)
-    assert [r["clients"] for r in ws2] == [r["clients"] for r in ws1]
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert max(float(t.abs().max()) for k, t in one.items() if "lora_B" in k or "lora.up" in k) > 0
+    ws1, ws2 = _metrics(one_dir), _metrics(tmp_path / "ws2")
+    for mine, ref in zip(ws2, ws1):
+        assert mine["clients"] == ref["clients"]
+        assert mine["lora_aggregation_error"] == ref["lora_aggregation_error"]
+        assert mine["train_loss"] == ref["train_loss"]
 
 
 def _cli_error(capsys, *args):
