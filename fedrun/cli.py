@@ -33,31 +33,35 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config and exit")
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _config_run(args: argparse.Namespace, run) -> int:
+    """Load the config of a config-driven verb; print it (--print-config) or ``run(cfg)`` it."""
     from fedrun.config import load_config, to_yaml
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    _say(f"done: {run(cfg)}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from fedrun import simulator
 
-    run_dir = simulator.run(cfg)
-    _say(f"done: {run_dir}")
-    return 0
+    return _config_run(args, simulator.run)
 
 
 def _cmd_central(args: argparse.Namespace) -> int:
-    from fedrun.config import load_config, to_yaml
-
-    cfg = load_config(args.config, args.overrides)
-    if args.print_config:
-        print(to_yaml(cfg), end="")
-        return 0
     from fedrun.centralized import run_central
 
-    _say(f"done: {run_central(cfg)}")
-    return 0
+    return _config_run(args, run_central)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from fedrun import simulator
+    from fedrun.finetune import FinetuneTask
+
+    return _config_run(args, lambda cfg: simulator.run(cfg, FinetuneTask(cfg)))
 
 
 # Short keys of `sample` / `evaluate` (any dotted config key is accepted too).
@@ -140,6 +144,8 @@ COMMANDS = {
     "evaluate": ("FID/KID of a run's samples, with the real-vs-real floor", _run_arguments, _cmd_evaluate),
     "compare": ("run or collect a grid of runs and write the comparison report", _compare_arguments,
                 _cmd_compare),
+    "finetune": ("federated LoRA fine-tuning of a Stable Diffusion-style model", _config_arguments,
+                 _cmd_finetune),
 }
 PLANNED = ("central", "finetune", "sample", "evaluate", "compare")
 

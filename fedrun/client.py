@@ -49,11 +49,13 @@ class ClientResult:
 
 
 def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch.Generator | None,
-                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None):
+                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+                   encoder_hidden_states: torch.Tensor | None = None):
     """The DDPM objective: MSE between the added noise (or v / x0) and the U-Net's prediction.
 
     Noise and timesteps are drawn from ``generator`` unless given (the centralized baseline
-    draws them for the global batch and passes each rank its slice)."""
+    draws them for the global batch and passes each rank its slice). ``images`` may be VAE
+    latents; ``encoder_hidden_states`` conditions a text-to-image U-Net."""
     batch = images.shape[0]
     if noise is None:
         noise = torch.randn(images.shape, generator=generator)
@@ -62,7 +64,10 @@ def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch
                                   generator=generator)
     noise, timesteps = noise.to(images.device), timesteps.to(images.device)
     noisy = noise_scheduler.add_noise(images, noise, timesteps)
-    prediction = unet(noisy, timesteps).sample
+    if encoder_hidden_states is None:
+        prediction = unet(noisy, timesteps).sample
+    else:
+        prediction = unet(noisy, timesteps, encoder_hidden_states).sample
     kind = noise_scheduler.config.prediction_type
     if kind == "epsilon":
         target = noise

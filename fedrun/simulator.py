@@ -168,9 +168,11 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
                               cfg.optim, fed.device)
         if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
             fed.params.flat[0] = float("nan")
-        buffer.add_client(client, fed.params.flat, fed.global_weights,
-                          client_weight(len(indices), cfg.server.weighting), result.mean_loss,
-                          result.samples)
+        weight = client_weight(len(indices), cfg.server.weighting)
+        accepted = buffer.add_client(client, fed.params.flat, fed.global_weights, weight,
+                                     result.mean_loss, result.samples)
+        if accepted and hasattr(fed.task, "observe_client"):  # task hook (LoRA: B_c A_c)
+            fed.task.observe_client(fed, client, weight, global_round)
     if fed.device.type == "cuda":
         torch.cuda.synchronize(fed.device)
     buffer.set_compute_time(fed.rank, time.perf_counter() - started)
@@ -298,7 +300,8 @@ def run(cfg: Config, task=None) -> Path:
         if main:
             export_final(fed)
             logger.summary({"final_train_loss": record.get("train_loss"),
-                            "samples": fed.samples_seen, "bytes_total": fed.bytes_total})
+                            "samples": fed.samples_seen, "bytes_total": fed.bytes_total,
+                            **(task.summary(fed) if hasattr(task, "summary") else {})})
     finally:
         logger.close()
     dist.barrier()
@@ -317,12 +320,16 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     reduce_started = time.perf_counter()
     result = reduce_round(buffer, global_round)
     aggregation_s = time.perf_counter() - reduce_started
+    # optional task metrics of the reduced round, before the server step (may be collective)
+    task_metrics = fed.task.round_metrics(fed, global_round, result) \
+        if hasattr(fed.task, "round_metrics") else {}
     # Step 4: server step
     server_started = time.perf_counter()
     updated = server_update(fed, result)
     done = global_round + 1
-    record = {"round": done, **account(fed, result), "dropped": dropped, "model_updated": updated,
-              "aggregation_s": aggregation_s, "server_s": time.perf_counter() - server_started}
+    record = {"round": done, **account(fed, result), **task_metrics, "dropped": dropped,
+              "model_updated": updated, "aggregation_s": aggregation_s,
+              "server_s": time.perf_counter() - server_started}
     # Step 5: log / sample / evaluate / checkpoint (rank 0)
     if fed.rank != 0:
         return record
