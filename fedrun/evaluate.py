@@ -60,12 +60,14 @@ def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 2, scal
     return grid
 
 
-def save_grid(images: np.ndarray, path: Path, min_side: int = 256) -> np.ndarray:
-    """Write a PNG grid of ``images``; small images are upscaled (nearest) so the PNG is legible."""
+def save_grid(images: np.ndarray, path: Path, min_side: int = 256,
+              columns: int | None = None) -> np.ndarray:
+    """Write a PNG grid of ``images`` (square by default, or ``columns`` wide, e.g. one row per
+    prompt); small images are upscaled (nearest) so the PNG is legible."""
     from PIL import Image
 
     side = images.shape[1]
-    columns = int(math.ceil(math.sqrt(len(images))))
+    columns = columns or int(math.ceil(math.sqrt(len(images))))
     scale = max(1, min_side // (side * columns))
     grid = make_grid(images, columns=columns, scale=scale)
     path = Path(path)

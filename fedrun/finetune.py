@@ -285,15 +285,6 @@ class FinetuneTask:
 
 def save_rows_grid(images: np.ndarray, per_row: int, path: Path, min_side: int = 256) -> np.ndarray:
     """A PNG grid with one row per prompt (``per_row`` images each)."""
-    from PIL import Image
+    from fedrun.evaluate import save_grid
 
-    from fedrun.evaluate import make_grid
-
-    scale = max(1, min_side // (images.shape[1] * per_row))
-    grid = make_grid(images, columns=per_row, scale=scale)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
-    return grid
+    return save_grid(images, path, min_side=min_side, columns=per_row)
