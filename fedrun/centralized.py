@@ -33,10 +33,10 @@ import torch
 
 from fedrun import dist
 from fedrun.client import batch_indices, diffusion_loss, num_local_steps
-from fedrun.config import Config, to_dict, to_yaml
+from fedrun.config import Config
 from fedrun.errors import CheckpointError, ConfigError
-from fedrun.logging import RunLogger, truncate_metrics
-from fedrun.simulator import (BYTES_PER_FLOAT, Federation, default_task, export_final, setup,
+from fedrun.logging import RunLogger
+from fedrun.simulator import (BYTES_PER_FLOAT, Federation, default_task, drive, open_run, setup,
                               write_outputs)
 
 _STREAM = 0xCE47  # keeps the central batch stream apart from the clients' (seed, client, round)
@@ -159,32 +159,13 @@ def run_central(cfg: Config, task=None) -> Path:
     trainer = CentralTrainer(fed, schedule)
     if fed.resumed_from is not None:
         _restore_optimizer(trainer, fed)
-    run_dir = Path(cfg.output_dir)
-    main = fed.rank == 0
-    if main:
-        from fedrun.checkpoint import atomic_write_text
-
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        truncate_metrics(run_dir, fed.start_round, fed.resumed_record)
-    logger = RunLogger(run_dir, cfg.logging, to_dict(cfg), cfg.rounds, fed.start_round, enabled=main,
-                       job_type="central")
-    logger.write(f"fedrun central: {dist.describe(fed.device)}, {task.describe(fed)} (the union of "
-                 f"{cfg.num_clients} clients' data), global batch {trainer.batch} "
-                 f"({trainer.batch // fed.world_size} per rank), {schedule['total_steps']} steps in "
-                 f"{cfg.rounds} rounds of {schedule['steps_per_round']}, "
-                 f"{fed.params.numel:,} parameters")
-    try:
-        record = {}
-        for global_round in range(fed.start_round, cfg.rounds):
-            record = run_central_round(fed, trainer, schedule, global_round, logger)
-        if main:
-            export_final(fed)
-            logger.summary({"final_train_loss": record.get("train_loss"),
-                            "samples": fed.samples_seen, "bytes_total": fed.bytes_total})
-    finally:
-        logger.close()
-    dist.barrier()
-    return run_dir
+    logger = open_run(fed, "central",
+                      f"{task.describe(fed)} (the union of {cfg.num_clients} clients' data), global "
+                      f"batch {trainer.batch} ({trainer.batch // fed.world_size} per rank), "
+                      f"{schedule['total_steps']} steps in {cfg.rounds} rounds of "
+                      f"{schedule['steps_per_round']}, {fed.params.numel:,} parameters")
+    return drive(fed, logger, lambda global_round: run_central_round(fed, trainer, schedule,
+                                                                     global_round, logger))
 
 
 def _schedule_without_data(cfg: Config) -> dict:

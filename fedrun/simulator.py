@@ -279,38 +279,51 @@ def run(cfg: Config, task=None) -> Path:
     run directory."""
     task = task or default_task(cfg)
     fed = setup(cfg, task)
-    run_dir = Path(cfg.output_dir)
-    main = fed.rank == 0
-    if main:
-        from fedrun.checkpoint import atomic_write_text
+    logger = open_run(fed, task.name, f"{task.describe(fed)}, {cfg.num_clients} clients "
+                                      f"({cfg.cohort_size} per round), "
+                                      f"{fed.params.numel:,} federated parameters")
+    if fed.rank == 0:
+        _write_partition(fed, Path(cfg.output_dir))
+    return drive(fed, logger, lambda global_round: run_round(fed, global_round, logger))
 
+
+def open_run(fed: Federation, job_type: str, description: str) -> RunLogger:
+    """Rank 0 writes config.yaml and trims metrics.jsonl to the resumed round; the logger (a
+    no-op on other ranks) opens and says what runs."""
+    from fedrun.checkpoint import atomic_write_text
+
+    cfg, run_dir, main = fed.cfg, Path(fed.cfg.output_dir), fed.rank == 0
+    if main:
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         truncate_metrics(run_dir, fed.start_round, fed.resumed_record)
-        _write_partition(fed, run_dir)
     logger = RunLogger(run_dir, cfg.logging, to_dict(cfg), cfg.rounds, fed.start_round, enabled=main,
-                       job_type=task.name)
-    logger.write(f"fedrun {task.name}: {dist.describe(fed.device)}, {task.describe(fed)}, "
-                 f"{cfg.num_clients} clients ({cfg.cohort_size} per round), "
-                 f"{fed.params.numel:,} federated parameters"
+                       job_type=job_type)
+    logger.write(f"fedrun {job_type}: {dist.describe(fed.device)}, {description}"
                  + (f", resuming after round {fed.start_round}" if fed.start_round else ""))
+    return logger
+
+
+def drive(fed: Federation, logger: RunLogger, one_round) -> Path:
+    """Run the remaining rounds (``one_round(global_round)`` returns the round's record), then
+    rank 0 exports final/ and writes the run summary. Shared with the centralized baseline."""
     try:
         record = {}
-        for global_round in range(fed.start_round, cfg.rounds):
-            record = run_round(fed, global_round, logger)
-        if main:
+        for global_round in range(fed.start_round, fed.cfg.rounds):
+            record = one_round(global_round)
+        if fed.rank == 0:
             export_final(fed)
+            task_summary = getattr(fed.task, "summary", None)
             logger.summary({"final_train_loss": record.get("train_loss"),
                             "samples": fed.samples_seen, "bytes_total": fed.bytes_total,
-                            **(task.summary(fed) if hasattr(task, "summary") else {})})
+                            **(task_summary(fed) if task_summary else {})})
     finally:
         logger.close()
     dist.barrier()
-    return run_dir
+    return Path(fed.cfg.output_dir)
 
 
 def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     """One round; returns its metrics record (complete on rank 0)."""
-    cfg = fed.cfg
     started = time.perf_counter()
     # Step 1: cohort, minus the clients that dropped out
     cohort, dropped, mine = select_clients(fed, global_round)

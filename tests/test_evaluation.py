@@ -3,7 +3,6 @@ baseline (world size 1 vs 2 under torchrun), sampling shared by ranks, a tiny `c
 bad inputs."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny
+from conftest import run_cli
 from fedrun import simulator
 from fedrun.config import load_config
 from fedrun.errors import CheckpointError, ConfigError, DataError
