@@ -309,9 +309,10 @@ def build_evaluator(eval_cfg, train, heldout) -> Evaluator:
 
 def generate(unet, noise_scheduler, eval_cfg, num_samples: Optional[int] = None) -> np.ndarray:
     """``num_samples`` (default eval.num_samples) images from ``unet`` with the eval sampler."""
-    chunks = sample_chunks(unet, noise_scheduler, num_samples or eval_cfg.num_samples,
-                           eval_cfg.scheduler, eval_cfg.steps, eval_cfg.seed)
-    return np.concatenate([chunks[i] for i in sorted(chunks)])
+    from fedrun.models import sample_images
+
+    return sample_images(unet, noise_scheduler, num_samples or eval_cfg.num_samples,
+                         eval_cfg.scheduler, eval_cfg.steps, eval_cfg.seed)
 
 
 def warn_if_few(num_samples: int) -> None:
@@ -321,23 +322,6 @@ def warn_if_few(num_samples: int) -> None:
 
 
 # ---------------------------------------------------------------- runs on disk: sample, evaluate
-
-def sample_chunks(unet, noise_scheduler, num_images: int, kind: str, steps: int, seed: int,
-                  rank: int = 0, world_size: int = 1, chunk: int = 250) -> Dict[int, np.ndarray]:
-    """Chunks ``i = rank, rank + W, ...`` of ``num_images`` samples, chunk i drawn from a generator
-    seeded by (seed, i): the images do not depend on how many ranks share the work."""
-    from fedrun.models import build_sampling_pipeline
-
-    pipe = build_sampling_pipeline(unet, noise_scheduler, kind)
-    kwargs = {"num_inference_steps": steps} if kind == "ddim" else {}
-    out = {}
-    for index in range(rank, math.ceil(num_images / chunk), world_size):
-        n = min(chunk, num_images - index * chunk)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
-        with torch.no_grad():
-            out[index] = pipe(batch_size=n, generator=generator, output_type="np", **kwargs).images
-    return out
-
 
 def open_run(run_dir, overrides: Optional[List[str]] = None):
     """The resolved config of the run in ``run_dir`` (with ``overrides``); clear errors otherwise."""
@@ -411,6 +395,7 @@ def sample_run(run_dir, cfg, checkpoint: Optional[str] = None, out: Optional[str
     """``eval.num_samples`` samples of a run's EMA model to ``samples.npz`` + ``grid.png``; under
     torchrun each rank draws its share of the chunks and rank 0 assembles them."""
     from fedrun import dist
+    from fedrun.models import sample_chunks
 
     dist.init(cfg.device, cfg.dist_timeout_s, cfg.threads)
     rank, world = dist.rank(), dist.world_size()

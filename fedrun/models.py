@@ -151,21 +151,33 @@ def build_sampling_pipeline(unet, noise_scheduler, kind: str = "ddim"):
     return pipe
 
 
-@torch.no_grad()
-def sample_images(unet, noise_scheduler, num_images: int, kind: str = "ddim", steps: int = 50,
-                  seed: int = 0, batch_size: int = 256):
-    """``num_images`` samples as a float array (N, H, W, C) in [0, 1]."""
+def sample_chunks(unet, noise_scheduler, num_images: int, kind: str, steps: int, seed: int,
+                  rank: int = 0, world_size: int = 1, chunk: int = 250):
+    """Chunks ``i = rank, rank + W, ...`` of ``num_images`` samples as {i: (n, H, W, C) floats in
+    [0, 1]}, chunk i drawn from a generator seeded by (seed, i): the images do not depend on how
+    many ranks share the work."""
+    import math
+
     import numpy as np
 
     pipe = build_sampling_pipeline(unet, noise_scheduler, kind)
-    generator = torch.Generator().manual_seed(seed)
-    chunks = []
-    for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
-        kwargs = {"num_inference_steps": steps} if kind == "ddim" else {}
-        out = pipe(batch_size=n, generator=generator, output_type="np", **kwargs)
-        chunks.append(out.images)
-    return np.concatenate(chunks, axis=0)
+    kwargs = {"num_inference_steps": steps} if kind == "ddim" else {}
+    out = {}
+    for index in range(rank, math.ceil(num_images / chunk), world_size):
+        n = min(chunk, num_images - index * chunk)
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+        with torch.no_grad():
+            out[index] = pipe(batch_size=n, generator=generator, output_type="np", **kwargs).images
+    return out
+
+
+def sample_images(unet, noise_scheduler, num_images: int, kind: str = "ddim", steps: int = 50,
+                  seed: int = 0):
+    """``num_images`` samples as a float array (N, H, W, C) in [0, 1] (all chunks, in order)."""
+    import numpy as np
+
+    chunks = sample_chunks(unet, noise_scheduler, num_images, kind, steps, seed)
+    return np.concatenate([chunks[i] for i in sorted(chunks)])
 
 
 def export_pipeline(unet, noise_scheduler, out_dir: Path) -> None:
