@@ -248,15 +248,18 @@ class FinetuneTask:
             fed.params.load_(fed.global_weights)
 
     def write_samples(self, fed, done_rounds: int, logger) -> None:
+        """One row per validation prompt: the base model once (base.png), then this round."""
+        from fedrun.evaluate import save_grid
+
         prompts = self.validation_prompts(fed)
         per_prompt = self.cfg.sample.num_images
         samples = Path(self.cfg.output_dir) / "samples"
         if not (samples / "base.png").exists():
             images = self.generate(fed, self.initial_weights, prompts, per_prompt)
-            grid = save_rows_grid(images, per_prompt, samples / "base.png")
+            grid = save_grid(images, samples / "base.png", columns=per_prompt)
             logger.image(done_rounds, "samples_base", grid, caption="base model: " + " | ".join(prompts))
         images = self.generate(fed, fed.ema.shadow, prompts, per_prompt)
-        grid = save_rows_grid(images, per_prompt, samples / f"round_{done_rounds:05d}.png")
+        grid = save_grid(images, samples / f"round_{done_rounds:05d}.png", columns=per_prompt)
         logger.image(done_rounds, "samples", grid,
                      caption=f"after round {done_rounds}: " + " | ".join(prompts))
 
@@ -281,10 +284,3 @@ class FinetuneTask:
             pipe = build_pipeline(self.parts, unet)
             pipe.scheduler = self.parts.noise_scheduler  # ship the training schedule
             pipe.save_pretrained(str(out_dir))
-
-
-def save_rows_grid(images: np.ndarray, per_row: int, path: Path, min_side: int = 256) -> np.ndarray:
-    """A PNG grid with one row per prompt (``per_row`` images each)."""
-    from fedrun.evaluate import save_grid
-
-    return save_grid(images, path, min_side=min_side, columns=per_row)

@@ -165,7 +165,7 @@ def evaluate(base_dir: Path, lora_dirs: dict, results: Path, num_per_prompt: int
              guidance: float, seed: int = 4321) -> dict:
     """Nine-rate and prior preservation of the base pipeline and of each LoRA, loaded onto it
     with stock ``load_lora_weights``; one grid per model (rows: instance prompt, digits 0-8)."""
-    from fedrun.finetune import save_rows_grid
+    from fedrun.evaluate import save_grid
 
     pipe = _load_pipeline(base_dir)
     results.mkdir(parents=True, exist_ok=True)
@@ -181,7 +181,7 @@ def evaluate(base_dir: Path, lora_dirs: dict, results: Path, num_per_prompt: int
             pipe.unload_lora_weights()
         report[name] = _summary(rates, predicted)
         grid = images.reshape(10, num_per_prompt, *images.shape[1:])[:, :show]
-        save_rows_grid(grid.reshape(-1, *images.shape[1:]), show, results / f"{name}.png")
+        save_grid(grid.reshape(-1, *images.shape[1:]), results / f"{name}.png", columns=show)
     return report
 
 
