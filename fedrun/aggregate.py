@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+BYTES_PER_FLOAT = 4  # fp32: what one federated parameter costs on the wire
 STATS_PER_CLIENT = 4  # weighted loss, weight, samples processed, rejected (non-finite update)
 
 
