@@ -1,27 +1,58 @@
-"""Pure aggregation math and the per-round flat buffer (tensors in, tensors out).
+"""Pure aggregation math, the client-update and server transforms, and the per-round flat buffer
+(tensors in, tensors out).
 
 The buffer that crosses the network once per round is laid out as
 
-    [ sum_c n_c * (w_c - w)  (P floats) | sum_c n_c (1) | per-slot stats (S * 4) | per-rank (W) ]
+    [ sum_c n_c * (w_c - w) (P) | segments of the client algorithm | sum_c n_c (1)
+      | per-slot stats (S * 4) | per-rank (W) ]
 
-where the per-slot stats are (loss * n, n, samples, rejected) of each sampled client, written by
-the rank that trained it and zero elsewhere, and the per-rank block holds each rank's local
-compute time. A client update that is not finite never enters the sum: its slot only records
-that it was rejected (one NaN would otherwise poison the global model of every rank).
-Summing the buffer over ranks yields the weighted update and the statistics in ONE collective
-(pfl-research's WeightedStatistics idea with the metrics riding along).
+where the per-slot stats are (loss * n, n, samples, rejected-by) of each sampled client, written
+by the rank that trained it and zero elsewhere, and the per-rank block holds each rank's local
+compute time. Between ``w_c - w`` and the weighted sum each update passes the configured
+*update transforms* (``aggregation.update_transforms``; the first, ``nonfinite_guard``, rejects
+an update holding a NaN or an infinity, which would otherwise poison every rank's model); a
+rejected update never enters the sum, its slot records which transform refused it. Summing the
+buffer over ranks yields the weighted update, the algorithm's segments and the statistics in ONE
+collective (pfl-research's WeightedStatistics idea with the metrics riding along). The *server
+transforms* (``aggregation.server_transforms``) then act on the reduced sum.
+
+Exact sums (``aggregation.exact``, the default). Float addition is not associative, so a plain
+fp32 sum depends on which clients share a rank, and Adam turns those 1-ulp differences into
+visibly different models. In exact mode every term is rounded to a fixed-point grid first and the
+buffer holds float64 integers: integer sums below 2**53 are exact in float64, in any order and
+grouping, so 1, 2, 3 or 4 processes produce the same bits. The grid is shared by every rank
+without communicating: per block of ``EXACT_BLOCK`` coordinates it is 2**(e_b - F), where 2**e_b
+bounds the largest magnitude of a *reference* vector every rank holds (the global weights for the
+update; at least 1/64 of the reference's overall largest magnitude) and F leaves room for the
+round's total weight and ``EXACT_HEADROOM_BITS`` bits of headroom. So an update is represented to
+2**-F of the largest weight of its block (F = 36 for the default job: ~1.5e-11 relative), and one
+whose block holds a value at or beyond 2**6 = 64 times that block's bound (a diverging client) is
+rejected as 'exact_range' instead of overflowing. Weights must be integers (sample counts or 1).
+Cost: twice the bytes of the all-reduce and a few passes per client; measured in docs/benchmarks.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 
+from fedrun.registry import Registry
+from fedrun.rng import derived_generator
+
+if TYPE_CHECKING:
+    from fedrun.config import Config
+
 BYTES_PER_FLOAT = 4  # fp32: what one federated parameter costs on the wire
-STATS_PER_CLIENT = 4  # weighted loss, weight, samples processed, rejected (non-finite update)
+STATS_PER_CLIENT = 4  # weighted loss, weight, samples processed, rejected-by (transform index + 1)
+EXACT_BLOCK = 1024  # coordinates sharing one fixed-point grid in exact mode
+EXACT_HEADROOM_BITS = 6  # exact mode: terms up to 2**6 x the block's reference bound fit
+EXACT_FLOOR_BITS = 6  # a block's bound is at least 2**-6 x the reference's overall maximum
+EXACT_RANGE = "exact_range"  # rejection reason of a term beyond the exact grid's range
+_UPDATE_STREAM = 0x7F0A  # update transforms' random stream: (seed, round, client, tag)
+_SERVER_STREAM = 0x5E4F  # server transforms' random stream: (seed, round, tag)
 
 
 def weighted_mean(updates: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -46,17 +77,169 @@ def client_weight(num_samples: int, weighting: str) -> float:
     raise ValueError(f"unknown weighting '{weighting}'")
 
 
+# ---------------------------------------------------------------- transforms (the seams)
+
+@dataclass
+class UpdateInfo:
+    """What an update transform knows about the update in front of it."""
+
+    client: int
+    global_round: int
+    seed: int
+    weight: float
+    loss: float
+
+    def generator(self) -> torch.Generator:
+        """The transform's random stream, seeded by (seed, round, client): the same whichever
+        rank trains the client."""
+        return derived_generator(self.seed, self.global_round, self.client, _UPDATE_STREAM)
+
+
+@dataclass
+class RoundInfo:
+    """What a server transform knows about the reduced round."""
+
+    global_round: int
+    seed: int
+    total_weight: float
+    accepted: int  # clients whose update entered the sum
+
+    def generator(self) -> torch.Generator:
+        """The transform's random stream, seeded by (seed, round): every rank draws the same
+        numbers, so every rank applies the same transform without a broadcast."""
+        return derived_generator(self.seed, self.global_round, _SERVER_STREAM)
+
+
+class UpdateTransform:
+    """Acts on one client's update ``delta = local - global`` (fp32, in place) before the
+    weighted sum; returns None to accept it or a short reason to reject it."""
+
+    def __init__(self, cfg: Optional["Config"] = None):
+        self.cfg = cfg
+
+    def __call__(self, delta: torch.Tensor, info: UpdateInfo) -> Optional[str]:
+        raise NotImplementedError
+
+
+class ServerTransform:
+    """Acts on the reduced sum of weighted updates (in place) before the server step; returns
+    metrics for the round's record."""
+
+    def __init__(self, cfg: Optional["Config"] = None):
+        self.cfg = cfg
+
+    def __call__(self, update_sum: torch.Tensor, info: RoundInfo) -> Dict[str, float]:
+        raise NotImplementedError
+
+
+UPDATE_TRANSFORMS: Registry = Registry("update transform", "aggregation.update_transforms")
+SERVER_TRANSFORMS: Registry = Registry("server transform", "aggregation.server_transforms")
+
+
+@UPDATE_TRANSFORMS.register("nonfinite_guard")
+class NonFiniteGuard(UpdateTransform):
+    """Rejects an update (or a loss) holding a NaN or an infinity."""
+
+    def __call__(self, delta: torch.Tensor, info: UpdateInfo) -> Optional[str]:
+        # One reduction instead of torch.isfinite(...).all(), which allocates P booleans: a NaN or
+        # an infinity anywhere makes the sum non-finite (so would an overflow of the sum past
+        # 3e38, which no sane update reaches).
+        if math.isfinite(info.loss) and math.isfinite(float(delta.sum())):
+            return None
+        return "nonfinite"
+
+
+def build_update_transforms(cfg: "Config") -> List[UpdateTransform]:
+    return [UPDATE_TRANSFORMS.get(n)(cfg) for n in cfg.aggregation.update_transforms]
+
+
+def build_server_transforms(cfg: "Config") -> List[ServerTransform]:
+    return [SERVER_TRANSFORMS.get(n)(cfg) for n in cfg.aggregation.server_transforms]
+
+
+# ---------------------------------------------------------------- exact sums
+
+def _blocks(numel: int) -> int:
+    return -(-numel // EXACT_BLOCK)
+
+
+class ExactGrid:
+    """The fixed-point grid of one buffer segment for one round (identical on every rank).
+
+    ``reference``: a vector every rank holds (the global weights), or None for a segment of
+    magnitude ~1; ``weight_bound``: an upper bound of the sum of the weights of the round's terms.
+    """
+
+    def __init__(self, numel: int, reference: Optional[torch.Tensor], weight_bound: float,
+                 device: torch.device | str = "cpu"):
+        self.numel, self.blocks = numel, _blocks(numel)
+        bound_bits = max(0, math.ceil(math.log2(max(weight_bound, 1.0))))
+        self.fraction_bits = 53 - bound_bits - EXACT_HEADROOM_BITS
+        if self.fraction_bits < 8:
+            raise ValueError(f"aggregation.exact: the round's total weight {weight_bound:g} leaves "
+                             "too few bits for exact sums; use uniform weighting or exact=false")
+        self.limit = 2.0 ** (self.fraction_bits + EXACT_HEADROOM_BITS)  # |q| must stay below
+        exponents = self._block_exponents(reference, device)
+        # inverse grid 2**(F - e_b) and grid 2**(e_b - F), one per block; powers of two, so
+        # scaling is exact in fp32 and float64.
+        self.inverse = torch.ldexp(torch.ones(self.blocks, 1, device=device),
+                                   (self.fraction_bits - exponents).view(-1, 1))
+        self.grid = torch.ldexp(torch.ones(self.blocks, 1, dtype=torch.float64, device=device),
+                                (exponents - self.fraction_bits).view(-1, 1))
+
+    def _block_exponents(self, reference: Optional[torch.Tensor], device) -> torch.Tensor:
+        if reference is None:
+            return torch.ones(self.blocks, dtype=torch.int32, device=device)  # bound 2**1 > 1
+        magnitude = reference.detach().abs()
+        full = self.numel // EXACT_BLOCK * EXACT_BLOCK
+        maxima = [magnitude[:full].view(-1, EXACT_BLOCK).amax(dim=1)] if full else []
+        if full < self.numel:
+            maxima.append(magnitude[full:].amax().view(1))
+        block_max = torch.cat(maxima).float()
+        overall = float(block_max.max())
+        floor = overall * 2.0 ** -EXACT_FLOOR_BITS if overall > 0 else 1.0
+        _, exponents = torch.frexp(block_max.clamp(min=floor))  # x < 2**e
+        return exponents.to(torch.int32).clamp(-60, 60)  # keeps 2**(F - e) a finite fp32
+
+    def quantize_(self, padded: torch.Tensor) -> bool:
+        """Round ``padded`` (fp32, blocks * EXACT_BLOCK long, zero past numel) to the grid, in
+        place, as integers in grid units; False if a value is out of range."""
+        view = padded.view(self.blocks, EXACT_BLOCK)
+        view.mul_(self.inverse).round_()  # exact scaling; a value above 2**24 is already integral
+        low, high = torch.aminmax(padded)
+        return max(-float(low), float(high)) < self.limit
+
+    def decode(self, integers: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Grid units (float64, padded) back to values: ``out`` (fp32, padded) holds them."""
+        torch.mul(integers.view(self.blocks, EXACT_BLOCK), self.grid,
+                  out=out.view(self.blocks, EXACT_BLOCK))
+        return out[: self.numel]
+
+
+# ---------------------------------------------------------------- the round buffer
+
+@dataclass
+class Segment:
+    """An extra part of the round buffer that a client algorithm fills (summed unweighted)."""
+
+    name: str
+    numel: int
+    reference: Optional[torch.Tensor] = None  # exact mode: magnitude reference (see ExactGrid)
+
+
 @dataclass
 class RoundResult:
     """The reduced buffer, decoded."""
 
-    update_sum: torch.Tensor  # sum n_c delta_c: a view of the buffer, valid until it is reused
+    update_sum: torch.Tensor  # sum n_c delta_c: valid until the buffer is reused
     total_weight: float
     client_loss: Dict[int, float]  # sampled client id -> mean local loss
     client_weight: Dict[int, float]
     client_samples: Dict[int, int]
     rank_compute_s: List[float]
-    rejected: List[int] = field(default_factory=list)  # clients whose update was not finite
+    rejected: List[int] = field(default_factory=list)  # clients whose update was refused
+    rejected_by: Dict[int, str] = field(default_factory=dict)  # client -> transform or reason
+    segments: Dict[str, torch.Tensor] = field(default_factory=dict)  # summed algorithm segments
 
     @property
     def mean_update(self) -> torch.Tensor:
@@ -68,68 +251,123 @@ class RoundResult:
 
 
 class RoundBuffer:
-    """One rank's contribution to a round: weighted update sum and stats, in one flat tensor."""
+    """One rank's contribution to a round: weighted update sum, segments and stats, in one flat
+    tensor (fp32, or float64 fixed-point integers when ``exact`` grids are given)."""
 
     def __init__(self, num_params: int, cohort: Sequence[int], world_size: int,
-                 device: torch.device | str = "cpu", reuse: Optional["RoundBuffer"] = None):
+                 device: torch.device | str = "cpu", reuse: Optional["RoundBuffer"] = None, *,
+                 segments: Sequence[Segment] = (), exact: Optional[Dict[str, ExactGrid]] = None,
+                 transforms: Sequence[UpdateTransform] = ()):
         """``reuse``: last round's buffer, whose storage this one takes over (and zeroes) when the
         sizes match. A fresh multi-megabyte tensor every round costs page faults on every touch,
         more than the all-reduce of the same bytes on CPU (docs/benchmarks). ``reuse`` and the
-        results it decoded must not be used afterwards."""
+        results it decoded must not be used afterwards. ``exact``: segment name ('update' for the
+        weighted update) -> its grid this round. ``transforms``: the update transforms, applied
+        in order to every update (the same list on every rank: a rejection is recorded by its
+        position)."""
         self.num_params = num_params
         self.cohort = list(cohort)
         self.world_size = world_size
+        self.exact = exact
+        self.transforms = list(transforms)
         self._slot = {client: i for i, client in enumerate(self.cohort)}
-        size = num_params + 1 + STATS_PER_CLIENT * len(self.cohort) + world_size
-        if (reuse is not None and reuse.buffer.numel() == size
+        # Each segment starts at an offset; in exact mode it is padded to whole blocks.
+        pad = (lambda n: _blocks(n) * EXACT_BLOCK) if exact else (lambda n: n)
+        self._spans: Dict[str, tuple] = {}
+        offset = 0
+        for name, numel in [("update", num_params)] + [(s.name, s.numel) for s in segments]:
+            self._spans[name] = (offset, numel, pad(numel))
+            offset += pad(numel)
+        self._stats = offset
+        size = offset + 1 + STATS_PER_CLIENT * len(self.cohort) + world_size
+        dtype = torch.float64 if exact else torch.float32
+        if (reuse is not None and reuse.buffer.numel() == size and reuse.buffer.dtype == dtype
                 and reuse.buffer.device == torch.device(device)):
             self.buffer = reuse.buffer.zero_()
             self._scratch = reuse._scratch
         else:
-            self.buffer = torch.zeros(size, dtype=torch.float32, device=device)
-            self._scratch: torch.Tensor | None = None
+            self.buffer = torch.zeros(size, dtype=dtype, device=device)
+            self._scratch = None
         self._update_is_zero = True
 
+    # ------------------------------------------------------------ helpers
     def _stats_at(self, client: int) -> int:
-        return self.num_params + 1 + STATS_PER_CLIENT * self._slot[client]
+        return self._stats + 1 + STATS_PER_CLIENT * self._slot[client]
 
-    def _scratch_like(self, vector: torch.Tensor) -> torch.Tensor:
-        if self._scratch is None:
-            self._scratch = torch.empty_like(vector)
-        return self._scratch
+    def segment(self, name: str) -> torch.Tensor:
+        start, numel, _ = self._spans[name]
+        return self.buffer[start: start + numel]
 
+    def _scratch_for(self, padded: int, device) -> torch.Tensor:
+        """One fp32 work vector (padded length), reused across clients and rounds; zero past the
+        values written into it (exact mode's padding must stay zero)."""
+        if self._scratch is None or self._scratch.numel() < padded:
+            self._scratch = torch.zeros(padded, dtype=torch.float32, device=device)
+        return self._scratch[:padded]
+
+    def _add_exact(self, name: str, values: torch.Tensor, multiplier: float) -> bool:
+        """Quantize ``values`` on the segment's grid and add multiplier * integers, exactly."""
+        start, numel, padded = self._spans[name]
+        work = self._scratch_for(padded, values.device)
+        if work.data_ptr() != values.data_ptr():
+            work[:numel].copy_(values)
+        work[numel:].zero_()  # the padding may hold an earlier segment's values
+        if not self.exact[name].quantize_(work):
+            return False
+        self.buffer[start: start + padded].add_(work, alpha=multiplier)  # integers < 2**53: exact
+        return True
+
+    # ------------------------------------------------------------ adding clients
     def add_client(self, client: int, local: torch.Tensor, global_: torch.Tensor, weight: float,
-                   loss: float, samples: int) -> bool:
-        """Add weight * (local - global) and the client's stats to the buffer, in place.
-
-        Returns False, adding nothing but the rejection and the samples processed, when the update
-        or the loss holds a NaN or an infinity."""
-        # The difference is taken before scaling (n * w_c - n * w would cancel catastrophically
-        # in fp32), and n * delta is rounded before it is added: a fused multiply-add here would
-        # round differently from the all-reduce's plain sums, and results would then depend on
-        # which clients share a rank. The first client of a round writes straight into the
-        # (zero) buffer -- 0 + x == x exactly -- saving a pass; later ones go through one
-        # scratch vector, reused across clients and rounds.
-        first = self._update_is_zero
-        update = self.buffer[: self.num_params]
-        target = update if first else self._scratch_like(global_)
-        torch.sub(local, global_, out=target)
+                   loss: float, samples: int, *, info: Optional[UpdateInfo] = None,
+                   segments: Optional[Dict[str, torch.Tensor]] = None) -> bool:
+        """Add weight * transforms(local - global), the client's ``segments`` and its stats to
+        the buffer, in place. Returns False, adding nothing but the rejection and the samples
+        processed, when a transform rejects the update (or it leaves the exact grid's range)."""
         at = self._stats_at(client)
         self.buffer[at + 2] += samples
-        # One reduction instead of torch.isfinite(...).all(), which allocates P booleans: a NaN
-        # or an infinity anywhere makes the sum non-finite (so would an overflow of the sum past
-        # 3e38, which no sane update reaches).
-        if not (math.isfinite(loss) and math.isfinite(float(target.sum()))):
-            if first:
-                update.zero_()
-            self.buffer[at + 3] += 1
-            return False
-        target.mul_(weight)
-        if first:
-            self._update_is_zero = False
+        info = info or UpdateInfo(client, 0, 0, weight, loss)
+        # The difference is taken before scaling (n * w_c - n * w would cancel catastrophically
+        # in fp32). fp32 mode: n * delta is rounded before it is added -- a fused multiply-add
+        # would round differently from the all-reduce's plain sums -- and the first client of a
+        # round writes straight into the (zero) buffer (0 + x == x exactly), saving a pass.
+        first_in_place = self.exact is None and self._update_is_zero
+        if first_in_place:
+            delta = self.buffer[: self.num_params]
+        elif self.exact is not None:
+            delta = self._scratch_for(self._spans["update"][2], global_.device)[: self.num_params]
         else:
-            update.add_(target)
-        self.buffer[self.num_params] += weight
+            delta = self._scratch_for(self.num_params, global_.device)
+        torch.sub(local, global_, out=delta)
+        reason = None
+        for index, transform in enumerate(self.transforms):
+            reason = transform(delta, info)
+            if reason is not None:
+                self.buffer[at + 3] = index + 1
+                break
+        if reason is None and self.exact is not None:
+            if not float(weight).is_integer():
+                raise ValueError(f"aggregation.exact needs integer client weights, got {weight}")
+            if not self._add_exact("update", delta, weight):
+                self.buffer[at + 3] = len(self.transforms) + 1  # EXACT_RANGE
+                reason = EXACT_RANGE
+        if reason is not None:
+            if first_in_place:
+                delta.zero_()
+            return False
+        if self.exact is None:
+            if first_in_place:
+                delta.mul_(weight)
+            else:
+                self.buffer[: self.num_params].add_(delta.mul_(weight))
+        self._update_is_zero = False
+        for name, values in (segments or {}).items():
+            if self.exact is None:
+                self.segment(name).add_(values)
+            elif not self._add_exact(name, values, 1.0):
+                raise ValueError(f"segment '{name}' of client {client} is out of the exact grid's "
+                                 "range (its reference is too small); set aggregation.exact=false")
+        self.buffer[self._stats] += weight
         self.buffer[at] += loss * weight
         self.buffer[at + 1] += weight
         return True
@@ -137,20 +375,36 @@ class RoundBuffer:
     def set_compute_time(self, rank: int, seconds: float) -> None:
         self.buffer[-self.world_size + rank] = seconds
 
+    # ------------------------------------------------------------ after the all-reduce
     def decode(self) -> RoundResult:
         """Interpret the (already reduced) buffer."""
-        stats = self.buffer[self.num_params:].double().cpu()
+        stats = self.buffer[self._stats:].double().cpu()
         total_weight = float(stats[0])
-        losses, weights, samples, rejected = {}, {}, {}, []
+        losses, weights, samples, rejected_by = {}, {}, {}, {}
+        reasons = [getattr(t, "name", type(t).__name__) for t in self.transforms] + [EXACT_RANGE]
         for client, slot in self._slot.items():
-            loss_w, weight, seen, bad = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
+            row = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
+            loss_w, weight, seen, code = row
             weights[client] = weight
             samples[client] = int(round(seen))
             losses[client] = loss_w / weight if weight > 0 else float("nan")
-            if bad > 0:
-                rejected.append(client)
-        return RoundResult(self.buffer[: self.num_params], total_weight, losses, weights, samples,
-                           stats[-self.world_size:].tolist(), sorted(rejected))
+            if code > 0:
+                index = int(round(code)) - 1
+                rejected_by[client] = reasons[index] if index < len(reasons) else f"transform {index}"
+        segments = {name: self._decoded(name) for name in self._spans if name != "update"}
+        return RoundResult(self._decoded("update"), total_weight, losses, weights, samples,
+                           stats[-self.world_size:].tolist(), sorted(rejected_by), rejected_by,
+                           segments)
+
+    def _decoded(self, name: str) -> torch.Tensor:
+        start, numel, padded = self._spans[name]
+        if self.exact is None:
+            return self.buffer[start: start + numel]
+        # The update decodes into the scratch vector (free once the clients are added); a
+        # segment gets its own tensor.
+        out = (self._scratch_for(padded, self.buffer.device) if name == "update"
+               else torch.empty(padded, dtype=torch.float32, device=self.buffer.device))
+        return self.exact[name].decode(self.buffer[start: start + padded], out)
 
 
 def weighted_loss(result: RoundResult) -> float:

@@ -53,15 +53,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_central(args: argparse.Namespace) -> int:
     from fedrun.centralized import run_central
+    from fedrun.task import build_task, task_name_of
 
-    return _config_run(args, run_central)
+    # With a fine-tuning config the baseline is centralized fine-tuning on all the images.
+    return _config_run(args, lambda cfg: run_central(cfg, build_task(task_name_of(cfg), cfg)))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from fedrun import simulator
-    from fedrun.finetune import FinetuneTask
+    from fedrun.task import build_task
 
-    return _config_run(args, lambda cfg: simulator.run(cfg, FinetuneTask(cfg)))
+    return _config_run(args, lambda cfg: simulator.run(cfg, build_task("finetune", cfg)))
 
 
 # Short keys of `sample` / `evaluate` (any dotted config key is accepted too).

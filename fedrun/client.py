@@ -1,26 +1,41 @@
-"""Local training of one client: E optimizer steps of the DDPM loss from the global weights.
+"""Local training of one client, and the client-algorithm seam.
 
 No distributed code here. Everything random a client does (batch order, noise, timesteps) comes
 from a generator seeded by (seed, client, round), so the client trains identically whichever
 rank runs it: this is what makes results independent of the world size.
+
+A *client algorithm* (``client.algorithm``, registered in ``CLIENT_ALGORITHMS``) is what a
+sampled client does for its local steps, starting from the global weights: ``fedavg`` runs
+``local_steps`` steps of a fresh AdamW (``optim.*``). An algorithm sees the global vector and
+its own persistent state (from the client state store, ``fedrun.client_state``), may add
+segments to the round's flat buffer (still ONE all-reduce per round) and keeps server-side state
+of its own (``server_update``, checkpointed through ``state_dict``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedrun.config import OptimConfig
+from fedrun.registry import Registry
+from fedrun.rng import derived_generator
+
+if TYPE_CHECKING:
+    from fedrun.aggregate import RoundResult, Segment
+    from fedrun.config import Config
+    from fedrun.flat import FlatParameters
+
+CLIENT_ALGORITHMS: Registry = Registry("client algorithm", "client.algorithm")
 
 
 def client_generator(seed: int, client: int, global_round: int) -> torch.Generator:
     """The client's private random stream for one round."""
-    state = np.random.SeedSequence([seed, client, global_round]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return derived_generator(seed, client, global_round)
 
 
 def num_local_steps(num_samples: int, batch_size: int, local_steps: int,
@@ -42,53 +57,76 @@ def batch_indices(client_indices: np.ndarray, steps: int, batch_size: int,
     return client_indices[order[:needed].numpy()].reshape(steps, batch_size)
 
 
+LossFn = Callable[[torch.nn.Module, np.ndarray, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class ClientJob:
+    """One client's local work in one round, as the round loop hands it to the algorithm. The
+    replica (``model``, whose trainable parameters are ``params``) already holds the global
+    weights; the algorithm leaves the client's final weights in it."""
+
+    client: int
+    global_round: int
+    model: torch.nn.Module
+    params: "FlatParameters"
+    global_weights: torch.Tensor  # read-only
+    batches: np.ndarray  # (steps, batch) sample indices
+    generator: torch.Generator  # the client's (seed, client, round) stream
+    loss: LossFn  # loss(model, indices, generator), the task's
+    optim: OptimConfig
+    device: torch.device
+    state: Optional[Dict[str, torch.Tensor]] = None  # persistent state (stateful algorithms)
+
+
 @dataclass
 class ClientResult:
     mean_loss: float
     samples: int  # samples processed (steps x batch)
+    segments: Dict[str, torch.Tensor] = field(default_factory=dict)  # added to the round buffer
+    state: Optional[Dict[str, torch.Tensor]] = None  # new persistent state, stored for next time
 
 
-def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch.Generator | None,
-                   noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
-                   encoder_hidden_states: torch.Tensor | None = None):
-    """The DDPM objective: MSE between the added noise (or v / x0) and the U-Net's prediction.
+class ClientAlgorithm:
+    """Base class of client algorithms; ``name`` is set by ``@CLIENT_ALGORITHMS.register``."""
 
-    Noise and timesteps are drawn from ``generator`` unless given (the centralized baseline
-    draws them for the global batch and passes each rank its slice). ``images`` may be VAE
-    latents; ``encoder_hidden_states`` conditions a text-to-image U-Net."""
-    batch = images.shape[0]
-    if noise is None:
-        noise = torch.randn(images.shape, generator=generator)
-    if timesteps is None:
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
-                                  generator=generator)
-    noise, timesteps = noise.to(images.device), timesteps.to(images.device)
-    noisy = noise_scheduler.add_noise(images, noise, timesteps)
-    if encoder_hidden_states is None:
-        prediction = unet(noisy, timesteps).sample
-    else:
-        prediction = unet(noisy, timesteps, encoder_hidden_states).sample
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = noise_scheduler.get_velocity(images, noise, timesteps)
-    else:
-        target = images
-    return F.mse_loss(prediction.float(), target.float())
+    name: str = "client_algorithm"
+    #: Keeps per-client state across rounds in the client state store (``job.state``).
+    stateful: bool = False
+
+    def __init__(self, cfg: "Config"):
+        self.cfg = cfg
+
+    def segments(self, params: "FlatParameters") -> List["Segment"]:
+        """Extra segments of the round buffer this algorithm fills (each summed unweighted over
+        the round's clients and available in ``RoundResult.segments``)."""
+        return []
+
+    def train(self, job: ClientJob) -> ClientResult:
+        raise NotImplementedError
+
+    def server_update(self, result: "RoundResult") -> None:
+        """After the all-reduce, on every rank: update the algorithm's server-side state."""
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Server-side state (checkpointed)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        del state
 
 
-def train_client(model, params, loss_fn, batches: np.ndarray, generator: torch.Generator,
+def train_client(model, params, loss_fn: LossFn, batches: np.ndarray, generator: torch.Generator,
                  optim: OptimConfig, device: torch.device) -> ClientResult:
     """Run one optimizer step per row of ``batches`` on ``model`` (already holding the global
-    weights); ``loss_fn(batch_indices, generator)`` is the task's loss. A fresh AdamW per call:
-    client optimizer state does not persist across rounds."""
+    weights); ``loss_fn(model, batch_indices, generator)`` is the task's loss. A fresh AdamW per
+    call: client optimizer state does not persist across rounds."""
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                   weight_decay=optim.weight_decay)
     model.train()
     loss_sum = torch.zeros((), device=device)
     for step_indices in batches:
-        loss = loss_fn(step_indices, generator)
+        loss = loss_fn(model, step_indices, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if optim.grad_clip is not None:
@@ -97,3 +135,16 @@ def train_client(model, params, loss_fn, batches: np.ndarray, generator: torch.G
         loss_sum += loss.detach()
     # One host sync per client, not per step.
     return ClientResult(mean_loss=float(loss_sum) / len(batches), samples=int(batches.size))
+
+
+@CLIENT_ALGORITHMS.register("fedavg")
+class FedAvgClient(ClientAlgorithm):
+    """FedAvg's client (McMahan et al. 2017): local steps of a fresh optimizer from w."""
+
+    def train(self, job: ClientJob) -> ClientResult:
+        return train_client(job.model, job.params.params, job.loss, job.batches, job.generator,
+                            job.optim, job.device)
+
+
+def build_client_algorithm(cfg: "Config") -> ClientAlgorithm:
+    return CLIENT_ALGORITHMS.get(cfg.client.algorithm)(cfg)

@@ -157,7 +157,8 @@ class ServerConfig:
     """The server step applied to the averaged client update."""
 
     strategy: str = "fedavg"
-    """'fedavg' (w += lr * mean update) or 'fedavgm' (server momentum)."""
+    """A registered server strategy (``fedrun.server.STRATEGIES``): 'fedavg' (w += lr * mean
+    update) or 'fedavgm' (server momentum)."""
     lr: float = 1.0
     """Server learning rate; 1.0 is plain FedAvg (the average of the client models)."""
     momentum: float = 0.9
@@ -166,12 +167,53 @@ class ServerConfig:
     """Weight of a client in the average: 'samples' (its data size, as in FedAvg) or 'uniform'."""
 
     def __post_init__(self) -> None:
-        _require(self.strategy in ("fedavg", "fedavgm"), "server.strategy",
-                 f"must be 'fedavg' or 'fedavgm', got '{self.strategy}'")
+        from fedrun.server import STRATEGIES
+
+        STRATEGIES.check(self.strategy, "server.strategy")
         _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
         _require(0 <= self.momentum < 1, "server.momentum", f"must be in [0, 1), got {self.momentum}")
         _require(self.weighting in ("samples", "uniform"), "server.weighting",
                  f"must be 'samples' or 'uniform', got '{self.weighting}'")
+
+
+@dataclass
+class ClientConfig:
+    """What a sampled client does with the global weights for its local steps."""
+
+    algorithm: str = "fedavg"
+    """A registered client algorithm (``fedrun.client.CLIENT_ALGORITHMS``): 'fedavg' trains
+    local_steps steps of a fresh optimizer (optim.*) from the global weights."""
+
+    def __post_init__(self) -> None:
+        from fedrun.client import CLIENT_ALGORITHMS
+
+        CLIENT_ALGORITHMS.check(self.algorithm, "client.algorithm")
+
+
+@dataclass
+class AggregationConfig:
+    """How the clients' updates are transformed and summed (``fedrun.aggregate``)."""
+
+    exact: bool = True
+    """Sum the round's weighted updates exactly (fixed-point integers in a float64 buffer): the
+    sum does not depend on which clients share a rank, so 1, 2, 3, ... processes give
+    bit-identical models at any clients_per_round. false: plain fp32 sums, half the bytes of
+    the all-reduce, equal across world sizes only up to rounding (which Adam amplifies)."""
+    update_transforms: List[str] = field(default_factory=lambda: ["nonfinite_guard"])
+    """Registered client-update transforms (``fedrun.aggregate.UPDATE_TRANSFORMS``) applied in
+    order to each client's update (local - global) before the weighted sum; one may reject the
+    update. 'nonfinite_guard' rejects updates (or losses) holding a NaN or an infinity."""
+    server_transforms: List[str] = field(default_factory=list)
+    """Registered server transforms (``fedrun.aggregate.SERVER_TRANSFORMS``) applied in order
+    to the reduced sum of updates before the server step."""
+
+    def __post_init__(self) -> None:
+        from fedrun.aggregate import SERVER_TRANSFORMS, UPDATE_TRANSFORMS
+
+        for i, name in enumerate(self.update_transforms):
+            UPDATE_TRANSFORMS.check(name, f"aggregation.update_transforms[{i}]")
+        for i, name in enumerate(self.server_transforms):
+            SERVER_TRANSFORMS.check(name, f"aggregation.server_transforms[{i}]")
 
 
 @dataclass
@@ -430,6 +472,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)

@@ -6,6 +6,7 @@ degenerate case: no process group is created and every collective returns at onc
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import sys
@@ -85,6 +86,20 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
             device_id=dev if use_cuda else None,
         )
     return dev
+
+
+@contextlib.contextmanager
+def session(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = None):
+    """``with session(...) as device:`` -- ``init``, and tear the process group down on exit if
+    this call created it (whoever creates the group destroys it; a caller that already holds a
+    group, e.g. a test harness running several jobs in one group, keeps it)."""
+    created = not is_initialized()
+    dev = init(device, timeout_s, threads)
+    try:
+        yield dev
+    finally:
+        if created:
+            destroy()
 
 
 def _warn_if_restarts_cannot_reconnect() -> None:

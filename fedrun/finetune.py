@@ -2,7 +2,9 @@
 
 Run by the same round loop as pre-training (``simulator.run(cfg, FinetuneTask(cfg))``): same
 cohorts, same dealing of clients to ranks, same flat round buffer and ONE all-reduce, same server
-step, checkpoints and resume. What this task adds:
+step, checkpoints and resume; ``fedrun central`` with a fine-tuning config
+(``run_central(cfg, FinetuneTask(cfg))``) is the centralized LoRA baseline on all the images.
+What this task adds:
 
 * build: the pipeline's parts through ``from_pretrained``, all frozen; LoRA on the U-Net's
   attention projections (``finetune.mode: lora``) or the whole U-Net trainable (``full``: the
@@ -33,12 +35,12 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from fedrun.client import diffusion_loss
-from fedrun.config import Config
+from fedrun.aggregate import BYTES_PER_FLOAT
 from fedrun.errors import ConfigError
-from fedrun.pretrain import Built
+from fedrun.frame import is_due
+from fedrun.models import diffusion_loss
+from fedrun.task import TASKS, Built, Task
 
-BYTES_PER_FLOAT = 4
 LATENT_CHUNK = 32  # images encoded together: fixed by index, never by rank
 
 
@@ -79,11 +81,10 @@ class LatentCache:
         return int(self.done.sum())
 
 
-class FinetuneTask:
-    name = "finetune"
-
-    def __init__(self, cfg: Config):
-        self.cfg = cfg
+@TASKS.register("finetune")
+class FinetuneTask(Task):
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.ft = cfg.finetune
         self.parts = None
         self.lora_parameters = 0
@@ -142,35 +143,35 @@ class FinetuneTask:
         self.text_embeddings = encode_prompts(parts.tokenizer, parts.text_encoder, self.prompts, device)
         return Built(dataset, unet, parts.noise_scheduler)
 
-    def make_loss(self, fed):
-        """loss(batch_indices, generator): SD's latent epsilon objective, text-conditioned."""
-        self.initial_weights = fed.global_weights.detach().clone()  # the base model (B = 0)
-        prompt_ids = torch.as_tensor(fed.dataset.prompt_ids + 1)  # +1: after the empty prompt
-        scale = float(self.parts.vae.config.scaling_factor)
-        dtype = self.parts.unet.dtype
-        low_precision = fed.device.type == "cuda" and self.ft.base_dtype != "float32"
+    def prepare(self, run) -> None:
+        """The base model (B = 0) for the base.png grid; the prompt id of every image."""
+        self.initial_weights = run.global_weights.detach().clone()
+        self.device = run.device
+        self.noise_scheduler = run.noise_scheduler
+        self.prompt_ids = torch.as_tensor(run.dataset.prompt_ids + 1)  # +1: after the empty prompt
 
-        def latent_loss(cache, indices, ids, generator):
-            mean, std = cache.get(indices)
-            noise = torch.randn(mean.shape, generator=generator).to(fed.device)
-            latents = (mean + std * noise) * scale
-            if self.ft.prompt_dropout > 0:
-                dropped = torch.rand(len(ids), generator=generator) < self.ft.prompt_dropout
-                ids = torch.where(dropped, torch.zeros_like(ids), ids)
-            context = self.text_embeddings[ids.to(fed.device)]
-            with torch.autocast(fed.device.type, dtype=dtype, enabled=low_precision):
-                return diffusion_loss(fed.model, fed.noise_scheduler, latents, generator,
-                                      encoder_hidden_states=context)
+    def _latent_loss(self, model, cache, indices, ids, generator):
+        mean, std = cache.get(indices)
+        noise = torch.randn(mean.shape, generator=generator).to(self.device)
+        latents = (mean + std * noise) * float(self.parts.vae.config.scaling_factor)
+        if self.ft.prompt_dropout > 0:
+            dropped = torch.rand(len(ids), generator=generator) < self.ft.prompt_dropout
+            ids = torch.where(dropped, torch.zeros_like(ids), ids)
+        context = self.text_embeddings[ids.to(self.device)]
+        low_precision = self.device.type == "cuda" and self.ft.base_dtype != "float32"
+        with torch.autocast(self.device.type, dtype=self.parts.unet.dtype, enabled=low_precision):
+            return diffusion_loss(model, self.noise_scheduler, latents, generator,
+                                  encoder_hidden_states=context)
 
-        def loss(indices, generator):
-            ids = prompt_ids[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
-            value = latent_loss(self.latents, indices, ids, generator)
-            if self.class_latents is not None:  # as many class images as subject images
-                drawn = torch.randint(len(self.class_latents.images), (len(ids),), generator=generator)
-                value = value + self.ft.prior_loss_weight * latent_loss(
-                    self.class_latents, drawn.numpy(), self.class_prompt_ids[drawn], generator)
-            return value
-        return loss
+    def loss(self, model, indices, generator):
+        """SD's latent epsilon objective, text-conditioned (plus the prior-preservation loss)."""
+        ids = self.prompt_ids[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        value = self._latent_loss(model, self.latents, indices, ids, generator)
+        if self.class_latents is not None:  # as many class images as subject images
+            drawn = torch.randint(len(self.class_latents.images), (len(ids),), generator=generator)
+            value = value + self.ft.prior_loss_weight * self._latent_loss(
+                model, self.class_latents, drawn.numpy(), self.class_prompt_ids[drawn], generator)
+        return value
 
     def describe(self, fed) -> str:
         ft = self.ft
@@ -185,9 +186,7 @@ class FinetuneTask:
     # ------------------------------------------------------------ per-round hooks
     def _error_due(self, global_round: int) -> bool:
         every = self.ft.aggregation_error_every
-        done = global_round + 1
-        return (self.ft.mode == "lora" and every > 0
-                and (done % every == 0 or done == self.cfg.rounds))
+        return self.ft.mode == "lora" and every > 0 and is_due(every, global_round + 1, self.cfg.rounds)
 
     def observe_client(self, fed, client: int, weight: float, global_round: int) -> None:
         """After a client trained (its weights are in the replica): add n_c * B_c A_c."""

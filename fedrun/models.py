@@ -1,11 +1,10 @@
-"""The model module owns diffusers: U-Net and scheduler construction, the flat view of the
-federated parameters, sampling pipelines and export.
+"""The model module owns diffusers: U-Net and scheduler construction, the diffusion loss,
+sampling pipelines and export.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
 
 import torch
 
@@ -63,6 +62,34 @@ def _load_pretrained_unet(name: str):
                               f"(not a local folder, and the hub said: {exc})") from None
 
 
+def diffusion_loss(unet, noise_scheduler, images: torch.Tensor, generator: torch.Generator | None,
+                   encoder_hidden_states: torch.Tensor | None = None):
+    """The DDPM objective: MSE between the added noise (or v / x0) and the U-Net's prediction.
+
+    Noise and timesteps are drawn from ``generator``, the caller's seeded stream (a client's
+    (seed, client, round) or a centralized micro-batch's (seed, step, offset)). ``images`` may
+    be VAE latents; ``encoder_hidden_states`` conditions a text-to-image U-Net."""
+    import torch.nn.functional as F
+
+    batch = images.shape[0]
+    noise = torch.randn(images.shape, generator=generator).to(images.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
+                              generator=generator).to(images.device)
+    noisy = noise_scheduler.add_noise(images, noise, timesteps)
+    if encoder_hidden_states is None:
+        prediction = unet(noisy, timesteps).sample
+    else:
+        prediction = unet(noisy, timesteps, encoder_hidden_states).sample
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = noise_scheduler.get_velocity(images, noise, timesteps)
+    else:
+        target = images
+    return F.mse_loss(prediction.float(), target.float())
+
+
 def build_noise_scheduler(cfg: DiffusionConfig):
     from diffusers import DDPMScheduler
 
@@ -75,62 +102,7 @@ def build_noise_scheduler(cfg: DiffusionConfig):
     )
 
 
-class FlatParameters:
-    """The trainable parameters of a module, re-seated as views of ONE contiguous fp32 vector.
-
-    Reading the local model (``flat``) and resetting it to the global weights (``load_``) are then
-    single memory copies, and the vector is exactly what the all-reduce buffer carries.
-    """
-
-    def __init__(self, module: torch.nn.Module):
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("the model has no trainable parameters")
-        self.names: List[str] = [n for n, _ in named]
-        self.shapes: List[torch.Size] = [p.shape for _, p in named]
-        self.params: List[torch.nn.Parameter] = [p for _, p in named]
-        numel = sum(p.numel() for p in self.params)
-        self.flat = torch.empty(numel, dtype=torch.float32, device=self.params[0].device)
-        offset = 0
-        for param in self.params:
-            n = param.numel()
-            self.flat[offset: offset + n].copy_(param.data.reshape(-1))
-            param.data = self.flat[offset: offset + n].view_as(param)
-            offset += n
-
-    @property
-    def numel(self) -> int:
-        return self.flat.numel()
-
-    def load_(self, vector: torch.Tensor) -> None:
-        """Copy ``vector`` into the parameters (a copy: the caller's vector is never aliased)."""
-        self.flat.copy_(vector)
-
-    def state_dict(self, vector: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """Name -> tensor for ``vector`` (default: the current parameters); fresh, unshared storage."""
-        vector = self.flat if vector is None else vector
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes):
-            n = shape.numel()
-            out[name] = vector[offset: offset + n].detach().reshape(shape).clone().cpu()
-            offset += n
-        return out
-
-    def vector_from(self, state: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The flat vector for a name -> tensor mapping (checks names and shapes)."""
-        missing = [n for n in self.names if n not in state]
-        if missing:
-            raise KeyError(f"{len(missing)} parameters missing, e.g. '{missing[0]}'")
-        parts = []
-        for name, shape in zip(self.names, self.shapes):
-            if state[name].shape != shape:
-                raise ValueError(f"parameter '{name}' has shape {tuple(state[name].shape)}, "
-                                 f"expected {tuple(shape)}")
-            parts.append(state[name].reshape(-1).float())
-        return torch.cat(parts).to(self.flat.device)
-
-
-def unet_with_weights(unet, flat: FlatParameters, vector: torch.Tensor):
+def unet_with_weights(unet, flat, vector: torch.Tensor):
     """A separate U-Net (same config) holding ``vector``: for sampling and export, leaving the
     training replica untouched."""
     clone = type(unet).from_config(unet.config)
@@ -158,14 +130,14 @@ def sample_chunks(unet, noise_scheduler, num_images: int, kind: str, steps: int,
     many ranks share the work."""
     import math
 
-    import numpy as np
+    from fedrun.rng import derived_generator
 
     pipe = build_sampling_pipeline(unet, noise_scheduler, kind)
     kwargs = {"num_inference_steps": steps} if kind == "ddim" else {}
     out = {}
     for index in range(rank, math.ceil(num_images / chunk), world_size):
         n = min(chunk, num_images - index * chunk)
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+        generator = derived_generator(seed, index)
         with torch.no_grad():
             out[index] = pipe(batch_size=n, generator=generator, output_type="np", **kwargs).images
     return out

@@ -12,22 +12,23 @@ from typing import Dict
 import torch
 
 from fedrun.config import EMAConfig, ServerConfig
+from fedrun.registry import Registry
+
+STRATEGIES: Registry = Registry("server strategy", "server.strategy")
 
 
-class FedAvg:
-    """w <- w + lr * sum(n_c delta_c) / sum(n_c). With lr = 1 the new model is the weighted mean
-    of the clients'.
+class ServerStrategy:
+    """What the server does with the reduced round: ``step(weights, update_sum, total_weight)``
+    changes ``weights`` in place (every rank runs it identically on the same reduced sum, so no
+    broadcast is needed). Built from the ``server`` config section; its state must be in
+    ``state_dict`` so a resumed run continues exactly. Register a subclass with
+    ``@STRATEGIES.register("name")`` to make ``server.strategy=name`` valid."""
 
-    The division by the total weight is folded into the update's one pass over the parameters
-    (``alpha``) instead of materialising the mean first: on CPU a separate pass costs as much
-    as a good part of the all-reduce itself (docs/benchmarks).
-    """
-
-    def __init__(self, lr: float = 1.0):
-        self.lr = lr
+    def __init__(self, cfg: ServerConfig):
+        self.cfg = cfg
 
     def step(self, weights: torch.Tensor, update_sum: torch.Tensor, total_weight: float = 1.0) -> None:
-        weights.add_(update_sum, alpha=self.lr / total_weight)
+        raise NotImplementedError
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {}
@@ -36,12 +37,31 @@ class FedAvg:
         del state
 
 
+@STRATEGIES.register("fedavg")
+class FedAvg(ServerStrategy):
+    """w <- w + lr * sum(n_c delta_c) / sum(n_c). With lr = 1 the new model is the weighted mean
+    of the clients'.
+
+    The division by the total weight is folded into the update's one pass over the parameters
+    (``alpha``) instead of materialising the mean first: on CPU a separate pass costs as much
+    as a good part of the all-reduce itself (docs/benchmarks).
+    """
+
+    def __init__(self, cfg: ServerConfig):
+        super().__init__(cfg)
+        self.lr = cfg.lr
+
+    def step(self, weights: torch.Tensor, update_sum: torch.Tensor, total_weight: float = 1.0) -> None:
+        weights.add_(update_sum, alpha=self.lr / total_weight)
+
+
+@STRATEGIES.register("fedavgm")
 class FedAvgM(FedAvg):
     """Server momentum (Hsu et al. 2019): v <- beta v + update; w <- w + lr v."""
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.9):
-        super().__init__(lr)
-        self.momentum = momentum
+    def __init__(self, cfg: ServerConfig):
+        super().__init__(cfg)
+        self.momentum = cfg.momentum
         self.velocity: torch.Tensor | None = None
 
     def step(self, weights: torch.Tensor, update_sum: torch.Tensor, total_weight: float = 1.0) -> None:
@@ -57,12 +77,9 @@ class FedAvgM(FedAvg):
         self.velocity = state.get("velocity")
 
 
-def build_server(cfg: ServerConfig) -> FedAvg:
-    if cfg.strategy == "fedavg":
-        return FedAvg(cfg.lr)
-    if cfg.strategy == "fedavgm":
-        return FedAvgM(cfg.lr, cfg.momentum)
-    raise ValueError(f"unknown server strategy '{cfg.strategy}'")
+def build_server(cfg: ServerConfig) -> ServerStrategy:
+    """The registered strategy ``server.strategy``, built from the ``server`` section."""
+    return STRATEGIES.get(cfg.strategy)(cfg)
 
 
 class EMA:

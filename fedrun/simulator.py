@@ -1,136 +1,90 @@
-"""The federated round loop (FedAvg over torchrun ranks), written as numbered steps.
+"""The federated round loop over torchrun ranks, written as numbered steps.
 
     Step 1  cohort: the sampled clients of this round (same on every rank), minus those that
             drop out (faults.dropout), dealt to ranks
-    Step 2  local training: each rank trains its clients from the global weights and adds
-            n_c * (w_c - w) to its round buffer (a non-finite update is rejected, not added)
-    Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, sum n_c, stats]; a rank
-            that hangs makes it fail after dist_timeout_s with an error naming the round
-    Step 4  server step on the averaged update (every rank, identically), EMA update
+    Step 2  local training: each rank runs the client algorithm for each of its clients from the
+            global weights; each update (local - global) passes the update transforms and is
+            added, weighted, to the round buffer (exactly, with aggregation.exact)
+    Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, algorithm segments, sum n_c,
+            stats]; a rank that hangs makes it fail after dist_timeout_s with an error naming
+            the round
+    Step 4  server transforms on the reduced sum, then the server strategy's step and the client
+            algorithm's server-side update (every rank, identically), EMA update
     Step 5  rank 0: log, sample grid, evaluation (FID/KID every eval.every rounds), checkpoint
+
+The seams (client algorithm, update transforms, server transforms, server strategy) are found
+through their registries; the task (what is trained) through ``fedrun.task``.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-import numpy as np
 import torch
 
 from fedrun import dist
-from fedrun.aggregate import RoundBuffer, client_weight, weighted_loss
-from fedrun.checkpoint import Checkpoint, load_checkpoint, prepare_run_dir, save_checkpoint
-from fedrun.client import batch_indices, client_generator, num_local_steps, train_client
+from fedrun.aggregate import (BYTES_PER_FLOAT, ExactGrid, RoundBuffer, RoundInfo, RoundResult,
+                              ServerTransform, UpdateInfo, UpdateTransform, client_weight,
+                              weighted_loss)
+from fedrun.checkpoint import list_checkpoints, load_checkpoint
+from fedrun.client import (ClientAlgorithm, ClientJob, batch_indices, client_generator,
+                           num_local_steps)
+from fedrun.client_state import ClientStateStore
 from fedrun.cohort import assign_to_ranks, dropped_clients, sample_cohort
-from fedrun.config import Config, diff_keys, digest, digest_view, to_dict, to_yaml
-from fedrun.errors import CheckpointError, DistributedError, FedrunError
-from fedrun.logging import RunLogger, jsonable, truncate_metrics
-
-BYTES_PER_FLOAT = 4
+from fedrun.config import Config
+from fedrun.errors import CheckpointError, DistributedError
+from fedrun.frame import RunState, drive, open_frame, open_run, restore_frame, write_outputs
+from fedrun.logging import RunLogger
+from fedrun.server import ServerStrategy
+from fedrun.task import Task, build_task
 
 
 @dataclass
-class Federation:
-    """Everything the round loop works on; identical on every rank except ``rank``."""
+class Federation(RunState):
+    """The run state plus what federated rounds need: the seams and the reused round buffer."""
 
-    cfg: Config
-    task: object  # e.g. pretrain.PretrainTask: builds data/model, loss, samples, export
-    device: torch.device
-    rank: int
-    world_size: int
-    dataset: object
-    client_indices: List[np.ndarray]
-    model: torch.nn.Module  # the training replica
-    params: object  # models.FlatParameters: the replica's trainable parameters, one vector
-    loss: object  # loss(batch_indices, generator) -> scalar tensor
-    noise_scheduler: object
-    global_weights: torch.Tensor
-    server: object
-    ema: object
-    start_round: int = 0
-    resumed_record: Optional[dict] = None  # metrics record of the checkpointed round
-    samples_seen: int = 0
-    bytes_total: int = 0
+    server: Optional[ServerStrategy] = None
+    algorithm: Optional[ClientAlgorithm] = None
+    update_transforms: List[UpdateTransform] = field(default_factory=list)
+    server_transforms: List[ServerTransform] = field(default_factory=list)
+    store: Optional[ClientStateStore] = None  # only for stateful client algorithms
     round_buffer: Optional[RoundBuffer] = None  # reused every round (no per-round allocation)
-    resumed_from: Optional[Path] = None  # the checkpoint folder this run continued from
 
 
 # ---------------------------------------------------------------- set-up
 
-def _prepare_on_rank0(cfg: Config) -> tuple:
-    """Rank 0 decides what happens to the run directory; the outcome (or the error) is shared."""
-    try:
-        resume_from = prepare_run_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
-        return ("ok", str(resume_from) if resume_from else None)
-    except FedrunError as exc:
-        return ("error", f"{type(exc).__name__}:{exc}")
-
-
-def default_task(cfg: Config):
-    from fedrun.pretrain import PretrainTask
-
-    return PretrainTask(cfg)
-
-
-def setup(cfg: Config, task=None) -> Federation:
-    """Process group, run directory, data, partition, model, server: ready for round 0 (or resume).
+def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
+    """Run directory, data, partition, model and the seams: ready for round 0 (or resumed).
     ``task`` defaults to DDPM pre-training."""
-    task = task or default_task(cfg)
-    from fedrun.data import partition_indices
-    from fedrun.models import FlatParameters
-    from fedrun.server import EMA, build_server
+    from fedrun.aggregate import build_server_transforms, build_update_transforms
+    from fedrun.client import build_client_algorithm
+    from fedrun.server import build_server
 
-    device = dist.init(cfg.device, cfg.dist_timeout_s, cfg.threads)
-    rank, world = dist.rank(), dist.world_size()
-    decision = _prepare_on_rank0(cfg) if rank == 0 else None
-    status, payload = dist.broadcast_object(decision)
-    if status == "error":
-        kind, message = payload.split(":", 1)
-        raise CheckpointError(message) if kind == "CheckpointError" else FedrunError(message)
-
-    built = task.build(device)
-    client_indices = partition_indices(built.dataset.labels, len(built.dataset), cfg.num_clients,
-                                       cfg.partition, cfg.seed)
-    params = FlatParameters(built.model)
-    fed = Federation(
-        cfg=cfg, task=task, device=device, rank=rank, world_size=world, dataset=built.dataset,
-        client_indices=client_indices, model=built.model, params=params, loss=None,
-        noise_scheduler=built.noise_scheduler, global_weights=params.flat.detach().clone(),
-        server=build_server(cfg.server), ema=None,
-    )
-    fed.loss = task.make_loss(fed)
-    fed.ema = EMA(fed.global_weights, cfg.ema)
-    if payload is not None:
-        fed.resumed_from = Path(payload)
+    task = task or build_task("train", cfg)
+    algorithm = build_client_algorithm(cfg)
+    fed = open_frame(cfg, task, Federation, server=build_server(cfg.server), algorithm=algorithm,
+                     update_transforms=build_update_transforms(cfg),
+                     server_transforms=build_server_transforms(cfg))
+    if algorithm.stateful:
+        fed.store = ClientStateStore(Path(cfg.output_dir))
+    if fed.resumed_from is not None:
         restore(fed, load_checkpoint(fed.resumed_from))
     return fed
 
 
-def restore(fed: Federation, ckpt: Checkpoint) -> None:
-    """Load global weights, EMA and server state from a checkpoint; refuse a different config."""
-    saved_view = ckpt.state.get("config", {})
-    if ckpt.state.get("config_digest") != digest(fed.cfg):
-        changed = diff_keys(saved_view, digest_view(fed.cfg))
-        raise CheckpointError(
-            f"checkpoint '{ckpt.path}' was written with a different config; differing keys: "
-            + "; ".join(changed or ["(unknown: the checkpoint has no config view)"]))
-    if ckpt.round > fed.cfg.rounds:
-        raise CheckpointError(f"checkpoint '{ckpt.path}' is at round {ckpt.round}, beyond "
-                              f"rounds={fed.cfg.rounds}; raise 'rounds' to continue it")
-    try:
-        fed.global_weights.copy_(fed.params.vector_from(ckpt.groups["model"]))
-        fed.ema.shadow.copy_(fed.params.vector_from(ckpt.groups["ema"]))
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint '{ckpt.path}' does not fit the model: {exc}") from None
+def restore(fed: Federation, ckpt) -> None:
+    """The frame's state plus the server's and the client algorithm's."""
+    restore_frame(fed, ckpt)
+    if fed.store is not None and ckpt.path.resolve().parent.parent != Path(fed.cfg.output_dir).resolve():
+        raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to another run directory, and "
+                              f"client algorithm '{fed.algorithm.name}' keeps per-client state in "
+                              "the run directory: copy that whole run and resume it there")
     fed.server.load_state_dict({k: v.to(fed.device) for k, v in ckpt.groups.get("server", {}).items()})
-    fed.ema.updates = int(ckpt.state["ema_updates"])
-    fed.start_round = ckpt.round
-    fed.resumed_record = ckpt.state.get("metrics_record")
-    fed.samples_seen = int(ckpt.state["samples_seen"])
-    fed.bytes_total = int(ckpt.state["bytes_total"])
+    fed.algorithm.load_state_dict({k: v.to(fed.device)
+                                   for k, v in ckpt.groups.get("client_algorithm", {}).items()})
 
 
 # ---------------------------------------------------------------- one round
@@ -143,35 +97,61 @@ def select_clients(fed: Federation, global_round: int) -> tuple[list, list, list
     dropped = dropped_clients(cohort, cfg.faults.dropout, cfg.faults.dropout_schedule, cfg.seed,
                               global_round)
     survivors = [c for c in cohort if c not in dropped]
-    costs = [_client_steps(fed, c) for c in survivors]
+    costs = [client_steps(fed, c) for c in survivors]
     return cohort, dropped, assign_to_ranks(survivors, fed.world_size, costs)[fed.rank]
 
 
-def _client_steps(fed: Federation, client: int) -> int:
+def client_steps(fed: Federation, client: int) -> int:
+    """Local optimizer steps of ``client`` per round (local_steps, or from local_epochs)."""
     cfg = fed.cfg
     return num_local_steps(len(fed.client_indices[client]), cfg.optim.batch_size,
                            cfg.local_steps, cfg.local_epochs)
 
 
+def _weight(fed: Federation, client: int) -> float:
+    return client_weight(len(fed.client_indices[client]), fed.cfg.server.weighting)
+
+
+def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
+    """This round's buffer (last round's storage reused), with exact grids when asked for: the
+    update's grid follows the global weights, a segment's its reference; the weight bound is the
+    cohort's total weight. Every input is the same on every rank."""
+    segments = fed.algorithm.segments(fed.params)
+    exact = None
+    if fed.cfg.aggregation.exact:
+        bound = sum(_weight(fed, c) for c in cohort)
+        exact = {"update": ExactGrid(fed.params.numel, fed.global_weights, bound, fed.device)}
+        exact.update({s.name: ExactGrid(s.numel, s.reference, len(cohort), fed.device)
+                      for s in segments})
+    fed.round_buffer = RoundBuffer(fed.params.numel, cohort, fed.world_size, fed.device,
+                                   reuse=fed.round_buffer, segments=segments, exact=exact,
+                                   transforms=fed.update_transforms)
+    return fed.round_buffer
+
+
 def train_local(fed: Federation, cohort: list, mine: list, global_round: int) -> RoundBuffer:
-    """Step 2: train this rank's clients, each from the global weights, into the round buffer."""
+    """Step 2: run the client algorithm for this rank's clients, each from the global weights,
+    into the round buffer."""
     cfg = fed.cfg
-    buffer = RoundBuffer(fed.params.numel, cohort, fed.world_size, fed.device, reuse=fed.round_buffer)
-    fed.round_buffer = buffer
+    buffer = new_round_buffer(fed, cohort)
     started = time.perf_counter()
     for client in mine:
         fed.params.load_(fed.global_weights)
         generator = client_generator(cfg.seed, client, global_round)
-        indices = fed.client_indices[client]
-        batches = batch_indices(indices, _client_steps(fed, client), cfg.optim.batch_size, generator)
-        result = train_client(fed.model, fed.params.params, fed.loss, batches, generator,
-                              cfg.optim, fed.device)
+        batches = batch_indices(fed.client_indices[client], client_steps(fed, client),
+                                cfg.optim.batch_size, generator)
+        state = fed.store.load(client, global_round) if fed.store is not None else None
+        result = fed.algorithm.train(ClientJob(
+            client, global_round, fed.model, fed.params, fed.global_weights, batches, generator,
+            fed.task.loss, cfg.optim, fed.device, state))
         if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
             fed.params.flat[0] = float("nan")
-        weight = client_weight(len(indices), cfg.server.weighting)
-        accepted = buffer.add_client(client, fed.params.flat, fed.global_weights, weight,
-                                     result.mean_loss, result.samples)
-        if accepted and hasattr(fed.task, "observe_client"):  # task hook (LoRA: B_c A_c)
+        weight = _weight(fed, client)
+        info = UpdateInfo(client, global_round, cfg.seed, weight, result.mean_loss)
+        if buffer.add_client(client, fed.params.flat, fed.global_weights, weight, result.mean_loss,
+                             result.samples, info=info, segments=result.segments):
+            if fed.store is not None and result.state is not None:
+                fed.store.save(client, global_round + 1, result.state)
             fed.task.observe_client(fed, client, weight, global_round)
     if fed.device.type == "cuda":
         torch.cuda.synchronize(fed.device)
@@ -179,7 +159,7 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
     return buffer
 
 
-def reduce_round(buffer: RoundBuffer, global_round: int):
+def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
     """Step 3: ONE all-reduce of the flat buffer, decoded; a failure names the round."""
     try:
         dist.all_reduce_sum(buffer.buffer)
@@ -188,24 +168,38 @@ def reduce_round(buffer: RoundBuffer, global_round: int):
     return buffer.decode()
 
 
-def server_update(fed: Federation, result) -> bool:
-    """Step 4: apply the averaged update (a round where no weight arrived keeps the model)."""
+def server_update(fed: Federation, result: RoundResult, global_round: int) -> tuple[bool, dict]:
+    """Step 4: server transforms, the server step, the client algorithm's server-side update and
+    the EMA (a round where no weight arrived keeps the model). Returns (updated, metrics)."""
     if result.total_weight <= 0:
-        return False
+        return False, {}
+    info = RoundInfo(global_round, fed.cfg.seed, result.total_weight,
+                     accepted=sum(1 for w in result.client_weight.values() if w > 0))
+    metrics: dict = {}
+    for transform in fed.server_transforms:
+        metrics.update(transform(result.update_sum, info))
     fed.server.step(fed.global_weights, result.update_sum, result.total_weight)
+    fed.algorithm.server_update(result)
     fed.ema.update(fed.global_weights)
-    return True
+    return True, metrics
 
 
-def account(fed: Federation, result) -> dict:
-    """Samples and bytes of the round (every rank keeps the totals: they are checkpointed)."""
-    update_bytes = fed.params.numel * BYTES_PER_FLOAT
+def account(fed: Federation, result: RoundResult) -> dict:
+    """Samples and bytes of the round (every rank keeps the totals: they are checkpointed).
+
+    Bytes are the protocol's: each participating client receives the global vector (and the
+    algorithm's segments, e.g. SCAFFOLD's server variate) and sends its fp32 update (and its
+    segments). How the simulator sums them (exact mode: float64 fixed point) is not counted;
+    ``buffer_bytes`` is the simulator's all-reduce payload per rank."""
+    floats = fed.params.numel + sum(s.numel() for s in result.segments.values())
+    update_bytes = floats * BYTES_PER_FLOAT
     trained = [c for c, w in result.client_weight.items() if w > 0]
     round_samples = sum(result.client_samples.values())
     sent = len(trained) + len(result.rejected)  # a rejected update was sent, then refused
-    round_bytes = 2 * update_bytes * sent  # each client receives w and sends its update
+    round_bytes = 2 * update_bytes * sent
     fed.samples_seen += round_samples
     fed.bytes_total += round_bytes
+    buffer = fed.round_buffer.buffer
     return {
         "samples": fed.samples_seen,
         "round_samples": round_samples,
@@ -213,113 +207,16 @@ def account(fed: Federation, result) -> dict:
         "clients": trained,
         "client_loss": {c: result.client_loss[c] for c in trained},
         "client_samples": {c: result.client_samples[c] for c in trained},
-        "rejected_nonfinite": result.rejected,
+        "rejected_nonfinite": [c for c, why in result.rejected_by.items() if why == "nonfinite_guard"],
+        "rejected": result.rejected_by,
         "bytes_sent_per_client": update_bytes,
         "bytes_received_per_client": update_bytes,
         "bytes_round": round_bytes,
         "bytes_total": fed.bytes_total,
+        "buffer_bytes": buffer.numel() * buffer.element_size(),
         "local_compute_s": max(result.rank_compute_s),
         "local_compute_s_per_rank": result.rank_compute_s,
     }
-
-
-# ---------------------------------------------------------------- outputs
-
-def _is_due(every: int, done_rounds: int, total: int) -> bool:
-    return done_rounds == total or (every > 0 and done_rounds % every == 0)
-
-
-def write_checkpoint(fed: Federation, done_rounds: int, record: Optional[dict] = None,
-                     extra_groups: Optional[dict] = None) -> Path:
-    """Global weights, EMA and server state (plus ``extra_groups``, e.g. an optimizer's state)
-    and the round's metrics ``record``."""
-    state = {
-        "config_digest": digest(fed.cfg),
-        "config": digest_view(fed.cfg),
-        "ema_updates": fed.ema.updates,
-        "samples_seen": fed.samples_seen,
-        "bytes_total": fed.bytes_total,
-        "world_size": fed.world_size,
-        # All randomness is derived from (seed, round) and (seed, client, round): there is no
-        # hidden generator state to save, which is why a resumed run equals an uninterrupted one.
-        "rng": {"scheme": "derived per (seed, client, round)", "seed": fed.cfg.seed},
-        # The round's metrics (its timings are still running): restored on resume if the process
-        # dies between this checkpoint and the metrics.jsonl line, so the log stays complete.
-        "metrics_record": jsonable(record) if record is not None else None,
-    }
-    groups = {
-        "model": fed.params.state_dict(fed.global_weights),
-        "ema": fed.params.state_dict(fed.ema.shadow),
-        "server": fed.server.state_dict(),
-        **(extra_groups or {}),
-    }
-    return save_checkpoint(Path(fed.cfg.output_dir), done_rounds, groups, state,
-                           fed.cfg.checkpoint.keep_last)
-
-
-def export_final(fed: Federation) -> Path:
-    """final/: the task's export (a stock diffusers folder), written under a temporary name."""
-    import shutil
-
-    out = Path(fed.cfg.output_dir) / "final"
-    tmp = out.with_name(".final.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    fed.task.export(fed, tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.replace(out)
-    return out
-
-
-# ---------------------------------------------------------------- the loop
-
-def run(cfg: Config, task=None) -> Path:
-    """Train ``cfg.rounds`` FedAvg rounds of ``task`` (default: DDPM pre-training); returns the
-    run directory."""
-    task = task or default_task(cfg)
-    fed = setup(cfg, task)
-    logger = open_run(fed, task.name, f"{task.describe(fed)}, {cfg.num_clients} clients "
-                                      f"({cfg.cohort_size} per round), "
-                                      f"{fed.params.numel:,} federated parameters")
-    if fed.rank == 0:
-        _write_partition(fed, Path(cfg.output_dir))
-    return drive(fed, logger, lambda global_round: run_round(fed, global_round, logger))
-
-
-def open_run(fed: Federation, job_type: str, description: str) -> RunLogger:
-    """Rank 0 writes config.yaml and trims metrics.jsonl to the resumed round; the logger (a
-    no-op on other ranks) opens and says what runs."""
-    from fedrun.checkpoint import atomic_write_text
-
-    cfg, run_dir, main = fed.cfg, Path(fed.cfg.output_dir), fed.rank == 0
-    if main:
-        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-        truncate_metrics(run_dir, fed.start_round, fed.resumed_record)
-    logger = RunLogger(run_dir, cfg.logging, to_dict(cfg), cfg.rounds, fed.start_round, enabled=main,
-                       job_type=job_type)
-    logger.write(f"fedrun {job_type}: {dist.describe(fed.device)}, {description}"
-                 + (f", resuming after round {fed.start_round}" if fed.start_round else ""))
-    return logger
-
-
-def drive(fed: Federation, logger: RunLogger, one_round) -> Path:
-    """Run the remaining rounds (``one_round(global_round)`` returns the round's record), then
-    rank 0 exports final/ and writes the run summary. Shared with the centralized baseline."""
-    try:
-        record = {}
-        for global_round in range(fed.start_round, fed.cfg.rounds):
-            record = one_round(global_round)
-        if fed.rank == 0:
-            export_final(fed)
-            task_summary = getattr(fed.task, "summary", None)
-            logger.summary({"final_train_loss": record.get("train_loss"),
-                            "samples": fed.samples_seen, "bytes_total": fed.bytes_total,
-                            **(task_summary(fed) if task_summary else {})})
-    finally:
-        logger.close()
-    dist.barrier()
-    return Path(fed.cfg.output_dir)
 
 
 def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
@@ -333,56 +230,52 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     reduce_started = time.perf_counter()
     result = reduce_round(buffer, global_round)
     aggregation_s = time.perf_counter() - reduce_started
-    # optional task metrics of the reduced round, before the server step (may be collective)
-    task_metrics = fed.task.round_metrics(fed, global_round, result) \
-        if hasattr(fed.task, "round_metrics") else {}
+    # the task's metrics of the reduced round, before the server step (may be collective)
+    task_metrics = fed.task.round_metrics(fed, global_round, result)
     # Step 4: server step
     server_started = time.perf_counter()
-    updated = server_update(fed, result)
+    updated, server_metrics = server_update(fed, result, global_round)
     done = global_round + 1
-    record = {"round": done, **account(fed, result), **task_metrics, "dropped": dropped,
-              "model_updated": updated, "aggregation_s": aggregation_s,
+    record = {"round": done, **account(fed, result), **task_metrics, **server_metrics,
+              "dropped": dropped, "model_updated": updated, "aggregation_s": aggregation_s,
               "server_s": time.perf_counter() - server_started}
     # Step 5: log / sample / evaluate / checkpoint (rank 0)
     if fed.rank != 0:
         return record
     if result.rejected:
-        logger.write(f"round {done}: rejected the non-finite update of client(s) {result.rejected}")
+        logger.write(f"round {done}: rejected the update of "
+                     + ", ".join(f"client {c} ({why})" for c, why in result.rejected_by.items()))
     if not updated:
         logger.write(f"round {done}: no client update arrived; the global model is unchanged")
-    return write_outputs(fed, done, record, logger, started)
+    return write_outputs(fed, done, record, logger, started,
+                         checkpoint_groups=lambda: _checkpoint_groups(fed),
+                         checkpoint_state={"client_algorithm": fed.algorithm.name,
+                                           "client_state_store": fed.store is not None},
+                         after_checkpoint=lambda: _prune_client_states(fed))
 
 
-def write_outputs(fed: Federation, done: int, record: dict, logger: RunLogger, started: float,
-                  extra_groups=None) -> dict:
-    """Step 5 on rank 0 (shared with the centralized baseline): sample grid, evaluation,
-    checkpoint, then the round's record to metrics.jsonl / W&B. ``extra_groups()``, when given,
-    returns more tensor groups for the checkpoint (called only when one is due)."""
-    cfg = fed.cfg
-    output_started = time.perf_counter()
-    if _is_due(cfg.sample.every, done, cfg.rounds):
-        fed.task.write_samples(fed, done, logger)
-    record["sample_s"] = time.perf_counter() - output_started
-    if cfg.eval.every > 0 and _is_due(cfg.eval.every, done, cfg.rounds) and hasattr(fed.task, "evaluate"):
-        eval_started = time.perf_counter()
-        record.update(fed.task.evaluate(fed, done, logger))
-        record["eval_s"] = time.perf_counter() - eval_started
-    checkpoint_started = time.perf_counter()
-    if _is_due(cfg.checkpoint.every, done, cfg.rounds):
-        write_checkpoint(fed, done, record, extra_groups() if extra_groups else None)
-    record["checkpoint_s"] = time.perf_counter() - checkpoint_started
-    record["round_time_s"] = time.perf_counter() - started
-    logger.log(record)
-    logger.progress(done, loss=record["train_loss"], round_s=record["round_time_s"],
-                    **({"fid": record["fid"]} if "fid" in record else {}))
-    return record
+def _checkpoint_groups(fed: Federation) -> dict:
+    return {"server": fed.server.state_dict(), "client_algorithm": fed.algorithm.state_dict()}
 
 
-def _write_partition(fed: Federation, run_dir: Path) -> None:
-    import json
+def _prune_client_states(fed: Federation) -> None:
+    kept = list_checkpoints(Path(fed.cfg.output_dir))
+    if fed.store is not None and kept:
+        fed.store.prune(kept[0][0])
 
-    from fedrun.checkpoint import atomic_write_text
-    from fedrun.data import partition_summary
 
-    summary = partition_summary(fed.client_indices, fed.dataset.labels)
-    atomic_write_text(run_dir / "partition.json", json.dumps(summary))
+# ---------------------------------------------------------------- the loop
+
+def run(cfg: Config, task: Optional[Task] = None) -> Path:
+    """Train ``cfg.rounds`` federated rounds of ``task`` (default: DDPM pre-training); returns
+    the run directory. Joins (and afterwards leaves) the torchrun process group if there is one."""
+    task = task or build_task("train", cfg)
+    with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads):
+        fed = setup(cfg, task)
+        exact = "exact" if cfg.aggregation.exact else "fp32"
+        logger = open_run(fed, task.name, f"{task.describe(fed)}, {cfg.num_clients} clients "
+                                          f"({cfg.cohort_size} per round), "
+                                          f"{fed.params.numel:,} federated parameters, client "
+                                          f"algorithm {fed.algorithm.name}, server "
+                                          f"{cfg.server.strategy}, {exact} aggregation")
+        return drive(fed, logger, lambda global_round: run_round(fed, global_round, logger))

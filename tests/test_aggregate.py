@@ -7,7 +7,7 @@ import torch
 
 from fedrun.aggregate import RoundBuffer, client_weight, weighted_loss, weighted_mean
 from fedrun.cohort import assign_to_ranks, sample_cohort
-from fedrun.config import EMAConfig
+from fedrun.config import EMAConfig, ServerConfig
 from fedrun.server import EMA, FedAvg, FedAvgM
 
 
@@ -83,18 +83,18 @@ def test_fedavg_server_step_is_the_weighted_average_of_client_models():
     buffer = RoundBuffer(2, [0, 1], 1)
     for c, (w_c, n) in enumerate(zip(clients, weights)):
         buffer.add_client(c, w_c, global_w, n, 0.0, 1)
-    FedAvg(lr=1.0).step(global_w, buffer.decode().mean_update)
+    FedAvg(ServerConfig(lr=1.0)).step(global_w, buffer.decode().mean_update)
     assert torch.allclose(global_w, weighted_mean(clients, weights))  # [1.5, 0.5]
     assert torch.allclose(global_w, torch.tensor([1.5, 0.5]))
 
 
 def test_fedavgm_momentum_hand_computed():
     w = torch.zeros(1)
-    server = FedAvgM(lr=1.0, momentum=0.5)
+    server = FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5))
     server.step(w, torch.tensor([1.0]))  # v = 1, w = 1
     server.step(w, torch.tensor([1.0]))  # v = 1.5, w = 2.5
     assert w.item() == pytest.approx(2.5)
-    restored = FedAvgM(lr=1.0, momentum=0.5)
+    restored = FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5))
     restored.load_state_dict(server.state_dict())
     restored.step(w, torch.tensor([0.0]))  # v = 0.75, w = 3.25
     assert w.item() == pytest.approx(3.25)
@@ -183,10 +183,10 @@ def test_server_step_folds_the_division_into_its_pass():
     update_sum, total = torch.tensor([3.0, -6.0, 1.5]), 3.0
     mean = update_sum / total
     a, b = torch.ones(3), torch.ones(3)
-    FedAvg(lr=0.5).step(a, update_sum, total)
-    FedAvg(lr=0.5).step(b, mean)
+    FedAvg(ServerConfig(lr=0.5)).step(a, update_sum, total)
+    FedAvg(ServerConfig(lr=0.5)).step(b, mean)
     assert torch.allclose(a, torch.tensor([1.5, 0.0, 1.25]), atol=1e-6) and torch.allclose(a, b, atol=1e-6)
-    m1, m2 = FedAvgM(lr=1.0, momentum=0.5), FedAvgM(lr=1.0, momentum=0.5)
+    m1, m2 = FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5)), FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5))
     for _ in range(2):
         m1.step(a, update_sum, total)
         m2.step(b, mean)

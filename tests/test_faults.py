@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from conftest import DIGITS_CONFIG, FAULT_SHAPE, REPO, run_cli, tiny
 from fedrun import simulator
-from fedrun.aggregate import RoundBuffer, weighted_loss
+from fedrun.aggregate import NonFiniteGuard, RoundBuffer, weighted_loss
 from fedrun.cohort import dropped_clients
 from fedrun.config import load_config
 from fedrun.errors import ConfigError
@@ -78,7 +78,8 @@ def test_survivors_are_reweighted_when_a_client_drops():
 
 def test_non_finite_update_is_rejected_before_it_is_added():
     global_w = torch.tensor([1.0, 1.0])
-    buffer = RoundBuffer(num_params=2, cohort=[0, 1, 2, 3], world_size=1)
+    buffer = RoundBuffer(num_params=2, cohort=[0, 1, 2, 3], world_size=1,
+                         transforms=[NonFiniteGuard()])
     assert buffer.add_client(0, torch.tensor([3.0, 1.0]), global_w, 2.0, loss=0.5, samples=4)
     assert not buffer.add_client(1, torch.tensor([float("nan"), 1.0]), global_w, 5.0, loss=0.5, samples=4)
     assert not buffer.add_client(2, torch.tensor([2.0, float("inf")]), global_w, 5.0, loss=0.5, samples=4)
@@ -153,7 +154,7 @@ def test_random_dropout_is_logged_per_round(tiny_config, tmp_path):
 def test_nan_update_is_rejected_logged_and_the_model_stays_finite(tiny_config, tmp_path, capsys):
     shape = ["num_clients=3", "rounds=2", "checkpoint.every=1", "sample.every=0"]
     simulator.run(tiny_config(*shape, "faults.nonfinite_schedule=[[1,1]]", output_dir=tmp_path / "nan"))
-    assert "round 1: rejected the non-finite update of client(s) [1]" in capsys.readouterr().err
+    assert "round 1: rejected the update of client 1 (nonfinite_guard)" in capsys.readouterr().err
     # Rejecting client 1 must give exactly the model of a round in which client 1 dropped out.
     simulator.run(tiny_config(*shape, "faults.dropout_schedule=[[1,1]]", output_dir=tmp_path / "drop"))
     for round_ in (1, 2):

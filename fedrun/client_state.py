@@ -1,0 +1,95 @@
+"""The client state store: per-client tensors that survive rounds (control variates, optimizer
+state), for client algorithms that declare ``stateful = True``.
+
+Where it lives: on disk, in ``<output_dir>/client_state/client_CCCCCC/round_RRRRR.safetensors``
+-- the state client C had after round R. A client may be trained by a different rank (or node)
+every round, so its state must be reachable from every rank; the run directory is, as it
+already is for resuming from checkpoints. Each rank holds in memory only the state of the client
+it is training, so memory does not grow with the number of clients; the disk holds
+C x (state size) x (versions kept).
+
+Why versions: a checkpoint of round R must see every client's state as of round R even after
+later rounds wrote newer ones. Reading at round r takes the newest version written after a round
+<= r; resuming from a checkpoint of round R deletes the versions newer than R (``truncate``), so a
+resumed run equals an uninterrupted one; ``prune`` drops versions that no kept checkpoint can
+need. Writes are atomic (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+STATE_DIR = "client_state"
+_VERSION = re.compile(r"round_(\d{5,})\.safetensors$")
+
+
+class ClientStateStore:
+    def __init__(self, run_dir: Path):
+        self.root = Path(run_dir) / STATE_DIR
+
+    def _client_dir(self, client: int) -> Path:
+        return self.root / f"client_{client:06d}"
+
+    def _versions(self, client: int) -> List[int]:
+        folder = self._client_dir(client)
+        if not folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for m in map(_VERSION.match, os.listdir(folder)) if m)
+
+    def load(self, client: int, global_round: int) -> Optional[Dict[str, torch.Tensor]]:
+        """The state client ``client`` had before round ``global_round`` (0-based), or None."""
+        from safetensors.torch import load_file
+
+        older = [v for v in self._versions(client) if v <= global_round]
+        if not older:
+            return None
+        return load_file(str(self._client_dir(client) / f"round_{older[-1]:05d}.safetensors"))
+
+    def save(self, client: int, done_rounds: int, state: Dict[str, torch.Tensor]) -> None:
+        """Store the state client ``client`` has after round ``done_rounds`` (1-based)."""
+        from safetensors.torch import save_file
+
+        folder = self._client_dir(client)
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"round_{done_rounds:05d}.safetensors"
+        tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+
+    def clients(self) -> List[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(p.name.split("_")[1]) for p in self.root.iterdir()
+                      if p.name.startswith("client_"))
+
+    def truncate(self, done_rounds: int) -> None:
+        """Forget every version written after round ``done_rounds`` (resuming from it)."""
+        for client in self.clients():
+            for version in self._versions(client):
+                if version > done_rounds:
+                    (self._client_dir(client) / f"round_{version:05d}.safetensors").unlink()
+
+    def prune(self, oldest_needed_round: int) -> None:
+        """Keep, per client, the newest version at or before ``oldest_needed_round`` and all
+        later ones (what the oldest kept checkpoint, and every later one, reads)."""
+        for client in self.clients():
+            older = [v for v in self._versions(client) if v <= oldest_needed_round]
+            for version in older[:-1]:
+                (self._client_dir(client) / f"round_{version:05d}.safetensors").unlink()
+
+    def nbytes(self) -> int:
+        """Bytes on disk (all clients, all versions)."""
+        if not self.root.is_dir():
+            return 0
+        return sum(f.stat().st_size for f in self.root.rglob("*.safetensors"))
+
+    def clear(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
