@@ -295,7 +295,7 @@ def _fmt(mean_std: tuple, digits: int = 3, scale: float = 1.0) -> str:
 
 def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], report_dir: Path,
                  command: str, wall_s: float) -> Path:
-    from fedrun.evaluate import bias_warning
+    from fedrun.features import bias_warning
 
     report_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(grid, summary, report_dir) + [plot_bytes(summary, report_dir)]

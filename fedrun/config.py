@@ -259,7 +259,7 @@ class FaultsConfig:
 
 @dataclass
 class EvalConfig:
-    """FID/KID of samples from the EMA model (``fedrun.evaluate``), during training and in
+    """FID/KID of samples from the EMA model (``fedrun.features``), during training and in
     ``fedrun evaluate``; always reported with the real-vs-real floor and the sample count."""
 
     every: int = 0
@@ -267,7 +267,8 @@ class EvalConfig:
     num_samples: int = 1000
     """Generated samples per evaluation (fewer than 1000: biased FID, a warning says so)."""
     feature: str = "digits"
-    """'digits' (the shipped digits classifier, offline) or 'inception' (torchmetrics' FID InceptionV3)."""
+    """A registered feature extractor (``fedrun.features.FEATURE_EXTRACTORS``): 'digits' (the
+    shipped digits classifier, offline) or 'inception' (torchmetrics' FID InceptionV3)."""
     inception_weights: Optional[str] = None
     """Local path of weights-inception-2015-12-05-6726825d.pth for 'inception' without internet."""
     scheduler: str = "ddim"
@@ -282,8 +283,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
         _require(self.num_samples >= 2, "eval.num_samples", f"must be >= 2, got {self.num_samples}")
-        _require(self.feature in ("digits", "inception"), "eval.feature",
-                 f"unknown feature extractor '{self.feature}' (choose one of: digits, inception)")
+        from fedrun.features import FEATURE_EXTRACTORS  # here: fedrun.features imports torch
+
+        FEATURE_EXTRACTORS.check(self.feature)
         _require(self.scheduler in ("ddim", "ddpm"), "eval.scheduler",
                  f"must be 'ddim' or 'ddpm', got '{self.scheduler}'")
         _require(self.steps >= 1, "eval.steps", f"must be >= 1, got {self.steps}")

@@ -165,7 +165,7 @@ def evaluate(base_dir: Path, lora_dirs: dict, results: Path, num_per_prompt: int
              guidance: float, seed: int = 4321) -> dict:
     """Nine-rate and prior preservation of the base pipeline and of each LoRA, loaded onto it
     with stock ``load_lora_weights``; one grid per model (rows: instance prompt, digits 0-8)."""
-    from fedrun.evaluate import save_grid
+    from fedrun.grids import save_grid
 
     pipe = _load_pipeline(base_dir)
     results.mkdir(parents=True, exist_ok=True)
