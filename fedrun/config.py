@@ -71,7 +71,8 @@ class PartitionConfig:
     """How the training images are split among the clients."""
 
     method: str = "iid"
-    """'iid', 'dirichlet' (label skew, alpha), 'shards' (k classes per client), 'unbalanced'."""
+    """A registered partitioner (``fedrun.data.partition.PARTITIONERS``): 'iid', 'dirichlet'
+    (label skew, alpha), 'shards' (k classes per client), 'unbalanced'."""
     alpha: float = 0.5
     """Dirichlet concentration: small = each client sees few classes, large = near iid."""
     shards_per_client: int = 2
@@ -80,8 +81,9 @@ class PartitionConfig:
     """'unbalanced': client sizes are log-normal with this sigma (0 = equal sizes)."""
 
     def __post_init__(self) -> None:
-        _require(self.method in ("iid", "dirichlet", "shards", "unbalanced"), "partition.method",
-                 f"must be 'iid', 'dirichlet', 'shards' or 'unbalanced', got '{self.method}'")
+        from fedrun.data.partition import PARTITIONERS  # here: fedrun.data.partition imports this module
+
+        PARTITIONERS.check(self.method)
         _require(self.alpha > 0, "partition.alpha", f"must be > 0, got {self.alpha}")
         _require(self.shards_per_client >= 1, "partition.shards_per_client",
                  f"must be >= 1, got {self.shards_per_client}")
