@@ -464,6 +464,16 @@ class Config:
             for _, client in getattr(self.faults, key):
                 _require(client < self.num_clients, f"faults.{key}",
                          f"client {client} does not exist (num_clients={self.num_clients})")
+        # A U-Net of n blocks halves the image n - 1 times and concatenates the skip connections
+        # on the way up: a side that is odd before any halving breaks that concat deep in diffusers.
+        # A pretrained U-Net (or the pipeline of `fedrun finetune`) is not built from model.*.
+        if not (self.model.pretrained or self.finetune.pretrained):
+            factor = 2 ** (len(self.model.block_out_channels) - 1)
+            _require(self.data.image_size % factor == 0, "data.image_size",
+                     f"{self.data.image_size} is not divisible by {factor}: the U-Net's "
+                     f"{len(self.model.block_out_channels)} blocks (model.block_out_channels) halve "
+                     f"the image {factor.bit_length() - 1} time(s); use a multiple of {factor} "
+                     f"(e.g. {(self.data.image_size // factor + 1) * factor})")
 
     @property
     def cohort_size(self) -> int:
