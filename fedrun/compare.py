@@ -155,19 +155,19 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def execute(spec: RunSpec, base_config: Optional[str], in_process: bool) -> float:
-    """Train one run (overwriting an unfinished one); returns its wall time in seconds."""
-    args = ([f"--config={base_config}"] if base_config else []) + spec.overrides + ["overwrite=true"]
+    """Train one run (overwriting an unfinished one); returns its wall time in seconds.
+
+    In process, a failed run raises its FedrunError; as a subprocess (``python -m fedrun``), a
+    FedrunError names the run and its log."""
+    overrides = spec.overrides + ["overwrite=true"]
     started = time.perf_counter()
     if in_process:
-        from fedrun.cli import main
-
-        code = main([spec.kind] + args)
-        if code != 0:
-            raise FedrunError(f"run '{spec.name}' seed {spec.seed} failed (exit code {code})")
+        _train(spec.kind, base_config, overrides)
     else:
         spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = spec.run_dir.parent / f"seed{spec.seed}.log"
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", WANDB_SILENT="true")
+        args = ([f"--config={base_config}"] if base_config else []) + overrides
         with open(log, "w") as handle:
             code = subprocess.call([sys.executable, "-m", "fedrun", spec.kind] + args,
                                    stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -178,6 +178,20 @@ def execute(spec: RunSpec, base_config: Optional[str], in_process: bool) -> floa
     (spec.run_dir / RUN_INFO).write_text(json.dumps({"wall_s": wall, "kind": spec.kind,
                                                      "overrides": spec.overrides}))
     return wall
+
+
+def _train(kind: str, base_config: Optional[str], overrides: List[str]) -> Path:
+    """``fedrun train`` or ``fedrun central`` of one run, through the library."""
+    from fedrun.config import load_config
+
+    cfg = load_config(base_config, overrides)
+    if kind == "central":
+        from fedrun.centralized import run_central
+
+        return run_central(cfg)
+    from fedrun import simulator
+
+    return simulator.run(cfg)
 
 
 def run_grid(grid: Grid, jobs: int = 1, say=print) -> List[RunSpec]:
