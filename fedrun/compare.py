@@ -110,6 +110,7 @@ def _divide(total: int, unit: int, what: str, name: str) -> int:
 
 def plan_runs(grid: Grid) -> List[RunSpec]:
     """Every (run, seed) with its derived overrides; checks the budgets divide into rounds."""
+    from fedrun.centralized import federated_steps_per_round, plan
     from fedrun.config import load_config
 
     specs = []
@@ -122,12 +123,14 @@ def plan_runs(grid: Grid) -> List[RunSpec]:
         if cfg.local_epochs is not None:
             raise ConfigError(f"grid run '{run['name']}': use local_steps, not local_epochs, in a "
                               "comparison (the budget must divide into rounds)")
-        steps = cfg.cohort_size * cfg.local_steps
+        # The runs' own arithmetic; client sizes only matter with local_epochs, refused above.
+        client_sizes = [0] * cfg.num_clients
         if kind == "central":
-            steps = cfg.central.steps_per_round or steps
-            round_samples = steps * (cfg.central.batch_size or cfg.optim.batch_size)
+            schedule = plan(cfg, client_sizes)
+            steps = schedule["steps_per_round"]
+            round_samples = steps * schedule["batch"]
         else:
-            round_samples = steps * cfg.optim.batch_size
+            round_samples = federated_steps_per_round(cfg, client_sizes) * cfg.optim.batch_size
         rounds = _divide(grid.samples, round_samples, "samples", run["name"])
         every = _divide(grid.eval_every_samples, round_samples, "eval_every_samples", run["name"])
         decay = 1.0 - round_samples / grid.ema_horizon_samples
