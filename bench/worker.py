@@ -24,8 +24,7 @@ import torch.distributed as torch_dist
 
 from bench import common, configs
 from fedrun import dist
-
-BYTES_PER_FLOAT = 4
+from fedrun.aggregate import BYTES_PER_FLOAT
 
 
 def ring_bytes_per_rank(numel: int, world: int) -> float:
