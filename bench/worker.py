@@ -4,8 +4,8 @@
    FedAvg on plain tensors, and vs one all_reduce per parameter tensor; for several state sizes.
 4. fedcentral  -- federated (C = world size, E local steps per round) vs a bare torch DDP loop
    (same U-Net, per-rank batch, AdamW, clipping), at equal samples processed.
-5. breakdown   -- a real ``fedrun train`` (``fedrun.cli.main``) run; shares of the round time
-   from its metrics.jsonl. Must be the last task: the CLI tears the process group down.
+5. breakdown   -- a real ``fedrun train`` (``fedrun.simulator.run``) run; shares of the round
+   time from its metrics.jsonl.
 
     torchrun --standalone --nproc_per_node=2 -m bench.worker --out r.json --workdir /tmp/x \\
         [--quick] [--tasks aggregation,fedcentral,breakdown]
@@ -24,8 +24,7 @@ import torch.distributed as torch_dist
 
 from bench import common, configs
 from fedrun import dist
-
-BYTES_PER_FLOAT = 4
+from fedrun.aggregate import BYTES_PER_FLOAT
 
 
 def ring_bytes_per_rank(numel: int, world: int) -> float:
@@ -297,20 +296,20 @@ PHASES = ("local_compute_s", "aggregation_s", "server_s", "sample_s", "checkpoin
 
 
 def breakdown(quick: bool, workdir: Path) -> dict:
-    from fedrun import cli
+    from fedrun import simulator
+    from fedrun.config import load_config
     from fedrun.logging import read_metrics
 
     run_dir = workdir / "breakdown"
     shape = (["rounds=3", "sample.every=3", "checkpoint.every=1"] if quick
              else ["rounds=20", "sample.every=20", "checkpoint.every=5"])
-    argv = ["train", "--config", configs.DIGITS, *configs.overrides(run_dir, quick, *shape)]
+    overrides = configs.overrides(run_dir, quick, *shape)
+    argv = ["train", "--config", configs.DIGITS, *overrides]  # the same run from the command line
     started = time.perf_counter()
-    code = cli.main(argv)  # destroys the process group on exit
+    simulator.run(load_config(configs.DIGITS, overrides))
     wall = time.perf_counter() - started
     if dist.rank() != 0:
         return {}
-    if code != 0:
-        raise RuntimeError(f"fedrun train exited with {code}")
     records = [r for r in read_metrics(run_dir) if "round_time_s" in r]
     total = sum(r["round_time_s"] for r in records)
     own_compute = [r["local_compute_s_per_rank"][0] for r in records]

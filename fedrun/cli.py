@@ -149,7 +149,6 @@ COMMANDS = {
     "finetune": ("federated LoRA fine-tuning of a Stable Diffusion-style model", _config_arguments,
                  _cmd_finetune),
 }
-PLANNED = ("central", "finetune", "sample", "evaluate", "compare")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -159,9 +158,6 @@ def _parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(verbs.add_parser(verb, help=help_text, description=help_text))
-    for verb in PLANNED:
-        if verb not in COMMANDS:
-            verbs.add_parser(verb, help="(not implemented yet)").add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -177,10 +173,7 @@ def _say(message: str, every_rank: bool = False) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.verb in COMMANDS:
-            return COMMANDS[args.verb][2](args)
-        _say(f"fedrun {args.verb}: not implemented yet in this version")
-        return 2
+        return COMMANDS[args.verb][2](args)
     except FedrunError as exc:
         # A failed collective is seen differently by each rank (the hung one says nothing).
         _say(f"fedrun {args.verb}: error: {exc}", every_rank=isinstance(exc, DistributedError))

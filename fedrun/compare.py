@@ -110,6 +110,7 @@ def _divide(total: int, unit: int, what: str, name: str) -> int:
 
 def plan_runs(grid: Grid) -> List[RunSpec]:
     """Every (run, seed) with its derived overrides; checks the budgets divide into rounds."""
+    from fedrun.centralized import federated_steps_per_round, plan
     from fedrun.config import load_config
 
     specs = []
@@ -122,12 +123,14 @@ def plan_runs(grid: Grid) -> List[RunSpec]:
         if cfg.local_epochs is not None:
             raise ConfigError(f"grid run '{run['name']}': use local_steps, not local_epochs, in a "
                               "comparison (the budget must divide into rounds)")
-        steps = cfg.cohort_size * cfg.local_steps
+        # The runs' own arithmetic; client sizes only matter with local_epochs, refused above.
+        client_sizes = [0] * cfg.num_clients
         if kind == "central":
-            steps = cfg.central.steps_per_round or steps
-            round_samples = steps * (cfg.central.batch_size or cfg.optim.batch_size)
+            schedule = plan(cfg, client_sizes)
+            steps = schedule["steps_per_round"]
+            round_samples = steps * schedule["batch"]
         else:
-            round_samples = steps * cfg.optim.batch_size
+            round_samples = federated_steps_per_round(cfg, client_sizes) * cfg.optim.batch_size
         rounds = _divide(grid.samples, round_samples, "samples", run["name"])
         every = _divide(grid.eval_every_samples, round_samples, "eval_every_samples", run["name"])
         decay = 1.0 - round_samples / grid.ema_horizon_samples
@@ -155,19 +158,19 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def execute(spec: RunSpec, base_config: Optional[str], in_process: bool) -> float:
-    """Train one run (overwriting an unfinished one); returns its wall time in seconds."""
-    args = ([f"--config={base_config}"] if base_config else []) + spec.overrides + ["overwrite=true"]
+    """Train one run (overwriting an unfinished one); returns its wall time in seconds.
+
+    In process, a failed run raises its FedrunError; as a subprocess (``python -m fedrun``), a
+    FedrunError names the run and its log."""
+    overrides = spec.overrides + ["overwrite=true"]
     started = time.perf_counter()
     if in_process:
-        from fedrun.cli import main
-
-        code = main([spec.kind] + args)
-        if code != 0:
-            raise FedrunError(f"run '{spec.name}' seed {spec.seed} failed (exit code {code})")
+        _train(spec.kind, base_config, overrides)
     else:
         spec.run_dir.parent.mkdir(parents=True, exist_ok=True)
         log = spec.run_dir.parent / f"seed{spec.seed}.log"
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", WANDB_SILENT="true")
+        args = ([f"--config={base_config}"] if base_config else []) + overrides
         with open(log, "w") as handle:
             code = subprocess.call([sys.executable, "-m", "fedrun", spec.kind] + args,
                                    stdout=handle, stderr=subprocess.STDOUT, env=env)
@@ -178,6 +181,20 @@ def execute(spec: RunSpec, base_config: Optional[str], in_process: bool) -> floa
     (spec.run_dir / RUN_INFO).write_text(json.dumps({"wall_s": wall, "kind": spec.kind,
                                                      "overrides": spec.overrides}))
     return wall
+
+
+def _train(kind: str, base_config: Optional[str], overrides: List[str]) -> Path:
+    """``fedrun train`` or ``fedrun central`` of one run, through the library."""
+    from fedrun.config import load_config
+
+    cfg = load_config(base_config, overrides)
+    if kind == "central":
+        from fedrun.centralized import run_central
+
+        return run_central(cfg)
+    from fedrun import simulator
+
+    return simulator.run(cfg)
 
 
 def run_grid(grid: Grid, jobs: int = 1, say=print) -> List[RunSpec]:
@@ -295,7 +312,7 @@ def _fmt(mean_std: tuple, digits: int = 3, scale: float = 1.0) -> str:
 
 def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], report_dir: Path,
                  command: str, wall_s: float) -> Path:
-    from fedrun.evaluate import bias_warning
+    from fedrun.features import bias_warning
 
     report_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves(grid, summary, report_dir) + [plot_bytes(summary, report_dir)]

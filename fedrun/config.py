@@ -71,7 +71,8 @@ class PartitionConfig:
     """How the training images are split among the clients."""
 
     method: str = "iid"
-    """'iid', 'dirichlet' (label skew, alpha), 'shards' (k classes per client), 'unbalanced'."""
+    """A registered partitioner (``fedrun.data.partition.PARTITIONERS``): 'iid', 'dirichlet'
+    (label skew, alpha), 'shards' (k classes per client), 'unbalanced'."""
     alpha: float = 0.5
     """Dirichlet concentration: small = each client sees few classes, large = near iid."""
     shards_per_client: int = 2
@@ -80,8 +81,9 @@ class PartitionConfig:
     """'unbalanced': client sizes are log-normal with this sigma (0 = equal sizes)."""
 
     def __post_init__(self) -> None:
-        _require(self.method in ("iid", "dirichlet", "shards", "unbalanced"), "partition.method",
-                 f"must be 'iid', 'dirichlet', 'shards' or 'unbalanced', got '{self.method}'")
+        from fedrun.data.partition import PARTITIONERS  # here: fedrun.data.partition imports this module
+
+        PARTITIONERS.check(self.method)
         _require(self.alpha > 0, "partition.alpha", f"must be > 0, got {self.alpha}")
         _require(self.shards_per_client >= 1, "partition.shards_per_client",
                  f"must be >= 1, got {self.shards_per_client}")
@@ -301,7 +303,7 @@ class FaultsConfig:
 
 @dataclass
 class EvalConfig:
-    """FID/KID of samples from the EMA model (``fedrun.evaluate``), during training and in
+    """FID/KID of samples from the EMA model (``fedrun.features``), during training and in
     ``fedrun evaluate``; always reported with the real-vs-real floor and the sample count."""
 
     every: int = 0
@@ -309,7 +311,8 @@ class EvalConfig:
     num_samples: int = 1000
     """Generated samples per evaluation (fewer than 1000: biased FID, a warning says so)."""
     feature: str = "digits"
-    """'digits' (the shipped digits classifier, offline) or 'inception' (torchmetrics' FID InceptionV3)."""
+    """A registered feature extractor (``fedrun.features.FEATURE_EXTRACTORS``): 'digits' (the
+    shipped digits classifier, offline) or 'inception' (torchmetrics' FID InceptionV3)."""
     inception_weights: Optional[str] = None
     """Local path of weights-inception-2015-12-05-6726825d.pth for 'inception' without internet."""
     scheduler: str = "ddim"
@@ -324,8 +327,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
         _require(self.num_samples >= 2, "eval.num_samples", f"must be >= 2, got {self.num_samples}")
-        _require(self.feature in ("digits", "inception"), "eval.feature",
-                 f"unknown feature extractor '{self.feature}' (choose one of: digits, inception)")
+        from fedrun.features import FEATURE_EXTRACTORS  # here: fedrun.features imports torch
+
+        FEATURE_EXTRACTORS.check(self.feature)
         _require(self.scheduler in ("ddim", "ddpm"), "eval.scheduler",
                  f"must be 'ddim' or 'ddpm', got '{self.scheduler}'")
         _require(self.steps >= 1, "eval.steps", f"must be >= 1, got {self.steps}")
@@ -504,6 +508,16 @@ class Config:
             for _, client in getattr(self.faults, key):
                 _require(client < self.num_clients, f"faults.{key}",
                          f"client {client} does not exist (num_clients={self.num_clients})")
+        # A U-Net of n blocks halves the image n - 1 times and concatenates the skip connections
+        # on the way up: a side that is odd before any halving breaks that concat deep in diffusers.
+        # A pretrained U-Net (or the pipeline of `fedrun finetune`) is not built from model.*.
+        if not (self.model.pretrained or self.finetune.pretrained):
+            factor = 2 ** (len(self.model.block_out_channels) - 1)
+            _require(self.data.image_size % factor == 0, "data.image_size",
+                     f"{self.data.image_size} is not divisible by {factor}: the U-Net's "
+                     f"{len(self.model.block_out_channels)} blocks (model.block_out_channels) halve "
+                     f"the image {factor.bit_length() - 1} time(s); use a multiple of {factor} "
+                     f"(e.g. {(self.data.image_size // factor + 1) * factor})")
 
     @property
     def cohort_size(self) -> int:

@@ -91,12 +91,14 @@ def build_base(root: Path, prior: Path, vae_steps: int, seed: int = 0) -> Path:
     return build_tiny_pipeline(root, vae=vae, seed=seed)
 
 
-def run_finetune(config: str, overrides: list) -> None:
-    from fedrun.cli import main
+def run_finetune(config: str, overrides: list) -> Path:
+    """``fedrun finetune --config configs/CONFIG OVERRIDES...``; returns the run directory."""
+    from fedrun import simulator
+    from fedrun.config import load_config
+    from fedrun.finetune import FinetuneTask
 
-    code = main(["finetune", "--config", str(REPO / "configs" / config), *overrides])
-    if code != 0:
-        raise SystemExit(f"fedrun finetune --config {config} failed (exit code {code})")
+    cfg = load_config(str(REPO / "configs" / config), overrides)
+    return simulator.run(cfg, FinetuneTask(cfg))
 
 
 @torch.no_grad()
@@ -165,7 +167,7 @@ def evaluate(base_dir: Path, lora_dirs: dict, results: Path, num_per_prompt: int
              guidance: float, seed: int = 4321) -> dict:
     """Nine-rate and prior preservation of the base pipeline and of each LoRA, loaded onto it
     with stock ``load_lora_weights``; one grid per model (rows: instance prompt, digits 0-8)."""
-    from fedrun.evaluate import save_grid
+    from fedrun.grids import save_grid
 
     pipe = _load_pipeline(base_dir)
     results.mkdir(parents=True, exist_ok=True)

@@ -4,14 +4,16 @@
 
 Rank 1 sleeps instead of training its clients in round 2 (a stuck data loader, a wedged GPU), so
 rank 0 waits in the round's all-reduce until the process-group timeout (``dist_timeout_s``)
-expires. The test checks that the job then fails with an error that names the round.
+expires. The test checks that the job then fails with an error that names the round, reported as
+``fedrun train`` reports it: ``[rank R] fedrun train: error: ...`` on stderr, exit code 2.
 """
 
 import sys
 import time
 
-from fedrun import simulator
-from fedrun.cli import main as fedrun_main
+from fedrun import dist, simulator
+from fedrun.config import load_config
+from fedrun.errors import FedrunError
 
 HUNG_RANK, HUNG_ROUND = 1, 2  # round counted from 1, as in metrics.jsonl
 _train_local = simulator.train_local
@@ -23,6 +25,17 @@ def train_local_or_hang(fed, cohort, mine, global_round):
     return _train_local(fed, cohort, mine, global_round)
 
 
-if __name__ == "__main__":
+def main() -> int:
     simulator.train_local = train_local_or_hang
-    sys.exit(fedrun_main(["train", *sys.argv[1:]]))
+    try:
+        simulator.run(load_config(None, sys.argv[1:]))
+        return 0
+    except FedrunError as exc:
+        print(f"[rank {dist.rank()}] fedrun train: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        dist.destroy()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

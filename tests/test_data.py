@@ -218,3 +218,32 @@ def test_celeba_layout(tmp_path):
     direct, _ = build_datasets(DataConfig(name="celeba", root=str(root / "img_align_celeba"),
                                           image_size=8, label_column="Young"), seed=0)
     assert len(direct) == 5 and "2 classes" in direct.describe()
+
+
+# --------------------------------------------------------------------------- image size vs U-Net
+THREE_BLOCKS = ["model.block_out_channels=[8,16,16]", "model.norm_num_groups=4",
+                "model.down_block_types=[DownBlock2D,DownBlock2D,DownBlock2D]",
+                "model.up_block_types=[UpBlock2D,UpBlock2D,UpBlock2D]"]
+
+
+@pytest.mark.parametrize("size, blocks", [(7, []), (9, []), (6, THREE_BLOCKS), (10, THREE_BLOCKS)])
+def test_image_size_the_unet_cannot_halve_is_a_config_error(size, blocks):
+    from fedrun.config import load_config
+    from fedrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'data\.image_size'.*model\.block_out_channels"):
+        load_config(None, [f"data.image_size={size}", *blocks])
+    # A pretrained U-Net is not built from model.*: its own sample size rules apply.
+    assert load_config(None, [f"data.image_size={size}", "model.pretrained=some/unet", *blocks])
+
+
+@pytest.mark.parametrize("size, blocks", [(6, []), (8, []), (12, []), (12, THREE_BLOCKS)])
+def test_image_size_the_config_accepts_runs_through_the_unet(size, blocks):
+    from fedrun.config import load_config
+    from fedrun.models import build_unet
+
+    cfg = load_config(None, [f"data.image_size={size}", *blocks])
+    unet = build_unet(cfg.model, cfg.data.image_size, 1, cfg.seed)
+    with torch.no_grad():
+        out = unet(torch.zeros(1, 1, size, size), torch.tensor([1])).sample
+    assert out.shape == (1, 1, size, size)

@@ -22,7 +22,7 @@ CENTRAL = ["num_clients=4", "local_steps=2", "rounds=3", "checkpoint.every=1", "
 @pytest.fixture(scope="module")
 def digits_evaluator():
     from fedrun.data import build_datasets
-    from fedrun.evaluate import build_evaluator
+    from fedrun.features import build_evaluator
 
     cfg = load_config(None, ["data.image_size=8"])
     train, heldout = build_datasets(cfg.data, cfg.seed)
@@ -49,7 +49,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_rises_with_noise(digits_evaluat
 
 
 def test_unknown_and_unavailable_feature_extractors_are_clear_errors():
-    from fedrun.evaluate import build_feature_extractor
+    from fedrun.features import build_feature_extractor
 
     with pytest.raises(ConfigError, match="eval.feature.*unknown feature extractor 'clip'"):
         load_config(None, ["eval.feature=clip"])

@@ -1,18 +1,23 @@
 """Split the training set among the virtual clients (iid, Dirichlet label skew, shards, unbalanced).
 
-Every method is a pure function of (labels, num_samples, num_clients, cfg, seed): all ranks compute
-the same partition without communicating. Randomness comes from ``np.random.default_rng([seed, k])``
-with a different ``k`` per method, never from global RNG state.
+Every method is a pure function of (labels, num_samples, num_clients, cfg, seed), registered in
+``PARTITIONERS`` under its ``partition.method`` name: all ranks compute the same partition without
+communicating. Randomness comes from ``np.random.default_rng([seed, k])`` with a different ``k``
+per method, never from global RNG state.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
 from fedrun.config import PartitionConfig
 from fedrun.errors import DataError
+from fedrun.registry import Registry
+
+# name -> method(labels, num_samples, num_clients, cfg, seed) -> the clients' index arrays
+PARTITIONERS: Registry[Callable[..., List[np.ndarray]]] = Registry("partition method", "partition.method")
 
 # Bounded retries for the Dirichlet split before the deterministic fix-up of empty clients.
 _DIRICHLET_TRIES = 100
@@ -26,14 +31,11 @@ def partition_indices(labels: Optional[np.ndarray], num_samples: int, num_client
     least one sample, and the result depends only on the arguments (deterministic from ``seed``).
     """
     _check_sizes(labels, num_samples, num_clients)
-    methods: Dict[str, Callable[..., List[np.ndarray]]] = {
-        "iid": _iid, "dirichlet": _dirichlet, "shards": _shards, "unbalanced": _unbalanced}
-    if cfg.method not in methods:
-        raise DataError(f"unknown partition.method '{cfg.method}'")
-    if cfg.method in ("dirichlet", "shards") and labels is None:
+    method = PARTITIONERS.get(cfg.method)
+    if getattr(method, "needs_labels", False) and labels is None:
         raise DataError(f"partition.method='{cfg.method}' needs labels, but the data set has none "
                         "(digits have them; for image folders set data.labels_csv/data.label_column)")
-    parts = methods[cfg.method](labels, num_samples, num_clients, cfg, seed)
+    parts = method(labels, num_samples, num_clients, cfg, seed)
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -70,11 +72,20 @@ def _check_sizes(labels: Optional[np.ndarray], num_samples: int, num_clients: in
         raise DataError(f"got {len(labels)} labels for {num_samples} samples")
 
 
+def _needs_labels(method: Callable) -> Callable:
+    """Marks a method that splits by label: partition_indices refuses it for unlabelled data."""
+    method.needs_labels = True
+    return method
+
+
+@PARTITIONERS.register("iid")
 def _iid(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
     perm = np.random.default_rng([seed, 1]).permutation(num_samples)
     return np.array_split(perm, num_clients)
 
 
+@PARTITIONERS.register("dirichlet")
+@_needs_labels
 def _dirichlet(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
     """Per class, client shares ~ Dir(alpha); retried until no client is empty, then fixed up."""
     rng = np.random.default_rng([seed, 2])
@@ -104,6 +115,8 @@ def _dirichlet_once(by_class: List[np.ndarray], num_clients: int, alpha: float,
     return [np.concatenate(c) if c else np.empty(0, np.int64) for c in chunks]
 
 
+@PARTITIONERS.register("shards")
+@_needs_labels
 def _shards(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
     """Label-sorted contiguous shards, ``shards_per_client`` dealt to each client at random."""
     rng = np.random.default_rng([seed, 3])
@@ -119,6 +132,7 @@ def _shards(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, se
     return _fill_empty(parts)
 
 
+@PARTITIONERS.register("unbalanced")
 def _unbalanced(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
     """iid content, client sizes proportional to log-normal draws (each client >= 1)."""
     rng = np.random.default_rng([seed, 4])
