@@ -178,10 +178,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         # A failed collective is seen differently by each rank (the hung one says nothing).
         _say(f"fedrun {args.verb}: error: {exc}", every_rank=isinstance(exc, DistributedError))
         return 2
-    finally:
-        from fedrun import dist
-
-        dist.destroy()
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ from typing import List, Optional
 import numpy as np
 
 from fedrun.errors import CheckpointError, EvaluationError
-# Used below; save_grid, build_evaluator, generate and to_model_range are also
-# re-exported until the core imports fedrun.grids / fedrun.features (pretrain.py, finetune.py).
 from fedrun.features import build_evaluator, generate, to_model_range, warn_if_few
 from fedrun.grids import save_grid
 
@@ -28,6 +26,21 @@ def open_run(run_dir, overrides: Optional[List[str]] = None):
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"'{run_dir}' is not a fedrun run directory (it has no config.yaml)")
     return load_config(str(run_dir / "config.yaml"), overrides)
+
+
+def require_scorable(run_dir, cfg, verb: str) -> None:
+    """Sampling and scoring a run from disk go through its task: refuse a task that does not
+    support it (LoRA fine-tuning), saying what the run offers instead."""
+    from fedrun.task import task_class, task_name_of
+
+    name = task_name_of(cfg)
+    if not task_class(name).supports_evaluation:
+        raise EvaluationError(
+            f"fedrun {verb}: run '{run_dir}' is a '{name}' run (finetune.pretrained="
+            f"'{cfg.finetune.pretrained}'), and `fedrun {verb}` scores unconditional DDPM runs only. "
+            "Its final/ holds LoRA weights for stock diffusers: pipe = StableDiffusionPipeline."
+            "from_pretrained(BASE); pipe.load_lora_weights(final/); its per-prompt sample grids "
+            "are in samples/")
 
 
 def load_run_model(run_dir, cfg, checkpoint: Optional[str] = None):
@@ -89,36 +102,37 @@ def sample_run(run_dir, cfg, checkpoint: Optional[str] = None, out: Optional[str
     from fedrun import dist
     from fedrun.models import sample_chunks
 
-    dist.init(cfg.device, cfg.dist_timeout_s, cfg.threads)
-    rank, world = dist.rank(), dist.world_size()
-    unet, noise_scheduler, label = load_run_model(run_dir, cfg, checkpoint)
-    e = cfg.eval
-    folder = Path(out) if out else (Path(run_dir) / "generated" /
-                                    f"{label}_{e.scheduler}{e.steps if e.scheduler == 'ddim' else ''}"
-                                    f"_n{e.num_samples}_seed{e.seed}")
-    folder.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    chunks = sample_chunks(unet, noise_scheduler, e.num_samples, e.scheduler, e.steps, e.seed, rank, world)
-    np.savez(folder / f".rank{rank}.npz", **{str(i): a for i, a in chunks.items()})
-    dist.barrier()
-    if rank != 0:
-        return None
-    parts = {}
-    for r in range(world):
-        shard = folder / f".rank{r}.npz"
-        with np.load(shard) as data:
-            parts.update({int(k): data[k] for k in data.files})
-        shard.unlink()
-    images = np.concatenate([parts[i] for i in sorted(parts)])
-    np.savez_compressed(folder / "samples.npz", images=(images * 255).round().astype(np.uint8))
-    save_grid(images[:64], folder / "grid.png")
-    info = {"run": str(run_dir), "model": label, "num_samples": len(images), "scheduler": e.scheduler,
-            "steps": e.steps, "seed": e.seed, "world_size": world,
-            "seconds": time.perf_counter() - started}
-    (folder / "info.json").write_text(json.dumps(info, indent=1))
-    say(f"{len(images)} samples of {run_dir} ({label}, {e.scheduler}) in {info['seconds']:.0f} s "
-        f"on {world} rank(s): {folder / 'samples.npz'}")
-    return folder
+    require_scorable(run_dir, cfg, "sample")
+    with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads):
+        rank, world = dist.rank(), dist.world_size()
+        unet, noise_scheduler, label = load_run_model(run_dir, cfg, checkpoint)
+        e = cfg.eval
+        folder = Path(out) if out else (Path(run_dir) / "generated" /
+                                        f"{label}_{e.scheduler}{e.steps if e.scheduler == 'ddim' else ''}"
+                                        f"_n{e.num_samples}_seed{e.seed}")
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        chunks = sample_chunks(unet, noise_scheduler, e.num_samples, e.scheduler, e.steps, e.seed, rank, world)
+        np.savez(folder / f".rank{rank}.npz", **{str(i): a for i, a in chunks.items()})
+        dist.barrier()
+        if rank != 0:
+            return None
+        parts = {}
+        for r in range(world):
+            shard = folder / f".rank{r}.npz"
+            with np.load(shard) as data:
+                parts.update({int(k): data[k] for k in data.files})
+            shard.unlink()
+        images = np.concatenate([parts[i] for i in sorted(parts)])
+        np.savez_compressed(folder / "samples.npz", images=(images * 255).round().astype(np.uint8))
+        save_grid(images[:64], folder / "grid.png")
+        info = {"run": str(run_dir), "model": label, "num_samples": len(images), "scheduler": e.scheduler,
+                "steps": e.steps, "seed": e.seed, "world_size": world,
+                "seconds": time.perf_counter() - started}
+        (folder / "info.json").write_text(json.dumps(info, indent=1))
+        say(f"{len(images)} samples of {run_dir} ({label}, {e.scheduler}) in {info['seconds']:.0f} s "
+            f"on {world} rank(s): {folder / 'samples.npz'}")
+        return folder
 
 
 def load_samples(path) -> np.ndarray:
@@ -140,18 +154,19 @@ def evaluate_run(run_dir, cfg, checkpoint: Optional[str] = None, samples: Option
     from fedrun import dist
     from fedrun.data import build_datasets
 
-    dist.init(cfg.device, cfg.dist_timeout_s, cfg.threads)
-    evaluator = build_evaluator(cfg.eval, *build_datasets(cfg.data, cfg.seed))
-    if samples is not None:
-        images, label = load_samples(samples), str(samples)
-    else:
-        unet, noise_scheduler, label = load_run_model(run_dir, cfg, checkpoint)
-        images = generate(unet, noise_scheduler, cfg.eval)
-    warn_if_few(len(images))
-    record = {"run": str(run_dir), "model": label, **evaluator.report(to_model_range(images))}
-    name = f"evaluation_{Path(label).name if samples is None else 'samples'}_{cfg.eval.feature}.json"
-    (Path(run_dir) / name).write_text(json.dumps(record, indent=1))
-    say(f"FID {record['fid']:.4g} (floor {record['floor_fid']:.4g}), KID {record['kid']:.4g} ± "
-        f"{record['kid_std']:.3g} (floor {record['floor_kid']:.4g}); {record['eval_samples']} samples vs "
-        f"{record['eval_reference']} held-out images, {cfg.eval.feature} features -> {Path(run_dir) / name}")
-    return record
+    require_scorable(run_dir, cfg, "evaluate")
+    with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads):
+        evaluator = build_evaluator(cfg.eval, *build_datasets(cfg.data, cfg.seed))
+        if samples is not None:
+            images, label = load_samples(samples), str(samples)
+        else:
+            unet, noise_scheduler, label = load_run_model(run_dir, cfg, checkpoint)
+            images = generate(unet, noise_scheduler, cfg.eval)
+        warn_if_few(len(images))
+        record = {"run": str(run_dir), "model": label, **evaluator.report(to_model_range(images))}
+        name = f"evaluation_{Path(label).name if samples is None else 'samples'}_{cfg.eval.feature}.json"
+        (Path(run_dir) / name).write_text(json.dumps(record, indent=1))
+        say(f"FID {record['fid']:.4g} (floor {record['floor_fid']:.4g}), KID {record['kid']:.4g} ± "
+            f"{record['kid_std']:.3g} (floor {record['floor_kid']:.4g}); {record['eval_samples']} samples vs "
+            f"{record['eval_reference']} held-out images, {cfg.eval.feature} features -> {Path(run_dir) / name}")
+        return record

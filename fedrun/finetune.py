@@ -248,7 +248,7 @@ class FinetuneTask(Task):
 
     def write_samples(self, fed, done_rounds: int, logger) -> None:
         """One row per validation prompt: the base model once (base.png), then this round."""
-        from fedrun.evaluate import save_grid
+        from fedrun.grids import save_grid
 
         prompts = self.validation_prompts(fed)
         per_prompt = self.cfg.sample.num_images

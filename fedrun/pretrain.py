@@ -50,7 +50,7 @@ class PretrainTask(Task):
         return unet_with_weights(run.model, run.params, weights)
 
     def write_samples(self, run, done_rounds: int, logger) -> None:
-        from fedrun.evaluate import save_grid
+        from fedrun.grids import save_grid
         from fedrun.models import sample_images
 
         cfg = self.cfg.sample
@@ -61,7 +61,8 @@ class PretrainTask(Task):
 
     def evaluate(self, run, done_rounds: int, logger) -> dict:
         """FID/KID (with the floor) of eval.num_samples samples of the EMA model; grid to W&B."""
-        from fedrun.evaluate import build_evaluator, generate, save_grid, to_model_range
+        from fedrun.features import build_evaluator, generate, to_model_range
+        from fedrun.grids import save_grid
 
         if self._evaluator is None:  # reference features and floors are computed once per run
             self._evaluator = build_evaluator(self.cfg.eval, run.dataset, self.heldout)

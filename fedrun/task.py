@@ -109,12 +109,16 @@ class Task(abc.ABC):
         raise NotImplementedError(f"task '{self.name}' does not evaluate")
 
 
-def build_task(name: str, cfg: "Config") -> Task:
-    """The registered task ``name`` for ``cfg`` (the task modules register themselves on import)."""
+def task_class(name: str) -> type:
+    """The registered task class ``name`` (the task modules register themselves on import)."""
     import fedrun.finetune  # noqa: F401  (registers "finetune")
     import fedrun.pretrain  # noqa: F401  (registers "train")
 
-    return TASKS.get(name)(cfg)
+    return TASKS.get(name)
+
+
+def build_task(name: str, cfg: "Config") -> Task:
+    return task_class(name)(cfg)
 
 
 def task_name_of(cfg: "Config") -> str:

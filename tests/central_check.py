@@ -17,6 +17,7 @@ from fedrun.evaluate import open_run, sample_run
 
 def main() -> int:
     run_dir, samples_dir, overrides = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
+    dist.init("cpu", timeout_s=300, threads=1)  # one process group for both jobs (they keep it)
     run_central(load_config(None, overrides + [f"output_dir={run_dir}"]))
     cfg = open_run(run_dir, ["eval.num_samples=300", "eval.steps=2", "threads=1"])
     sample_run(run_dir, cfg, checkpoint="latest", out=samples_dir)
