@@ -7,6 +7,8 @@ costs ~15-30 s per launch).
    RoundBuffer; after the one all_reduce the mean must equal the one-process weighted mean.
 2. Training: ``fedrun train`` (``simulator.run``) with the given overrides, in the same process
    group; a failure raises (and fails the job), so reaching the report means exit code 0.
+3. The same training with a toy piece in every seam (toy_algorithms.STATEFUL_OVERRIDES) into
+   OUTPUT_DIR_stateful. Run without torchrun, this is the world-size-1 reference.
 Rank 0 writes OUT_DIR/check_wsN.json with the results.
 """
 
@@ -20,6 +22,7 @@ from fedrun import dist, simulator
 from fedrun.aggregate import RoundBuffer, weighted_mean
 from fedrun.cohort import assign_to_ranks
 from fedrun.config import load_config
+from toy_algorithms import STATEFUL_OVERRIDES
 
 
 def fake_client(client: int, num_params: int):
@@ -53,7 +56,12 @@ def main() -> int:
     out, overrides = Path(sys.argv[1]), sys.argv[2:]
     dist.init("cpu", timeout_s=300, threads=1)
     report = {"world_size": dist.world_size(), "reduction": reduction_check()}
-    simulator.run(load_config(None, overrides))
+    cfg = load_config(None, overrides)
+    simulator.run(cfg)
+    # 3. The same job with a toy piece in every seam: a stateful client algorithm with a buffer
+    #    segment (client state store), seeded update and server transforms, a custom strategy.
+    simulator.run(load_config(None, overrides + STATEFUL_OVERRIDES
+                              + [f"output_dir={cfg.output_dir}_stateful"]))
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"check_ws{dist.world_size()}.json").write_text(json.dumps(report))

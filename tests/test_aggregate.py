@@ -191,3 +191,73 @@ def test_server_step_folds_the_division_into_its_pass():
         m1.step(a, update_sum, total)
         m2.step(b, mean)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def _grouped_sum(groups, locals_, weights, global_w, exact):
+    """Each group is one rank's buffer; adding the buffers is what all_reduce(SUM) does."""
+    from fedrun.aggregate import ExactGrid
+
+    total = None
+    cohort = list(range(len(locals_)))
+    for group in groups:
+        grids = {"update": ExactGrid(global_w.numel(), global_w, sum(weights))} if exact else None
+        buffer = RoundBuffer(global_w.numel(), cohort, len(groups), exact=grids)
+        for c in group:
+            buffer.add_client(c, locals_[c], global_w, weights[c], loss=0.1, samples=4)
+        if total is None:
+            total = buffer
+        else:
+            total.buffer += buffer.buffer
+    return total.decode().update_sum.clone()
+
+
+def test_exact_sum_does_not_depend_on_how_clients_are_grouped():
+    """5 clients summed as one rank, 3 + 2, 2 + 2 + 1 or in another order: == in exact mode;
+    the fp32 path (the positive control) differs for the same inputs."""
+    generator = torch.Generator().manual_seed(3)
+    global_w = torch.randn(5000, generator=generator) * 0.1
+    locals_ = [global_w + torch.randn(5000, generator=generator) * 1e-3 * (c + 1) for c in range(5)]
+    weights = [13.0, 7.0, 101.0, 3.0, 55.0]
+    groupings = [[[0, 1, 2, 3, 4]], [[0, 2, 4], [1, 3]], [[4, 3], [2, 1], [0]], [[3], [1, 4, 0, 2]]]
+    exact = [_grouped_sum(g, locals_, weights, global_w, True) for g in groupings]
+    assert all(torch.equal(exact[0], other) for other in exact[1:])
+    plain = [_grouped_sum(g, locals_, weights, global_w, False) for g in groupings]
+    assert not all(torch.equal(plain[0], other) for other in plain[1:])
+    # and exact is at least as accurate as fp32 against a float64 reference
+    reference = sum(w * (l.double() - global_w.double()) for l, w in zip(locals_, weights))
+    error = lambda s: float((s.double() - reference).abs().max() / reference.abs().max())  # noqa: E731
+    assert error(exact[0]) < 1e-7 and error(exact[0]) <= error(plain[0])
+
+
+def test_exact_grid_hand_computed():
+    """Block bound 2**e from the reference (here max 3.0 -> e = 2), F = 53 - ceil(log2 W) - 6:
+    W = 8 -> F = 44, so a term is rounded to multiples of 2**(2 - 44)."""
+    from fedrun.aggregate import ExactGrid
+
+    grid = ExactGrid(3, torch.tensor([3.0, -1.0, 0.5]), weight_bound=8.0)
+    assert grid.fraction_bits == 44 and grid.limit == 2.0 ** 50
+    assert float(grid.grid[0]) == 2.0 ** -42 and float(grid.inverse[0]) == 2.0 ** 42
+    values = torch.zeros(1024)
+    values[:3] = torch.tensor([2.0 ** -42 * 2.6, -1.0, 2.0 ** -44])
+    assert grid.quantize_(values)
+    assert values[:3].tolist() == [3.0, -(2.0 ** 42), 0.0]  # round-half-even of 0.25 is 0
+    # A reference of zeros (LoRA's B at init) falls back to a bound of 2: grid 2**(1 - F).
+    zeros = ExactGrid(10, torch.zeros(10), weight_bound=1.0)
+    assert float(zeros.grid[0]) == 2.0 ** (1 - 47)
+
+
+def test_exact_mode_rejects_an_update_beyond_its_range_and_needs_integer_weights():
+    from fedrun.aggregate import ExactGrid
+
+    global_w = torch.ones(8)
+    grids = {"update": ExactGrid(8, global_w, weight_bound=3.0)}
+    buffer = RoundBuffer(8, [0, 1], 1, exact=grids)
+    huge = global_w.clone()
+    huge[3] = 1e3  # a term 999 x the block's bound 2: beyond the 2**6 headroom
+    assert not buffer.add_client(0, huge, global_w, 1.0, loss=0.1, samples=2)
+    assert buffer.add_client(1, global_w + 0.5, global_w, 2.0, loss=0.1, samples=2)
+    result = buffer.decode()
+    assert result.rejected_by == {0: "exact_range"} and result.total_weight == 2.0
+    assert torch.equal(result.mean_update, torch.full((8,), 0.5))
+    with pytest.raises(ValueError, match="integer client weights"):
+        RoundBuffer(8, [0], 1, exact=grids).add_client(0, global_w, global_w, 0.5, 0.1, 2)

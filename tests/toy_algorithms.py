@@ -1,0 +1,94 @@
+"""Toy pieces for each seam, defined outside fedrun and registered the way a user's would be.
+
+Imported by tests/test_seams.py (in-process runs) and tests/dist_check.py (torchrun runs), so
+that the multi-process world-size test covers every seam with randomness and per-client state.
+"""
+
+import torch
+
+from fedrun.aggregate import SERVER_TRANSFORMS, UPDATE_TRANSFORMS, Segment, ServerTransform, UpdateTransform
+from fedrun.client import CLIENT_ALGORITHMS, ClientAlgorithm, train_client
+from fedrun.server import STRATEGIES, ServerStrategy
+
+STATEFUL_OVERRIDES = ["client.algorithm=toy_visits",
+                      "aggregation.update_transforms=[nonfinite_guard,toy_jitter]",
+                      "aggregation.server_transforms=[toy_server_noise]",
+                      "server.strategy=toy_half_step"]
+
+
+@STRATEGIES.register("toy_half_step")
+class HalfStep(ServerStrategy):
+    """w <- w + 0.5 * mean update, and it counts its steps (server state to checkpoint)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.steps = torch.zeros(1)
+
+    def step(self, weights, update_sum, total_weight=1.0):
+        weights.add_(update_sum, alpha=0.5 / total_weight)
+        self.steps += 1
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"].clone()
+
+
+@CLIENT_ALGORITHMS.register("toy_visits")
+class Visits(ClientAlgorithm):
+    """FedAvg's local training, plus per-client state (how often the client trained, and its
+    last update) and a one-float segment (the visit counts, summed over the round's clients)
+    whose running total is the algorithm's server-side state."""
+
+    stateful = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.total_visits = torch.zeros(1)
+
+    def segments(self, params):
+        return [Segment("visits", 1)]
+
+    def train(self, job):
+        visits = job.state["visits"] + 1 if job.state is not None else torch.ones(1)
+        result = train_client(job.model, job.params.params, job.loss, job.batches, job.generator,
+                              job.optim, job.device)
+        result.state = {"visits": visits, "last_update": job.params.flat - job.global_weights}
+        result.segments = {"visits": visits}
+        return result
+
+    def server_update(self, result):
+        self.total_visits += result.segments["visits"].cpu()
+
+    def state_dict(self):
+        return {"total_visits": self.total_visits}
+
+    def load_state_dict(self, state):
+        self.total_visits = state["total_visits"].clone()
+
+
+@UPDATE_TRANSFORMS.register("toy_jitter")
+class Jitter(UpdateTransform):
+    """Adds tiny noise from the update's own (seed, round, client) stream."""
+
+    def __call__(self, delta, info):
+        delta.add_(torch.randn(delta.shape, generator=info.generator()).to(delta.device), alpha=1e-5)
+        return None
+
+
+@UPDATE_TRANSFORMS.register("toy_reject_odd")
+class RejectOdd(UpdateTransform):
+    def __call__(self, delta, info):
+        return "odd client" if info.client % 2 else None
+
+
+@SERVER_TRANSFORMS.register("toy_server_noise")
+class ServerNoise(ServerTransform):
+    """Adds noise from the round's (seed, round) stream to the reduced sum: the same on every
+    rank (no broadcast), like privacy noise will be."""
+
+    def __call__(self, update_sum, info):
+        noise = torch.randn(update_sum.shape, generator=info.generator()).to(update_sum.device)
+        update_sum.add_(noise, alpha=1e-4 * info.total_weight)
+        return {"toy_noise_norm": float(noise.norm())}
