@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 import toy_algorithms
-from conftest import tiny
 from fedrun import simulator
 from fedrun.cohort import sample_cohort
 from fedrun.config import load_config
