@@ -1,6 +1,8 @@
 """The centralized baseline: the same model, optimizer, learning rate and batch as a federated
-client, trained data-parallel (torch DDP, gradients all-reduced every step) on the union of the
-clients' data, for a budget in samples matched to a federated run.
+client, trained data-parallel on the union of the clients' data, for a budget in samples matched
+to a federated run. It runs through ``accelerate.Accelerator`` -- DDP, mixed precision
+(``precision``), gradient accumulation over micro-batches -- the way diffusers' own training
+scripts do, so the baseline is what a diffusers user would run.
 
     python -m fedrun central --config configs/digits_fedavg.yaml            # 1 process
     torchrun --nproc_per_node=2 -m fedrun central --config configs/digits_fedavg.yaml
@@ -87,8 +89,42 @@ class CentralRun(RunState):
     trainer: Optional["CentralTrainer"] = None
 
 
+def build_accelerator(run: RunState, accumulation_steps: int):
+    """An ``accelerate.Accelerator`` on the process group fedrun already joined (accelerate uses
+    an initialised group as it is)."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # accelerate resets a CPU rank's threads unless OMP_NUM_THREADS says how many: keep fedrun's
+    # share (dist.init), since oversubscribed CPU ranks crawl.
+    os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if dist.shares_gpus():
+        # accelerate's DDP would pin device_ids=[LOCAL_RANK], which does not exist when ranks
+        # share GPUs (rank k is on cuda:(k mod count)); without device_ids DDP uses the module's.
+        os.environ["ACCELERATE_BYPASS_DEVICE_MAP"] = "true"
+    # device_placement=False: the replica is already on its device, and its parameters are views
+    # of the flat federated vector; accelerate's CPU device is 'cpu:0', and .to('cpu:0') would
+    # copy them out of it.
+    return Accelerator(cpu=run.device.type == "cpu", device_placement=False,
+                       mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[run.cfg.precision],
+                       gradient_accumulation_steps=accumulation_steps,
+                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+
+
+def release_accelerator() -> None:
+    """Forget accelerate's process-wide state, so that a later run in this process (tests,
+    ``fedrun compare`` in one process) starts clean."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 class CentralTrainer:
-    """One replica wrapped in DDP and one AdamW that lives for the whole run."""
+    """One replica prepared by accelerate (DDP over the ranks) and one AdamW that lives for the
+    whole run."""
 
     def __init__(self, run: RunState, schedule: dict):
         cfg = run.cfg
@@ -106,10 +142,11 @@ class CentralTrainer:
                               f"rank's slice of the global batch ({slice_size})")
         self.union = np.sort(np.concatenate(run.client_indices))  # the clients' data, pooled
         run.params.load_(run.global_weights)
-        self.model = dist.data_parallel(run.model)
-        self.optimizer = torch.optim.AdamW(run.params.params, lr=cfg.optim.lr,
-                                           betas=tuple(cfg.optim.betas),
-                                           weight_decay=cfg.optim.weight_decay)
+        self.adamw = torch.optim.AdamW(run.params.params, lr=cfg.optim.lr,
+                                       betas=tuple(cfg.optim.betas),
+                                       weight_decay=cfg.optim.weight_decay)
+        self.accelerator = build_accelerator(run, slice_size // self.micro)
+        self.model, self.optimizer = self.accelerator.prepare(run.model, self.adamw)
         self.step_bytes = 2 * (run.world_size - 1) * BYTES_PER_FLOAT * run.params.numel
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -117,27 +154,27 @@ class CentralTrainer:
         summed loss (for the round's mean)."""
         run, cfg = self.run, self.run.cfg
         indices = batch_indices(self.union, 1, self.batch, step_generator(cfg.seed, step))[0]
+        accelerator = self.accelerator
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        starts = range(self.slice.start, self.slice.stop, self.micro)
         loss_sum = torch.zeros((), device=run.device)
-        for i, start in enumerate(starts):
+        for start in range(self.slice.start, self.slice.stop, self.micro):
             generator = derived_generator(cfg.seed, _STREAM, step, start)
-            # The last micro-batch's backward all-reduces (averages) the accumulated gradients.
-            sync = i == len(starts) - 1
-            with (contextlib.nullcontext() if sync else dist.no_sync(self.model)):
+            # accelerate divides the loss by the number of micro-batches (the slice's mean) and
+            # skips DDP's all-reduce, the clipping and the optimizer step until the last one.
+            with accelerator.accumulate(self.model):
                 loss = run.task.loss(self.model, indices[start: start + self.micro], generator)
-                (loss / len(starts)).backward()  # the slice's mean loss
-            loss_sum += loss.detach() * self.micro
-        if cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(run.params.params, cfg.optim.grad_clip)
-        self.optimizer.step()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.optim.grad_clip is not None:
+                    accelerator.clip_grad_norm_(run.params.params, cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float() * self.micro
         return loss_sum
 
     # The optimizer state is part of the resumable state (it persists across steps here).
     def optimizer_groups(self) -> dict:
         params = self.run.params
-        state = [self.optimizer.state.get(p, {}) for p in params.params]
+        state = [self.adamw.state.get(p, {}) for p in params.params]
         if not state[0]:
             return {}
         flat = lambda key: torch.cat([s[key].reshape(-1) for s in state])  # noqa: E731
@@ -148,7 +185,7 @@ class CentralTrainer:
         offset = 0
         for param in self.run.params.params:
             n = param.numel()
-            self.optimizer.state[param] = {
+            self.adamw.state[param] = {
                 "step": group["step"][0].clone(),
                 "exp_avg": group["exp_avg"][offset: offset + n].view_as(param).clone(),
                 "exp_avg_sq": group["exp_avg_sq"][offset: offset + n].view_as(param).clone(),
@@ -160,7 +197,7 @@ def run_central(cfg: Config, task: Optional[Task] = None) -> Path:
     """Train the centralized baseline of ``cfg`` (default task: DDPM pre-training); returns the
     run directory."""
     task = task or build_task("train", cfg)
-    with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads):
+    with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads), _accelerate_state():
         run = open_frame(cfg, task, CentralRun)
         # `rounds` of the central run counts central rounds, sized from the partition.
         schedule = plan(cfg, [len(p) for p in run.client_indices])
@@ -181,6 +218,14 @@ def run_central(cfg: Config, task: Optional[Task] = None) -> Path:
                           f"{schedule['steps_per_round']}, {run.params.numel:,} parameters")
         return drive(run, logger, lambda global_round: run_central_round(run, schedule,
                                                                          global_round, logger))
+
+
+@contextlib.contextmanager
+def _accelerate_state():
+    try:
+        yield
+    finally:
+        release_accelerator()
 
 
 def run_central_round(run: CentralRun, schedule: dict, global_round: int,

@@ -76,6 +76,7 @@ class ClientJob:
     loss: LossFn  # loss(model, indices, generator), the task's
     optim: OptimConfig
     device: torch.device
+    precision: str = "fp32"  # autocast of the forward pass (config key `precision`)
     state: Optional[Dict[str, torch.Tensor]] = None  # persistent state (stateful algorithms)
 
 
@@ -116,23 +117,55 @@ class ClientAlgorithm:
         del state
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    from fedrun.errors import ConfigError
+
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("config key 'precision': fp16 needs a GPU (its gradient scaler guards "
+                          "CUDA half precision); use precision=bf16 on CPU")
+
+
+def autocast(device: torch.device, precision: str):
+    """The forward pass's autocast context for ``precision`` (a no-op for fp32). Parameters,
+    gradients and the optimizer stay fp32: only the compute runs in lower precision."""
+    import contextlib
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
 def train_client(model, params, loss_fn: LossFn, batches: np.ndarray, generator: torch.Generator,
-                 optim: OptimConfig, device: torch.device) -> ClientResult:
+                 optim: OptimConfig, device: torch.device, precision: str = "fp32") -> ClientResult:
     """Run one optimizer step per row of ``batches`` on ``model`` (already holding the global
     weights); ``loss_fn(model, batch_indices, generator)`` is the task's loss. A fresh AdamW per
-    call: client optimizer state does not persist across rounds."""
+    call: client optimizer state does not persist across rounds. ``precision``: the forward runs
+    under autocast (bf16, fp16), fp16 with a fresh gradient scaler (as fresh as the optimizer)."""
     optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
                                   weight_decay=optim.weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     model.train()
     loss_sum = torch.zeros((), device=device)
     for step_indices in batches:
-        loss = loss_fn(model, step_indices, generator)
+        with autocast(device, precision):
+            loss = loss_fn(model, step_indices, generator)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-        optimizer.step()
-        loss_sum += loss.detach()
+        if scaler is None:
+            loss.backward()
+            if optim.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            if optim.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        loss_sum += loss.detach().float()
     # One host sync per client, not per step.
     return ClientResult(mean_loss=float(loss_sum) / len(batches), samples=int(batches.size))
 
@@ -143,7 +176,7 @@ class FedAvgClient(ClientAlgorithm):
 
     def train(self, job: ClientJob) -> ClientResult:
         return train_client(job.model, job.params.params, job.loss, job.batches, job.generator,
-                            job.optim, job.device)
+                            job.optim, job.device, job.precision)
 
 
 def build_client_algorithm(cfg: "Config") -> ClientAlgorithm:

@@ -459,6 +459,10 @@ class Config:
     """Timeout of the process group's collectives, in seconds."""
     threads: Optional[int] = None
     """CPU threads per rank (null = this rank's share of the cores: oversubscription is slow)."""
+    precision: str = "fp32"
+    """Compute precision of local training and of the centralized baseline: 'fp32', 'bf16'
+    (autocast; also on CPU) or 'fp16' (autocast + gradient scaler; GPU only). The federated
+    vector, the server step, the EMA and the optimizer state stay fp32."""
 
     num_clients: int = 4
     """C: the number of (virtual) clients; may exceed the number of ranks."""
@@ -493,6 +497,8 @@ class Config:
         _require(bool(self.output_dir), "output_dir", "must not be empty")
         _require(self.device in ("auto", "cpu", "cuda"), "device",
                  f"must be 'auto', 'cpu' or 'cuda', got '{self.device}'")
+        _require(self.precision in ("fp32", "bf16", "fp16"), "precision",
+                 f"must be 'fp32', 'bf16' or 'fp16', got '{self.precision}'")
         _require(self.threads is None or self.threads >= 1, "threads",
                  f"must be >= 1 or null, got {self.threads}")
         _require(self.dist_timeout_s >= 1, "dist_timeout_s", f"must be >= 1, got {self.dist_timeout_s}")

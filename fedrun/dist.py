@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import os
 import sys
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -62,30 +63,94 @@ def _cpu_share() -> int:
     return max(1, cores // max(1, local_world_size()))
 
 
+@dataclass(frozen=True)
+class DevicePlan:
+    """Which device a rank uses, which backend the ranks talk over, and why."""
+
+    device: str  # "cpu" or "cuda:N"
+    backend: str  # "nccl" or "gloo"
+    staged: bool  # CUDA tensors reduced through a pinned CPU copy (gloo with shared GPUs)
+    reason: str
+
+
+def plan_devices(local_rank_: int, local_world_size_: int, device_count: int,
+                 use_cuda: bool) -> DevicePlan:
+    """Rank -> device and backend (pure: unit-tested without GPUs).
+
+    Rank k uses ``cuda:(k mod device_count)``. NCCL (>= 2.5) refuses two ranks on one GPU
+    ("Duplicate GPU detected", NVIDIA/nccl#418), so when a GPU hosts more than one rank of this
+    node the ranks talk gloo, and the round's CUDA buffer is staged through pinned CPU memory;
+    NCCL when every rank owns its GPU. Several ranks per GPU is how a simulator keeps a large GPU
+    busy with small client models (pfl-research recommends 1-5 processes per GPU). The decision
+    is made per node from LOCAL_WORLD_SIZE: nodes of a job must have the same number of GPUs.
+    """
+    if not use_cuda:
+        return DevicePlan("cpu", "gloo", False, "CPU ranks talk gloo")
+    if device_count < 1:
+        raise RuntimeError("device='cuda' was asked for but CUDA is not available")
+    device = f"cuda:{local_rank_ % device_count}"
+    if local_world_size_ <= device_count:
+        return DevicePlan(device, "nccl", False, f"{local_world_size_} rank(s) on {device_count} "
+                          "GPU(s), one GPU each: NCCL")
+    per_gpu = -(-local_world_size_ // device_count)
+    return DevicePlan(device, "gloo", True,
+                      f"{local_world_size_} ranks share {device_count} GPU(s) (up to {per_gpu} per "
+                      "GPU): NCCL refuses two ranks on one GPU, so collectives use gloo, the round "
+                      "buffer staged through pinned CPU memory")
+
+
+_plan: Optional[DevicePlan] = None
+_staging: dict = {}  # (numel, dtype) -> pinned CPU tensor, reused every round
+
+
 def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = None) -> torch.device:
     """Bind this process to its device and join the process group (when launched by torchrun).
 
-    NCCL with ``cuda:LOCAL_RANK`` when CUDA is used, gloo on CPU. Returns the device.
+    See ``plan_devices`` for the device and backend; rank 0 prints the choice and the reason.
+    Returns the device.
     """
+    global _plan, _timeout_s
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    count = torch.cuda.device_count() if use_cuda else 0
+    plan = plan_devices(local_rank(), local_world_size(), count, use_cuda)
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' was asked for but CUDA is not available")
-        torch.cuda.set_device(local_rank())
-        dev = torch.device("cuda", local_rank())
+        dev = torch.device(plan.device)
+        torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(threads or _cpu_share())
         dev = torch.device("cpu")
     if launched_by_torchrun() and world_size() > 1 and not is_initialized():
         _warn_if_restarts_cannot_reconnect()
-        global _timeout_s
         _timeout_s = timeout_s
+        if use_cuda and rank() == 0:
+            print(f"fedrun: {plan.reason}", file=sys.stderr, flush=True)
         torch_dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=plan.backend,
             timeout=datetime.timedelta(seconds=timeout_s),
-            device_id=dev if use_cuda else None,
+            device_id=dev if plan.backend == "nccl" else None,
         )
+        _plan = plan
     return dev
+
+
+def shares_gpus() -> bool:
+    """Whether ranks of this node share a GPU (see ``plan_devices``)."""
+    return _plan is not None and _plan.staged
+
+
+def _stage_through_cpu(tensor: torch.Tensor) -> bool:
+    """gloo with ranks sharing a GPU (or FEDRUN_STAGE_COLLECTIVES=1, which tests the path on
+    CPU): reduce a copy in (pinned) CPU memory."""
+    forced = os.environ.get("FEDRUN_STAGE_COLLECTIVES") == "1"
+    return forced or (_plan is not None and _plan.staged and tensor.is_cuda)
+
+
+def _staging_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    key = (tensor.numel(), tensor.dtype)
+    if key not in _staging:
+        _staging[key] = torch.empty(tensor.numel(), dtype=tensor.dtype,
+                                    pin_memory=torch.cuda.is_available())
+    return _staging[key]
 
 
 @contextlib.contextmanager
@@ -119,7 +184,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     DistributedError instead of blocking forever."""
     if is_initialized() and world_size() > 1:
         try:
-            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+            if _stage_through_cpu(tensor):
+                host = _staging_buffer(tensor)
+                host.copy_(tensor.reshape(-1))
+                torch_dist.all_reduce(host, op=torch_dist.ReduceOp.SUM)
+                tensor.copy_(host.view_as(tensor))
+            else:
+                torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
         except RuntimeError as exc:  # DistBackendError, DistNetworkError, gloo timeouts
             detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DistributedError(
@@ -143,31 +214,17 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def data_parallel(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` wrapped in DistributedDataParallel (gradients averaged over the ranks during
-    backward); the module itself when there is no process group (world size 1)."""
-    if not (is_initialized() and world_size() > 1):
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    device_ids = [module.device.index] if getattr(module, "device", None) is not None \
-        and module.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
-
-
-def no_sync(module: torch.nn.Module):
-    """Context without DDP's gradient all-reduce (gradient accumulation); a no-op otherwise."""
-    import contextlib
-
-    return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
-
-
 def destroy() -> None:
+    global _plan
     if is_initialized():
         torch_dist.destroy_process_group()
+    _plan = None
+    _staging.clear()
 
 
 def describe(device: Optional[torch.device] = None) -> str:
     backend = torch_dist.get_backend() if is_initialized() else "none"
+    if _plan is not None and _plan.staged:
+        backend += " (staged through CPU memory)"
     threads = torch.get_num_threads()
     return f"rank {rank()}/{world_size()} backend={backend} device={device} threads={threads}"

@@ -77,7 +77,10 @@ def open_frame(cfg: Config, task: Task, state_class: type = RunState, **extra) -
     from fedrun.data import partition_indices
     from fedrun.server import EMA
 
+    from fedrun.client import check_precision
+
     device = dist.init(cfg.device, cfg.dist_timeout_s, cfg.threads)
+    check_precision(cfg.precision, device)
     rank, world = dist.rank(), dist.world_size()
     decision = _prepare_on_rank0(cfg) if rank == 0 else None
     status, payload = dist.broadcast_object(decision)

@@ -143,7 +143,7 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
         state = fed.store.load(client, global_round) if fed.store is not None else None
         result = fed.algorithm.train(ClientJob(
             client, global_round, fed.model, fed.params, fed.global_weights, batches, generator,
-            fed.task.loss, cfg.optim, fed.device, state))
+            fed.task.loss, cfg.optim, fed.device, cfg.precision, state))
         if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
             fed.params.flat[0] = float("nan")
         weight = _weight(fed, client)

@@ -53,7 +53,7 @@ class Visits(ClientAlgorithm):
     def train(self, job):
         visits = job.state["visits"] + 1 if job.state is not None else torch.ones(1)
         result = train_client(job.model, job.params.params, job.loss, job.batches, job.generator,
-                              job.optim, job.device)
+                              job.optim, job.device, job.precision)
         result.state = {"visits": visits, "last_update": job.params.flat - job.global_weights}
         result.segments = {"visits": visits}
         return result
