@@ -75,7 +75,7 @@ def local_compute(quick: bool, workdir: Path) -> dict:
     def my_clients(r: int) -> tuple:
         cohort, _dropped, mine = simulator.select_clients(fed, r)
         mine = mine[:clients_per_repeat]
-        return cohort, mine, sum(simulator._client_steps(fed, c) for c in mine)
+        return cohort, mine, sum(simulator.client_steps(fed, c) for c in mine)
 
     def fedrun_round(r: int) -> float:
         cohort, mine, _ = my_clients(r)

@@ -5,7 +5,8 @@
 
 Process layout (start-up of a diffusers process is 7-16 s, so launches are few):
   python -m bench.local             1. local compute overhead, 3. memory vs virtual clients
-  torchrun -np 2 -m bench.worker    2. aggregation, 4. federated vs DDP, 5. round breakdown
+  torchrun -np 2 -m bench.worker    2. aggregation, 6. exact vs fp32 round, 4. federated vs DDP,
+                                    5. round breakdown
   torchrun -np 4 -m bench.worker    2. aggregation with 4 ranks (full run only)
 On a CUDA machine everything runs on the GPUs (NCCL); multi-rank tasks need as many GPUs as ranks.
 """
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
         ranks = _rank_counts(args.quick)
         commands = {}
         for nproc in ranks:
-            tasks = "aggregation,fedcentral,breakdown" if nproc == ranks[0] else "aggregation"
+            tasks = "aggregation,exact_round,fedcentral,breakdown" if nproc == ranks[0] else "aggregation"
             commands[nproc] = _torchrun(nproc) + [
                 "-m", "bench.worker", "--out", str(tmp / f"worker{nproc}.json"), "--workdir",
                 str(tmp / f"work{nproc}"), "--tasks", tasks, *quick]
