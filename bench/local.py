@@ -8,9 +8,9 @@
 3. Memory vs virtual clients: a child process per C (forked from this process after the imports,
    before any compute) runs ``simulator.run`` with C clients, K clients per round, and reports its
    peak resident set (``ru_maxrss``).
-7. Exact sums: relative error of the decoded round sum vs a float64 reference (exact vs fp32) and
+6. Exact sums: relative error of the decoded round sum vs a float64 reference (exact vs fp32) and
    bit-identity of the decoded sum across groupings of the clients into ranks.
-8. Client state store: the memory runs again with a stateful client algorithm
+7. Client state store: the memory runs again with a stateful client algorithm
    (``bench.algorithms``): peak RSS, bytes of ``client_state/`` on disk, load + save time.
 
     python -m bench.local --out result.json [--quick]
@@ -229,7 +229,7 @@ def memory_vs_clients(quick: bool, workdir: Path) -> dict:
     }
 
 
-# ---------------------------------------------------------------- 8. client state store
+# ---------------------------------------------------------------- 7. client state store
 
 def state_store(quick: bool, workdir: Path, stateless_rows: list) -> dict:
     """The same runs as the memory benchmark with a stateful client algorithm (bench_stateful:
@@ -261,7 +261,7 @@ def state_store(quick: bool, workdir: Path, stateless_rows: list) -> dict:
     }
 
 
-# ---------------------------------------------------------------- 7. exact sums: accuracy
+# ---------------------------------------------------------------- 6. exact sums: accuracy
 
 def _grouped_sum(groups, cohort, locals_, global_weights, weights, exact: bool):
     """Sum the clients of ``groups`` as ranks would: one RoundBuffer per group (a rank), the

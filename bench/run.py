@@ -4,7 +4,8 @@
     python -m bench.run --quick    # smoke run in well under a minute (CI); writes runs/bench-quick/
 
 Process layout (start-up of a diffusers process is 7-16 s, so launches are few):
-  python -m bench.local             1. local compute overhead, 3. memory vs virtual clients
+  python -m bench.local             1. local compute overhead, 3. memory vs virtual clients,
+                                    7. client state store, 6. exact-sum accuracy
   torchrun -np 2 -m bench.worker    2. aggregation, 6. exact vs fp32 round, 4. federated vs DDP,
                                     5. round breakdown
   torchrun -np 4 -m bench.worker    2. aggregation with 4 ranks (full run only)
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
         "command": "python -m bench.run" + (" --quick" if args.quick else "")
                    + (f" --out {args.out}" if args.out else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick, "machine": common.machine(), "load_start": common.loadavg(),
+        "quick": args.quick, "commit": common.git_commit(), "machine": common.machine(),
+        "load_start": common.loadavg(),
         "steps": {},
     }
     with tempfile.TemporaryDirectory(prefix="fedrun-bench-") as tmp:
