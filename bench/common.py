@@ -68,6 +68,22 @@ def machine() -> dict:
     return info
 
 
+def git_commit() -> str | None:
+    """The commit the benchmarked code is at, with "+dirty" when the working tree differs from it
+    (results committed afterwards name the commit that produced them)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def loadavg() -> List[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]

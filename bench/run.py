@@ -4,8 +4,10 @@
     python -m bench.run --quick    # smoke run in well under a minute (CI); writes runs/bench-quick/
 
 Process layout (start-up of a diffusers process is 7-16 s, so launches are few):
-  python -m bench.local             1. local compute overhead, 3. memory vs virtual clients
-  torchrun -np 2 -m bench.worker    2. aggregation, 4. federated vs DDP, 5. round breakdown
+  python -m bench.local             1. local compute overhead, 3. memory vs virtual clients,
+                                    7. client state store, 6. exact-sum accuracy
+  torchrun -np 2 -m bench.worker    2. aggregation, 6. exact vs fp32 round, 4. federated vs DDP,
+                                    5. round breakdown
   torchrun -np 4 -m bench.worker    2. aggregation with 4 ranks (full run only)
 On a CUDA machine everything runs on the GPUs (NCCL); multi-rank tasks need as many GPUs as ranks.
 """
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
         "command": "python -m bench.run" + (" --quick" if args.quick else "")
                    + (f" --out {args.out}" if args.out else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "quick": args.quick, "machine": common.machine(), "load_start": common.loadavg(),
+        "quick": args.quick, "commit": common.git_commit(), "machine": common.machine(),
+        "load_start": common.loadavg(),
         "steps": {},
     }
     with tempfile.TemporaryDirectory(prefix="fedrun-bench-") as tmp:
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
         ranks = _rank_counts(args.quick)
         commands = {}
         for nproc in ranks:
-            tasks = "aggregation,fedcentral,breakdown" if nproc == ranks[0] else "aggregation"
+            tasks = "aggregation,exact_round,fedcentral,breakdown" if nproc == ranks[0] else "aggregation"
             commands[nproc] = _torchrun(nproc) + [
                 "-m", "bench.worker", "--out", str(tmp / f"worker{nproc}.json"), "--workdir",
                 str(tmp / f"work{nproc}"), "--tasks", tasks, *quick]

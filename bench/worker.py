@@ -1,14 +1,16 @@
 """Multi-rank benchmarks, run under torchrun (one launch does several tasks: start-up is costly).
 
 2. aggregation -- fedrun's aggregation path vs one bare all_reduce of the same bytes, vs a bare
-   FedAvg on plain tensors, and vs one all_reduce per parameter tensor; for several state sizes.
+   FedAvg on plain tensors, and vs one all_reduce per parameter tensor; for several state sizes;
+   exact (fixed-point float64) vs fp32 sums side by side.
+6. exact_round -- an end-to-end round of the default job, aggregation.exact=true vs false.
 4. fedcentral  -- federated (C = world size, E local steps per round) vs a bare torch DDP loop
    (same U-Net, per-rank batch, AdamW, clipping), at equal samples processed.
 5. breakdown   -- a real ``fedrun train`` (``fedrun.simulator.run``) run; shares of the round
    time from its metrics.jsonl.
 
     torchrun --standalone --nproc_per_node=2 -m bench.worker --out r.json --workdir /tmp/x \\
-        [--quick] [--tasks aggregation,fedcentral,breakdown]
+        [--quick] [--tasks aggregation,exact_round,fedcentral,breakdown]
 """
 
 from __future__ import annotations
@@ -27,16 +29,17 @@ from fedrun import dist
 from fedrun.aggregate import BYTES_PER_FLOAT
 
 
-def ring_bytes_per_rank(numel: int, world: int) -> float:
-    """Bytes one rank sends in a ring all-reduce of ``numel`` fp32 values: 2 (W-1)/W * 4 N."""
-    return 2.0 * (world - 1) / world * BYTES_PER_FLOAT * numel
+def ring_bytes_per_rank(nbytes: int, world: int) -> float:
+    """Bytes one rank sends in a ring all-reduce of a tensor of ``nbytes`` bytes: 2 (W-1)/W * bytes."""
+    return 2.0 * (world - 1) / world * nbytes
 
 
 # ---------------------------------------------------------------- 2. aggregation
 
 def _unet_shapes(model_config_path: str, image_size: int, channels: int, quick: bool) -> List[torch.Size]:
     from fedrun.config import load_config
-    from fedrun.models import FlatParameters, build_unet
+    from fedrun.flat import FlatParameters
+    from fedrun.models import build_unet
 
     cfg = load_config(model_config_path, configs.TINY_MODEL if quick else [])
     unet = build_unet(cfg.model, image_size, channels, cfg.seed)
@@ -73,6 +76,7 @@ class AggregationCase:
 
     def __init__(self, shapes: List[torch.Size], device: torch.device, cohort_size: int = 4):
         from fedrun.aggregate import RoundBuffer
+        from fedrun.client import FedAvgClient
         from fedrun.cohort import assign_to_ranks
         from fedrun.config import EMAConfig, ServerConfig
         from fedrun.server import EMA, build_server
@@ -84,59 +88,84 @@ class AggregationCase:
         self.local = self.global_weights + 1e-3 * torch.randn(self.numel, generator=generator).to(device)
         self.cohort = list(range(cohort_size))
         self.mine = assign_to_ranks(self.cohort, self.world)[self.rank]
-        # The simulator's objects: server strategy and EMA as build_server / EMA make them.
-        self.fed = types.SimpleNamespace(global_weights=self.global_weights,
-                                         server=build_server(ServerConfig()),
+        self.weight = 100.0  # an integer, as exact mode requires (sample counts)
+        # The simulator's objects, as setup builds them: server strategy, EMA, FedAvg's client
+        # algorithm (its server_update is a no-op), no server transforms.
+        self.fed = types.SimpleNamespace(cfg=types.SimpleNamespace(seed=0),
+                                         global_weights=self.global_weights,
+                                         server=build_server(ServerConfig()), server_transforms=[],
+                                         algorithm=FedAvgClient(None),
                                          ema=EMA(self.global_weights, EMAConfig(decay=0.999)))
+        self.lr = self.fed.server.lr
+        # Sized by RoundBuffer itself: update, total weight, per-client stats, per-rank times.
         self.buffer_numel = RoundBuffer(self.numel, self.cohort, self.world, "meta").buffer.numel()
         self.bare = torch.zeros(self.buffer_numel, device=device)
         self.tensors = [torch.zeros(s, device=device) for s in shapes]
-        # bare FedAvg: preallocated plain tensors, same arithmetic
-        self.bare_sum = torch.zeros(self.numel + 1, device=device)
+        # bare FedAvg: preallocated plain tensors of the same size as fedrun's buffer, same arithmetic
+        self.bare_sum = torch.zeros(self.buffer_numel, device=device)
         self.bare_delta = torch.empty(self.numel, device=device)
         self.bare_global = self.global_weights.clone()
         self.bare_ema = self.global_weights.clone()
-        self._filled = None
-        self._previous = None
+        self._filled = {}
+        self._previous = {}
+        self.exact_buffer_numel = self._fill(exact=True).buffer.numel()
+        self.exact_buffer_bytes = self._previous[True].buffer.numel() * self._previous[True].buffer.element_size()
 
-    def _fill(self, reuse: bool = True):
-        """What train_local leaves behind: a RoundBuffer holding this rank's clients (reusing last
-        round's storage, as the simulator does, unless ``reuse`` is False)."""
-        from fedrun.aggregate import RoundBuffer
+    def _fill(self, reuse: bool = True, exact: bool = False):
+        """What train_local leaves behind: a RoundBuffer holding this rank's clients, built as
+        ``simulator.new_round_buffer`` builds it (the default update transform; in exact mode a
+        fresh grid from the global weights, as every round), reusing last round's storage unless
+        ``reuse`` is False."""
+        from fedrun.aggregate import ExactGrid, NonFiniteGuard, RoundBuffer, UpdateInfo
 
+        grids = None
+        if exact:
+            bound = self.weight * len(self.cohort)
+            grids = {"update": ExactGrid(self.numel, self.global_weights, bound, self.device)}
         buffer = RoundBuffer(self.numel, self.cohort, self.world, self.device,
-                             reuse=self._previous if reuse else None)
+                             reuse=self._previous.get(exact) if reuse else None, exact=grids,
+                             transforms=[NonFiniteGuard()])
         if reuse:
-            self._previous = buffer
+            self._previous[exact] = buffer
         for client in self.mine:
-            buffer.add_client(client, self.local, self.global_weights, 100.0, 0.5, 64)
+            buffer.add_client(client, self.local, self.global_weights, self.weight, 0.5, 64,
+                              info=UpdateInfo(client, 0, 0, self.weight, 0.5))
         buffer.set_compute_time(self.rank, 1.0)
         return buffer
 
     def prepare(self, method: str) -> None:
-        if method == "fedrun_reduce":
-            self._filled = self._fill()
+        if method in ("fedrun_reduce", "fedrun_reduce_exact"):
+            self._filled[method] = self._fill(exact=method.endswith("_exact"))
+
+    def _full(self, reuse: bool = True, exact: bool = False) -> None:
+        from fedrun.simulator import server_update
+
+        buffer = self._fill(reuse=reuse, exact=exact)
+        dist.all_reduce_sum(buffer.buffer)
+        server_update(self.fed, buffer.decode(), 0)
 
     def fedrun_full(self) -> None:
-        """Buffer, client adds, ONE all-reduce, decode, server step and EMA: fedrun's whole path."""
-        from fedrun.simulator import server_update
+        """Buffer, client adds, ONE all-reduce, decode, server step and EMA: fedrun's whole path
+        (fp32 sums, ``aggregation.exact=false``)."""
+        self._full()
 
-        buffer = self._fill()
-        dist.all_reduce_sum(buffer.buffer)
-        server_update(self.fed, buffer.decode())
+    def fedrun_full_exact(self) -> None:
+        """The same in exact mode (the default): per-round grid, fixed-point float64 buffer."""
+        self._full(exact=True)
 
     def fedrun_full_fresh(self) -> None:
-        """The same, with a newly allocated buffer every round (fedrun before the reuse fix)."""
-        from fedrun.simulator import server_update
-
-        buffer = self._fill(reuse=False)
-        dist.all_reduce_sum(buffer.buffer)
-        server_update(self.fed, buffer.decode())
+        """The fp32 full path with a newly allocated buffer every round (before the reuse fix)."""
+        self._full(reuse=False)
 
     def fedrun_reduce(self) -> None:
-        """What the simulator times as aggregation_s: the all-reduce and the decode."""
-        dist.all_reduce_sum(self._filled.buffer)
-        self._filled.decode()
+        """What the simulator times as aggregation_s: the all-reduce and the decode (fp32)."""
+        dist.all_reduce_sum(self._filled["fedrun_reduce"].buffer)
+        self._filled["fedrun_reduce"].decode()
+
+    def fedrun_reduce_exact(self) -> None:
+        """aggregation_s in exact mode: all-reduce of the float64 buffer, decode off the grid."""
+        dist.all_reduce_sum(self._filled["fedrun_reduce_exact"].buffer)
+        self._filled["fedrun_reduce_exact"].decode()
 
     def bare_flat(self) -> None:
         torch_dist.all_reduce(self.bare)
@@ -146,19 +175,30 @@ class AggregationCase:
             torch_dist.all_reduce(tensor)
 
     def bare_fedavg(self) -> None:
-        """The same algorithm written plainly on preallocated tensors (no stats, no buffer object)."""
+        """fedrun's fp32 arithmetic written plainly on preallocated tensors (no stats decoding, no
+        buffer object): the first client's n·(w_c − w) straight into the zeroed sum, the others
+        through a delta vector; a finiteness check of each delta (one sum, as fedrun's default
+        non-finite guard); ONE all-reduce of a tensor of fedrun's buffer size; 1/Σn folded into
+        the server step's single pass; EMA."""
         self.bare_sum.zero_()
-        for _ in self.mine:
-            torch.sub(self.local, self.bare_global, out=self.bare_delta).mul_(100.0)
-            self.bare_sum[: self.numel].add_(self.bare_delta)
-            self.bare_sum[self.numel] += 100.0
+        for i, _ in enumerate(self.mine):
+            delta = self.bare_sum[: self.numel] if i == 0 else self.bare_delta
+            torch.sub(self.local, self.bare_global, out=delta)
+            if not torch.isfinite(delta.sum()):
+                raise RuntimeError("non-finite update")
+            if i == 0:
+                delta.mul_(self.weight)
+            else:
+                self.bare_sum[: self.numel].add_(delta.mul_(self.weight))
+            self.bare_sum[self.numel] += self.weight
         torch_dist.all_reduce(self.bare_sum)
-        update = self.bare_sum[: self.numel].div_(self.bare_sum[self.numel])
-        self.bare_global.add_(update)
+        total = float(self.bare_sum[self.numel])
+        self.bare_global.add_(self.bare_sum[: self.numel], alpha=self.lr / total)
         self.bare_ema.lerp_(self.bare_global, 1 - 0.999)
 
 
-METHODS = ("bare_flat", "fedrun_full", "fedrun_reduce", "bare_fedavg", "per_tensor", "fedrun_full_fresh")
+METHODS = ("bare_flat", "fedrun_full", "fedrun_reduce", "bare_fedavg", "per_tensor", "fedrun_full_fresh",
+           "fedrun_full_exact", "fedrun_reduce_exact")
 
 
 def aggregation(quick: bool, device: torch.device) -> dict:
@@ -185,6 +225,8 @@ def aggregation(quick: bool, device: torch.device) -> dict:
             "fedrun_full_vs_bare_fedavg": [f / b for f, b in zip(times["fedrun_full"], times["bare_fedavg"])],
             "per_tensor_vs_bare_allreduce": [f / b for f, b in zip(times["per_tensor"], times["bare_flat"])],
             "fresh_buffer_vs_reused": [f / b for f, b in zip(times["fedrun_full_fresh"], times["fedrun_full"])],
+            "exact_vs_fp32_full": [e / f for e, f in zip(times["fedrun_full_exact"], times["fedrun_full"])],
+            "exact_vs_fp32_reduce": [e / f for e, f in zip(times["fedrun_reduce_exact"], times["fedrun_reduce"])],
         }
         best = {m: min(v) for m, v in times.items()}
         out["states"][name] = {
@@ -196,6 +238,7 @@ def aggregation(quick: bool, device: torch.device) -> dict:
                                  "fedrun_full_vs_bare_fedavg": best["fedrun_full"] / best["bare_fedavg"],
                                  "per_tensor_vs_bare_allreduce": best["per_tensor"] / best["bare_flat"]},
             "buffer_bytes": case.buffer_numel * BYTES_PER_FLOAT,
+            "exact_buffer_bytes": case.exact_buffer_bytes,
             "clients_on_rank0": len(case.mine),
             "seconds": {m: common.summarize(v) for m, v in times.items()},
             "raw_seconds": times,
@@ -209,10 +252,14 @@ def aggregation(quick: bool, device: torch.device) -> dict:
 # ---------------------------------------------------------------- 4. federated vs DDP
 
 class BareDDP:
-    """Centralized data-parallel baseline: torch DDP, gradient all-reduce every step.
+    """Centralized data-parallel baseline written on bare torch: DDP, gradient all-reduce every
+    step; same U-Net, per-rank batch, AdamW, clipping; each rank draws its batches from the whole
+    training set with its own generator.
 
-    Stand-in until ``fedrun central`` lands: same U-Net, per-rank batch, AdamW, clipping; each
-    rank draws its batches from the whole training set with its own generator.
+    fedrun's own centralized baseline (``fedrun central``, ``fedrun.centralized``) exists; this
+    benchmark keeps a bare DDP loop on purpose: it measures fedrun against plain PyTorch, not
+    against another fedrun path (``fedrun compare`` compares federated and central runs for
+    quality and bytes).
     """
 
     def __init__(self, cfg, dataset, device: torch.device):
@@ -267,7 +314,10 @@ def fedcentral(quick: bool, device: torch.device, workdir: Path) -> dict:
                 else:
                     ddp_times.append(common.timed(lambda: ddp.steps(steps_per_rank), device))
         fed_times, ddp_times = common.rank_max(fed_times, device), common.rank_max(ddp_times, device)
-        buffer_numel = fed.params.numel + 1 + 3 * world + world
+        # The buffer the rounds actually reduced (its layout is RoundBuffer's; exact mode -- the
+        # default -- makes it float64 fixed point, padded to whole blocks).
+        buffer = fed.round_buffer.buffer
+        buffer_bytes = buffer.numel() * buffer.element_size()
         ddp_samples = steps_per_rank * cfg.optim.batch_size * world
         model_params = fed.params.numel
         rows.append({
@@ -276,18 +326,72 @@ def fedcentral(quick: bool, device: torch.device, workdir: Path) -> dict:
             "fedrun_s": common.summarize(fed_times), "ddp_s": common.summarize(ddp_times),
             "time_ratio_fed_over_ddp": common.summarize([f / d for f, d in zip(fed_times, ddp_times)]),
             "fedrun_collectives": rounds, "ddp_collectives": steps_per_rank,
-            "fedrun_ring_bytes_per_rank": rounds * ring_bytes_per_rank(buffer_numel, world),
-            "ddp_ring_bytes_per_rank": steps_per_rank * ring_bytes_per_rank(ddp.numel, world),
+            "fedrun_buffer_bytes": buffer_bytes, "fedrun_exact": bool(cfg.aggregation.exact),
+            "fedrun_ring_bytes_per_rank": rounds * ring_bytes_per_rank(buffer_bytes, world),
+            "ddp_ring_bytes_per_rank": steps_per_rank * ring_bytes_per_rank(BYTES_PER_FLOAT * ddp.numel, world),
             "fedrun_accounted_bytes": rounds * 2 * BYTES_PER_FLOAT * fed.params.numel * world,
         })
         del fed, ddp
     return {"world_size": world, "model_params": model_params,
             "batch_per_rank": cfg.optim.batch_size, "repeats": reps, "rows": rows,
-            "bytes_formula": "ring all-reduce: each rank sends 2(W-1)/W x 4 bytes x numel per collective; "
-                             "fedrun: one collective of P + 1 + 3K + W floats per round; "
-                             "DDP: gradients of P floats every step (bucketed, same total)",
+            "bytes_formula": "ring all-reduce: each rank sends 2(W-1)/W x the tensor's bytes per collective; "
+                             "fedrun: one collective of its round buffer per round (RoundBuffer: P + 1 + "
+                             "4K + W values; fp32, or float64 padded to 1,024-blocks in exact mode, "
+                             "the default); DDP: gradients of P fp32 floats every step (bucketed, same total)",
             "accounted_formula": "fedrun's own metric bytes_total: 2 x 4P per client per round "
                                  "(client receives w, sends its update; the server view)"}
+
+
+# ---------------------------------------------------------------- 6. exact vs fp32 round
+
+def exact_round(quick: bool, device: torch.device, workdir: Path) -> dict:
+    """End-to-end round of the default job (configs/digits_fedavg.yaml: 4 clients, E = 4) with
+    ``aggregation.exact=true`` vs ``false``: two Federations in the same ranks, one
+    ``simulator.run_round`` of each per repeat, order alternating (ABBA)."""
+    from fedrun import simulator
+    from fedrun.logging import RunLogger
+
+    repeats = 2 if quick else 16
+    feds, loggers = {}, {}
+    for mode, exact in (("exact", "true"), ("fp32", "false")):
+        cfg = configs.load(workdir / f"exact_round_{mode}", quick, f"aggregation.exact={exact}",
+                           "rounds=1000000", "sample.every=0", "checkpoint.every=0")
+        feds[mode] = simulator.setup(cfg)
+        loggers[mode] = RunLogger(Path(cfg.output_dir), cfg.logging, {}, cfg.rounds, 0, enabled=False)
+    next_round = {mode: 0 for mode in feds}
+    records = {mode: [] for mode in feds}
+
+    def one_round(mode: str) -> float:
+        r = next_round[mode]
+        next_round[mode] += 1
+        dist.barrier()
+        seconds = common.timed(lambda: records[mode].append(
+            simulator.run_round(feds[mode], r, loggers[mode])), device)
+        return seconds
+
+    one_round("exact"), one_round("fp32")  # warm-up: first AdamW, allocator, buffers
+    times = {"exact": [], "fp32": []}
+    for rep in range(repeats):
+        for mode in (("exact", "fp32") if rep % 2 == 0 else ("fp32", "exact")):
+            times[mode].append(one_round(mode))
+    times = {m: common.rank_max(v, device) for m, v in times.items()}
+    # aggregation_s as the simulator logs it (rank 0's, includes waiting for the slower rank)
+    agg = {m: [r["aggregation_s"] for r in records[m][1:]] for m in feds}
+    cfg = feds["exact"].cfg
+    buffers = {m: feds[m].round_buffer.buffer for m in feds}
+    return {
+        "config": "configs/digits_fedavg.yaml" + (" [quick: tiny 8x8 U-Net]" if quick else ""),
+        "num_clients": cfg.num_clients, "clients_per_round": cfg.cohort_size,
+        "local_steps": cfg.local_steps, "world_size": dist.world_size(),
+        "model_params": feds["exact"].params.numel, "repeats": repeats,
+        "round_s": {m: common.summarize(v) for m, v in times.items()},
+        "raw_round_s": times,
+        "ratio": common.summarize([e / f for e, f in zip(times["exact"], times["fp32"])]),
+        "aggregation_s": {m: common.summarize(v) for m, v in agg.items()},
+        "buffer_bytes": {m: b.numel() * b.element_size() for m, b in buffers.items()},
+        "goal": "<= 1.03",
+        "what": "round time (slowest rank) exact / fp32, per repeat; ABBA",
+    }
 
 
 # ---------------------------------------------------------------- 5. round breakdown
@@ -341,18 +445,20 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--tasks", default="aggregation,fedcentral,breakdown")
+    parser.add_argument("--tasks", default="aggregation,exact_round,fedcentral,breakdown")
     args = parser.parse_args()
     device = dist.init("auto", 900, threads=1)
     workdir = Path(args.workdir)
     result = {"world_size": dist.world_size(), "load_before": common.loadavg()}
     tasks = args.tasks.split(",")
-    for task in ("aggregation", "fedcentral", "breakdown"):
+    for task in ("aggregation", "exact_round", "fedcentral", "breakdown"):
         if task not in tasks:
             continue
         started = time.perf_counter()
         if task == "aggregation":
             result[task] = aggregation(args.quick, device)
+        elif task == "exact_round":
+            result[task] = exact_round(args.quick, device, workdir)
         elif task == "fedcentral":
             result[task] = fedcentral(args.quick, device, workdir)
         else:
