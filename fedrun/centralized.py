@@ -47,7 +47,8 @@ from fedrun.checkpoint import load_checkpoint
 from fedrun.client import batch_indices, num_local_steps
 from fedrun.config import Config
 from fedrun.errors import CheckpointError, ConfigError
-from fedrun.frame import RunState, drive, open_frame, open_run, restore_frame, write_outputs
+from fedrun.frame import (RunState, device_memory, drive, open_frame, open_run, restore_frame,
+                          write_outputs)
 from fedrun.logging import RunLogger
 from fedrun.rng import derived_generator
 from fedrun.task import Task, build_task
@@ -253,7 +254,7 @@ def run_central_round(run: CentralRun, schedule: dict, global_round: int,
         "round": done, "steps": last, "samples": run.samples_seen, "round_samples": round_samples,
         "train_loss": float(stats[0] / stats[1]), "world_size": run.world_size,
         "bytes_per_step": trainer.step_bytes, "bytes_round": round_bytes,
-        "bytes_total": run.bytes_total, "local_compute_s": compute_s,
+        "bytes_total": run.bytes_total, "local_compute_s": compute_s, **device_memory(run.device),
     }
     if run.rank != 0:
         return record

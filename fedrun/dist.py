@@ -138,11 +138,14 @@ def shares_gpus() -> bool:
     return _plan is not None and _plan.staged
 
 
+def _staging_forced() -> bool:
+    """FEDRUN_STAGE_COLLECTIVES=1: stage every all-reduce (tests the shared-GPU path on CPU)."""
+    return os.environ.get("FEDRUN_STAGE_COLLECTIVES") == "1"
+
+
 def _stage_through_cpu(tensor: torch.Tensor) -> bool:
-    """gloo with ranks sharing a GPU (or FEDRUN_STAGE_COLLECTIVES=1, which tests the path on
-    CPU): reduce a copy in (pinned) CPU memory."""
-    forced = os.environ.get("FEDRUN_STAGE_COLLECTIVES") == "1"
-    return forced or (_plan is not None and _plan.staged and tensor.is_cuda)
+    """gloo with ranks sharing a GPU: reduce a copy in (pinned) CPU memory."""
+    return _staging_forced() or (shares_gpus() and tensor.is_cuda)
 
 
 def _staging_buffer(tensor: torch.Tensor) -> torch.Tensor:
@@ -224,7 +227,7 @@ def destroy() -> None:
 
 def describe(device: Optional[torch.device] = None) -> str:
     backend = torch_dist.get_backend() if is_initialized() else "none"
-    if _plan is not None and _plan.staged:
+    if is_initialized() and (shares_gpus() or _staging_forced()):
         backend += " (staged through CPU memory)"
     threads = torch.get_num_threads()
     return f"rank {rank()}/{world_size()} backend={backend} device={device} threads={threads}"

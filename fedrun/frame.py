@@ -49,6 +49,13 @@ class RunState:
     bytes_total: int = 0
 
 
+def device_memory(device: torch.device) -> dict:
+    """Peak GPU memory of this rank so far (for the round's record; nothing on CPU)."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_bytes": torch.cuda.max_memory_allocated(device)}
+
+
 def is_due(every: int, done_rounds: int, total: int) -> bool:
     """The cadence of every ``*.every`` key: every ``every`` rounds (0 = never) and the last."""
     return done_rounds == total or (every > 0 and done_rounds % every == 0)

@@ -36,7 +36,8 @@ from fedrun.client_state import ClientStateStore
 from fedrun.cohort import assign_to_ranks, dropped_clients, sample_cohort
 from fedrun.config import Config
 from fedrun.errors import CheckpointError, DistributedError
-from fedrun.frame import RunState, drive, open_frame, open_run, restore_frame, write_outputs
+from fedrun.frame import (RunState, device_memory, drive, open_frame, open_run, restore_frame,
+                          write_outputs)
 from fedrun.logging import RunLogger
 from fedrun.server import ServerStrategy
 from fedrun.task import Task, build_task
@@ -216,6 +217,7 @@ def account(fed: Federation, result: RoundResult) -> dict:
         "buffer_bytes": buffer.numel() * buffer.element_size(),
         "local_compute_s": max(result.rank_compute_s),
         "local_compute_s_per_rank": result.rank_compute_s,
+        **device_memory(fed.device),
     }
 
 
