@@ -224,7 +224,9 @@ class EMAConfig:
 
     enabled: bool = True
     decay: float = 0.95
-    """Per-round decay; warmed up as min(decay, (1 + r) / (10 + r)) like diffusers' EMAModel."""
+    """Per-round decay d; update r uses min(d, r / (r + 1)), the running mean of the rounds so far
+    until it reaches d (after ceil(d / (1 - d)) rounds). The EMA's weights then have a mean age
+    of d / (1 - d) rounds (``fedrun.server.EMA``)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.decay < 1, "ema.decay", f"must be in [0, 1), got {self.decay}")
