@@ -15,8 +15,8 @@ baseline), the series to plot and the claims to check. For every run the compari
 so that all runs see the same number of samples, are evaluated at the same points, and average
 their EMA over the same number of samples: with that decay the EMA's weights have a mean age of
 H samples in the steady state; after the warm-up (H / (K x E x B) rounds, ``fedrun.server.EMA``)
-the mean age approaches H geometrically from below. A run directory that already holds a finished run
-(``final/`` and an evaluation at its last round) is collected, not retrained.
+the mean age approaches H geometrically from below. A run directory that already holds a
+finished run (``final/`` and an evaluation at its last round) is collected, not retrained.
 """
 
 from __future__ import annotations
