@@ -10,11 +10,13 @@ baseline), the series to plot and the claims to check. For every run the compari
 
     rounds     = samples / (K x E x B)          (federated; central: central.samples = samples)
     eval.every = eval_every_samples / (K x E x B)
-    ema.decay  = 1 - (K x E x B) / ema_horizon_samples
+    ema.decay  = H / (H + K x E x B)             (H = ema_horizon_samples)
 
 so that all runs see the same number of samples, are evaluated at the same points, and average
-their EMA over the same number of samples. A run directory that already holds a finished run
-(``final/`` and an evaluation at its last round) is collected, not retrained.
+their EMA over the same number of samples: with that decay the EMA's weights have a mean age of
+H samples in the steady state; after the warm-up (H / (K x E x B) rounds, ``fedrun.server.EMA``)
+the mean age approaches H geometrically from below. A run directory that already holds a
+finished run (``final/`` and an evaluation at its last round) is collected, not retrained.
 """
 
 from __future__ import annotations
@@ -133,10 +135,10 @@ def plan_runs(grid: Grid) -> List[RunSpec]:
             round_samples = federated_steps_per_round(cfg, client_sizes) * cfg.optim.batch_size
         rounds = _divide(grid.samples, round_samples, "samples", run["name"])
         every = _divide(grid.eval_every_samples, round_samples, "eval_every_samples", run["name"])
-        decay = 1.0 - round_samples / grid.ema_horizon_samples
-        if not 0.0 <= decay < 1.0:
-            raise ConfigError(f"grid: ema_horizon_samples ({grid.ema_horizon_samples}) must exceed the "
-                              f"samples of one round of '{run['name']}' ({round_samples})")
+        if grid.ema_horizon_samples < 0:
+            raise ConfigError(f"grid: ema_horizon_samples must be >= 0, got {grid.ema_horizon_samples}")
+        # Mean age d / (1 - d) rounds = H samples (fedrun.server.EMA).
+        decay = grid.ema_horizon_samples / (grid.ema_horizon_samples + round_samples)
         derived = [f"rounds={rounds}", f"eval.every={every}", f"ema.decay={decay:.6g}"]
         if kind == "central":
             derived += [f"central.samples={grid.samples}", f"central.steps_per_round={steps}"]

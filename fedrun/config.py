@@ -46,9 +46,12 @@ class DataConfig:
     filename_column: str = "image_id"
     """Column of labels_csv holding the file name (relative to root, or the base name)."""
     heldout_fraction: float = 0.1
-    """Share of the images kept out of training, for evaluation."""
+    """Share of the images kept out of training, for evaluation (the FID/KID reference). The
+    split is the same for every ``seed`` (``fedrun.data.datasets.HELDOUT_SPLIT_SEED``); the shipped
+    digits classifier never saw a reference image of the digits at this default or below."""
     max_samples: Optional[int] = None
-    """Use only a deterministic subset of this many images (quick runs)."""
+    """Use only a deterministic subset of this many images (quick runs): a fixed part of the
+    reference split as held-out set and a seeded choice of the other images for training."""
     skip_corrupt: bool = False
     """Skip unreadable image files (listed in a warning) instead of stopping with an error."""
 
@@ -224,7 +227,9 @@ class EMAConfig:
 
     enabled: bool = True
     decay: float = 0.95
-    """Per-round decay; warmed up as min(decay, (1 + r) / (10 + r)) like diffusers' EMAModel."""
+    """Per-round decay d; update r uses min(d, r / (r + 1)), the running mean of the rounds so far
+    until it reaches d (after ceil(d / (1 - d)) rounds). The EMA's weights then have a mean age
+    of d / (1 - d) rounds (``fedrun.server.EMA``)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.decay < 1, "ema.decay", f"must be in [0, 1), got {self.decay}")

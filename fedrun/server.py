@@ -85,8 +85,23 @@ def build_server(cfg: ServerConfig) -> ServerStrategy:
 class EMA:
     """Exponential moving average of the global weights, updated once per round.
 
-    The decay warms up as min(decay, (1 + r) / (10 + r)) (as diffusers' EMAModel does per step),
-    so short runs are not dominated by the random initialisation.
+    Update r (0-based) uses the decay min(decay, r / (r + 1)): until the average spans its
+    horizon it is the running mean of every round's weights so far (the random initialisation
+    gets weight 0), then it decays by ``decay`` per round. The warm-up therefore ends after
+    ceil(decay / (1 - decay)) updates, whatever the run's length.
+
+    The horizon is the mean age of what the average holds, ages counted in rounds since the
+    weights were produced (the last round's weights have age 0). A constant decay d gives
+    weights (1 - d) d^a to age a, whose mean age is d / (1 - d) rounds; the warm-up's running
+    mean of m rounds has mean age (m - 1) / 2 < d / (1 - d), and every later update moves the
+    mean age a to d (a + 1), so it rises monotonically towards d / (1 - d) and never exceeds it.
+    ``fedrun compare`` sets d = H / (H + S) for a horizon of H samples at S samples per round
+    (d / (1 - d) rounds = H samples).
+
+    (diffusers' EMAModel warms up as min(decay, (1 + r) / (10 + r)) per step; per round that cap
+    stays below a decay of 0.975 for 350 rounds, and its mean age is about a tenth of the run
+    whatever the decay, so a per-round decay would have no effect in runs of a few hundred
+    rounds.)
     """
 
     def __init__(self, weights: torch.Tensor, cfg: EMAConfig):
@@ -95,7 +110,7 @@ class EMA:
         self.updates = 0
 
     def decay_at(self, updates: int) -> float:
-        return min(self.cfg.decay, (1 + updates) / (10 + updates))
+        return min(self.cfg.decay, updates / (updates + 1))
 
     def update(self, weights: torch.Tensor) -> None:
         if not self.cfg.enabled:

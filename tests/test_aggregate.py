@@ -101,15 +101,61 @@ def test_fedavgm_momentum_hand_computed():
 
 
 def test_ema_warmup_and_decay():
+    # update r uses min(decay, r / (r + 1)): the running mean until it reaches the decay
     ema = EMA(torch.zeros(1), EMAConfig(enabled=True, decay=0.95))
-    ema.update(torch.ones(1))  # decay = min(0.95, 1/10) = 0.1 -> 0.9
-    assert ema.shadow.item() == pytest.approx(0.9)
-    ema.update(torch.ones(1))  # decay = 2/11 -> 0.9 * 2/11 + 9/11
-    assert ema.shadow.item() == pytest.approx(0.9 * 2 / 11 + 9 / 11)
+    ema.update(torch.full((1,), 2.0))  # decay 0: the initialisation is forgotten
+    assert ema.shadow.item() == 2.0
+    ema.update(torch.full((1,), 5.0))  # decay 1/2 -> (2 + 5) / 2
+    assert ema.shadow.item() == pytest.approx(3.5)
+    ema.update(torch.full((1,), 8.0))  # decay 2/3 -> (2 + 5 + 8) / 3
+    assert ema.shadow.item() == pytest.approx(5.0)
+    assert ema.decay_at(18) == pytest.approx(18 / 19) and ema.decay_at(19) == 0.95
     assert ema.decay_at(10_000) == 0.95
+    short = EMA(torch.zeros(1), EMAConfig(enabled=True, decay=0.5))
+    for value in (2.0, 4.0, 6.0):  # decays 0, 1/2, then 1/2: 2 -> 3 -> 4.5
+        short.update(torch.full((1,), value))
+    assert short.shadow.item() == pytest.approx(4.5)
     off = EMA(torch.zeros(1), EMAConfig(enabled=False))
     off.update(torch.full((1,), 3.0))
     assert off.shadow.item() == 3.0
+
+
+def ema_round_weights(decay: float, rounds: int) -> torch.Tensor:
+    """The weight the EMA gives each round's global weights after ``rounds`` updates: round r's
+    weights are the unit vector e_r, so the shadow is the weight vector itself."""
+    ema = EMA(torch.zeros(rounds, dtype=torch.float64), EMAConfig(enabled=True, decay=decay))
+    for r in range(rounds):
+        ema.update(torch.eye(rounds, dtype=torch.float64)[r])
+    return ema.shadow
+
+
+def mean_sample_age(weights: torch.Tensor, round_samples: int) -> float:
+    """sum over rounds of weight x age, the age of round r's weights after R rounds being the
+    samples seen since: (R - 1 - r) x round_samples."""
+    rounds = len(weights)
+    return sum(float(weights[r]) * (rounds - 1 - r) * round_samples for r in range(rounds))
+
+
+def test_ema_mean_sample_age_is_the_configured_horizon():
+    # Prepare: a horizon of H = 12 samples at S = 4 samples per round; fedrun compare's decay
+    horizon, round_samples = 12, 4
+    decay = horizon / (horizon + round_samples)
+    assert decay == 0.75
+    # Execute / Assert, by hand after 6 rounds: updates 0..3 (decays 0, 1/2, 2/3, 3/4) give the
+    # first four rounds 1/4 each, then two updates at 3/4
+    weights = ema_round_weights(decay, 6)
+    expected = [9 / 64, 9 / 64, 9 / 64, 9 / 64, 3 / 16, 1 / 4]
+    assert weights.tolist() == pytest.approx(expected, abs=1e-15)
+    # mean age (9/64 (5 + 4 + 3 + 2) + 3/16 x 1) rounds = 138/64 rounds = 8.625 samples
+    assert mean_sample_age(weights, round_samples) == pytest.approx(138 / 64 * 4, abs=1e-12)
+    # the mean age rises monotonically towards the horizon, never above it, and reaches it
+    ages = [mean_sample_age(ema_round_weights(decay, rounds), round_samples) for rounds in range(1, 41)]
+    assert ages[:4] == pytest.approx([0.0, 2.0, 4.0, 6.0], abs=1e-12)  # running mean: (m - 1) / 2 rounds
+    assert all(a <= b + 1e-12 for a, b in zip(ages, ages[1:])) and max(ages) <= horizon + 1e-12
+    assert ages[-1] == pytest.approx(horizon, abs=1e-3)  # 12 - 6 x 0.75^36 = 11.99981
+    long = ema_round_weights(decay, 200)
+    assert float(long.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert mean_sample_age(long, round_samples) == pytest.approx(horizon, abs=1e-9)
 
 
 def test_cohort_is_deterministic_sorted_and_varies_by_round():

@@ -39,18 +39,29 @@ def test_digits_native_size_is_exact_scaling():
     torch.testing.assert_close(train.get_batch(range(5))[:, 0], expected)
 
 
-def test_digits_split_is_deterministic():
+def test_digits_split_is_deterministic_and_the_reference_does_not_depend_on_the_seed():
     a_train, a_held = build_datasets(DataConfig(), seed=5)
     b_train, b_held = build_datasets(DataConfig(), seed=5)
-    c_train, _ = build_datasets(DataConfig(), seed=6)
+    c_train, c_held = build_datasets(DataConfig(), seed=6)
     assert torch.equal(a_held.get_batch(range(len(a_held))), b_held.get_batch(range(len(b_held))))
     np.testing.assert_array_equal(a_train.labels, b_train.labels)
-    assert not torch.equal(a_train.get_batch(range(100)), c_train.get_batch(range(100)))
+    # the held-out (reference) split is fixed (HELDOUT_SPLIT_SEED); without max_samples so is training
+    assert torch.equal(a_held.get_batch(range(len(a_held))), c_held.get_batch(range(len(c_held))))
+    assert torch.equal(a_train.get_batch(range(len(a_train))), c_train.get_batch(range(len(c_train))))
 
 
 def test_digits_max_samples():
     train, heldout = build_datasets(DataConfig(max_samples=100), seed=0)
     assert (len(train), len(heldout)) == (90, 10)
+    # the seed chooses the training images, never among the full reference split's
+    _, reference = build_datasets(DataConfig(), seed=0)
+    reference_rows = {row.numpy().tobytes() for row in reference.get_batch(range(len(reference)))}
+    other, other_heldout = build_datasets(DataConfig(max_samples=100), seed=1)
+    assert not torch.equal(train.get_batch(range(90)), other.get_batch(range(90)))
+    assert torch.equal(heldout.get_batch(range(10)), other_heldout.get_batch(range(10)))
+    for data, inside in ((train, False), (other, False), (heldout, True)):
+        assert all((row.numpy().tobytes() in reference_rows) == inside
+                   for row in data.get_batch(range(len(data))))
 
 
 def test_get_batch_order_and_repeats():
@@ -214,6 +225,9 @@ def test_celeba_layout(tmp_path):
     assert (len(train), len(heldout)) == (3, 3)
     assert train.get_batch(range(3)).shape == (3, 3, 8, 8)
     assert sorted(train.labels.tolist() + heldout.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    for seed in (1, 2):  # the held-out split is the same for every seed
+        _, other = build_datasets(cfg, seed=seed)
+        assert torch.equal(other.get_batch(range(3)), heldout.get_batch(range(3)))
     # The image folder itself as root works too (the attribute list is found beside it).
     direct, _ = build_datasets(DataConfig(name="celeba", root=str(root / "img_align_celeba"),
                                           image_size=8, label_column="Young"), seed=0)

@@ -12,8 +12,9 @@ once, for the tiny 2-rank job of ``conftest.FAULT_SHAPE``:
 
 The jobs are awaited by polling ``scontrol show job`` (``sbatch --wait`` polls every 2-32 s) and
 their run directories are compared with the same config run directly by torchrun. Only the
-daemons started here are stopped. Without the Slurm packages (and no root to install them) the
-test is skipped with the reason; with FEDRUN_REQUIRE_SLURM=1 (CI) it fails instead.
+daemons started here are stopped. Missing Slurm packages are installed with apt-get only when
+asked (CI=true or FEDRUN_INSTALL_SLURM=1, and root): otherwise, or without root, the test is
+skipped with the reason; with FEDRUN_REQUIRE_SLURM=1 (CI) it fails instead.
 """
 
 import os
@@ -49,13 +50,23 @@ def _which(program):
     return shutil.which(program, path=SEARCH_PATH)
 
 
+def _install_allowed() -> bool:
+    """Installing system packages is for CI machines or when asked, never a side effect of a
+    developer's test run."""
+    return os.environ.get("CI") == "true" or os.environ.get("FEDRUN_INSTALL_SLURM") == "1"
+
+
 def _ensure_slurm_installed():
-    """Install Debian's Slurm and munge packages when missing (root and apt-get needed)."""
+    """Install Debian's Slurm and munge packages when missing and allowed (``_install_allowed``;
+    root and apt-get needed)."""
     if os.geteuid() != 0:
         _unavailable("a local Slurm cluster needs root (slurmd starts jobs as their user)")
     missing = [p for p in PROGRAMS if _which(p) is None]
     if not missing:
         return
+    if not _install_allowed():
+        _unavailable(f"Slurm programs {missing} are missing; set FEDRUN_INSTALL_SLURM=1 (or CI=true) "
+                     f"to let this test run 'apt-get install {' '.join(PACKAGES)}'")
     if _which("apt-get") is None:
         _unavailable(f"Slurm programs {missing} are missing and there is no apt-get to install them")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")

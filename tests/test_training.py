@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import run_cli
@@ -24,42 +23,66 @@ def _snapshot(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_one_client_one_step_one_round_equals_one_centralized_step(tiny_config, tmp_path):
-    """C=1, E=1, T=1: FedAvg (server lr 1) must equal one plain AdamW step on the same batch."""
-    from diffusers import DDPMScheduler, UNet2DModel
+def test_one_client_one_round_equals_a_hand_written_adamw_loop(tiny_config, tmp_path):
+    """C=1, E=3, T=1: FedAvg (server lr 1) equals three AdamW steps with weight decay and active
+    gradient clipping, written out by hand with stock diffusers and torch, bit for bit. (One
+    step would prove little: Adam's first step is about lr * sign(g) whatever the betas, the
+    clipping or the gradient's scale.)"""
+    from diffusers import UNet2DModel
 
-    from fedrun.client import client_generator
-    from fedrun.data import build_datasets
+    from fedrun.client import batch_indices, client_generator
+    from fedrun.data import partition_indices
+    from fedrun.pretrain import PretrainTask
 
-    cfg = tiny_config("num_clients=1", "local_steps=1", "rounds=1")
+    # aggregation.exact=false: exact mode rounds the update to a fixed-point grid, so the global
+    # model would be w + round_to_grid(delta), not w + delta. Uniform weighting: the update is
+    # summed with weight 1 and divided by 1, so the server step is w + (w_c - w) with no
+    # rounding beyond the subtraction and the addition, which the hand loop repeats.
+    cfg = tiny_config("num_clients=1", "local_steps=3", "rounds=1", "optim.weight_decay=0.1",
+                      "optim.grad_clip=0.05", "optim.betas=[0.8,0.95]", "server.weighting=uniform",
+                      "aggregation.exact=false")
     simulator.run(cfg)
     federated = _weights(cfg.output_dir, 1)
 
-    # The same step written out by hand with stock diffusers and torch.
-    train, _ = build_datasets(cfg.data, cfg.seed)
+    task = PretrainTask(cfg)
+    built = task.build(torch.device("cpu"))
     torch.manual_seed(cfg.seed)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
                        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
                        attention_head_dim=4)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
-                              beta_schedule="linear")
-    generator = client_generator(cfg.seed, client=0, global_round=0)
-    order = torch.randperm(len(train), generator=generator)[: cfg.optim.batch_size]
-    images = train.get_batch(order.numpy())
-    noise = torch.randn(images.shape, generator=generator)
-    timesteps = torch.randint(0, 1000, (images.shape[0],), generator=generator)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.optim.lr, weight_decay=0.0)
-    loss = F.mse_loss(unet(scheduler.add_noise(images, noise, timesteps), timesteps).sample, noise)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-    optimizer.step()
+    start = {k: v.clone() for k, v in unet.state_dict().items()}
+    assert all(torch.equal(start[k], v) for k, v in built.model.state_dict().items())
 
-    central = unet.state_dict()
-    diff = max(float((federated[k] - central[k]).abs().max()) for k in federated)
-    assert diff < 1e-6
+    def hand_loop(grad_clip, weight_decay):
+        unet.load_state_dict(start)
+        client = partition_indices(built.dataset.labels, len(built.dataset), 1, cfg.partition,
+                                   cfg.seed)[0]
+        generator = client_generator(cfg.seed, client=0, global_round=0)
+        batches = batch_indices(client, 3, cfg.optim.batch_size, generator)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, betas=(0.8, 0.95),
+                                      weight_decay=weight_decay)
+        losses, norms = [], []
+        for indices in batches:
+            loss = task.loss(unet, indices, generator)
+            optimizer.zero_grad()
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(unet.parameters(), grad_clip)))
+            optimizer.step()
+            losses.append(loss.item())
+        # FedAvg with one client of weight 1 and server lr 1: w + (w_c - w)
+        return {k: start[k] + (v - start[k]) for k, v in unet.state_dict().items()}, losses, norms
+
+    central, losses, norms = hand_loop(grad_clip=0.05, weight_decay=0.1)
+    assert min(norms) > 0.05  # the clipping was active at every step
+    assert federated.keys() == central.keys()
+    assert all(torch.equal(federated[k], central[k]) for k in federated)
     first = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["train_loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert first["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-6)
+    # controls: without the clipping, or without the weight decay, the weights differ
+    for grad_clip, weight_decay in ((1e9, 0.1), (0.05, 0.0)):
+        other, _, _ = hand_loop(grad_clip, weight_decay)
+        assert not all(torch.equal(federated[k], other[k]) for k in federated)
 
 
 def test_resumed_run_equals_uninterrupted_run(tiny_config, tmp_path):

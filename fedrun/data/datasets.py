@@ -197,34 +197,44 @@ def _map_threads(fn, items: list) -> list:
 
 
 # --------------------------------------------------------------------------- building
+#: Seed of the held-out (reference) split, fixed whatever the run's ``seed``: FID/KID of every
+#: run is measured against the same images, and the shipped digits classifier
+#: (``fedrun.digits_classifier``) is trained only on images outside the digits' reference split.
+HELDOUT_SPLIT_SEED = 0
+
+
 def build_datasets(cfg: DataConfig, seed: int) -> Tuple[ImageDataset, ImageDataset]:
     """(train, heldout) for ``cfg``; deterministic from ``seed``.
 
-    ``max_samples`` picks a seeded subset first; the held-out set then gets
-    ``round(heldout_fraction * N)`` images (possibly none: an empty data set).
+    The held-out set does not depend on ``seed`` (see ``split_indices``); ``max_samples`` keeps
+    ``round(heldout_fraction * max_samples)`` of it and a seeded choice of training images.
     """
     if cfg.name == "digits":
-        full = _build_digits(cfg, seed)
-    elif cfg.name in ("image_folder", "celeba"):
-        full = _build_folder(cfg, seed)
-    else:
-        raise DataError(f"unknown data.name '{cfg.name}'")
-    return split_heldout(full, cfg.heldout_fraction, seed)
+        return _build_digits(cfg, seed)
+    if cfg.name in ("image_folder", "celeba"):
+        return _build_folder(cfg, seed)
+    raise DataError(f"unknown data.name '{cfg.name}'")
 
 
-def split_heldout(dataset: ImageDataset, fraction: float, seed: int) -> Tuple[ImageDataset, ImageDataset]:
-    """Seeded (train, heldout) split; both keep the original (sorted) order."""
-    n = len(dataset)
-    perm = np.random.default_rng([seed, 7]).permutation(n)
-    n_heldout = int(round(fraction * n))
-    return dataset.subset(np.sort(perm[n_heldout:])), dataset.subset(np.sort(perm[:n_heldout]))
+def split_indices(n: int, fraction: float, max_samples: Optional[int],
+                  seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, heldout) indices of ``n`` items.
 
-
-def _subset_indices(n: int, max_samples: Optional[int], seed: int) -> np.ndarray:
-    """Sorted seeded choice of ``max_samples`` of ``n`` items (all of them when None or >= n)."""
+    The reference split is the first ``round(fraction * n)`` items of a permutation seeded by
+    ``HELDOUT_SPLIT_SEED`` alone. Without ``max_samples`` the held-out set is that split and
+    training gets every other item; with ``max_samples = m < n`` the held-out set is the first
+    ``round(fraction * m)`` items of the same permutation and training a ``seed``-chosen
+    ``m - round(fraction * m)`` of the items outside the reference split, so no seed and no
+    ``max_samples`` ever trains on a reference item of the same ``fraction``.
+    """
+    perm = np.random.default_rng([HELDOUT_SPLIT_SEED, 7]).permutation(n)
+    n_reference = int(round(fraction * n))
     if max_samples is None or max_samples >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, 3]).permutation(n)[:max_samples])
+        return np.sort(perm[n_reference:]), np.sort(perm[:n_reference])
+    n_heldout = int(round(fraction * max_samples))
+    pool = perm[n_reference:]
+    chosen = np.random.default_rng([seed, 3]).permutation(len(pool))[:max_samples - n_heldout]
+    return np.sort(pool[chosen]), np.sort(perm[:n_heldout])
 
 
 @functools.lru_cache(maxsize=4)
@@ -240,27 +250,38 @@ def _digits_tensor(image_size: int) -> Tuple[torch.Tensor, np.ndarray]:
     return x.clamp_(-1.0, 1.0).contiguous(), digits.target.astype(np.int64)
 
 
-def _build_digits(cfg: DataConfig, seed: int) -> ImageDataset:
+def _build_digits(cfg: DataConfig, seed: int) -> Tuple[ImageDataset, ImageDataset]:
     images, labels = _digits_tensor(cfg.image_size)
     full = ImageDataset.from_tensor(images, labels, class_names=[str(k) for k in range(10)],
                                     name="digits")
-    return full.subset(_subset_indices(len(full), cfg.max_samples, seed))
+    train, heldout = split_indices(len(full), cfg.heldout_fraction, cfg.max_samples, seed)
+    return full.subset(train), full.subset(heldout)
 
 
-def _build_folder(cfg: DataConfig, seed: int) -> ImageDataset:
+def _build_folder(cfg: DataConfig, seed: int) -> Tuple[ImageDataset, ImageDataset]:
+    """The split is made on the file listing (before any file is opened): unreadable files
+    skipped with ``skip_corrupt`` leave their side of the split one image short."""
     root = _check_root(cfg.root)
     image_root = _celeba_image_root(root) if cfg.name == "celeba" else root
-    rel_paths = list_image_files(image_root)
-    rel_paths = [rel_paths[i] for i in _subset_indices(len(rel_paths), cfg.max_samples, seed)]
+    listing = list_image_files(image_root)
+    train, heldout = split_indices(len(listing), cfg.heldout_fraction, cfg.max_samples, seed)
+    chosen = np.sort(np.concatenate([train, heldout]))
+    rel_paths = [listing[i] for i in chosen]
+    is_heldout = dict(zip(rel_paths, np.isin(chosen, heldout)))
     rel_paths = _drop_bad(image_root, rel_paths, _check_headers(image_root, rel_paths), cfg.skip_corrupt)
     labels, class_names = _folder_labels(cfg, root, image_root, rel_paths)
     loader = ImageLoader(cfg.image_size, cfg.grayscale, cfg.center_crop)
-    files = [str(image_root / p) for p in rel_paths]
-    if _fits_in_memory(len(files), loader):
-        images, ok = _decode_all(files, loader, cfg.skip_corrupt, image_root)
+    if _fits_in_memory(len(rel_paths), loader):
+        images, ok = _decode_all([str(image_root / p) for p in rel_paths], loader, cfg.skip_corrupt,
+                                 image_root)
+        rel_paths = [rel_paths[i] for i in ok]
         labels = None if labels is None else labels[ok]
-        return ImageDataset.from_tensor(images, labels, class_names=class_names, name=cfg.name)
-    return ImageDataset.from_files(files, loader, labels, class_names=class_names, name=cfg.name)
+        full = ImageDataset.from_tensor(images, labels, class_names=class_names, name=cfg.name)
+    else:
+        full = ImageDataset.from_files([str(image_root / p) for p in rel_paths], loader, labels,
+                                       class_names=class_names, name=cfg.name)
+    held = np.array([is_heldout[p] for p in rel_paths], dtype=bool)
+    return full.subset(np.flatnonzero(~held)), full.subset(np.flatnonzero(held))
 
 
 def _check_root(root: Optional[str]) -> Path:
