@@ -459,7 +459,8 @@ class Config:
     overwrite: bool = False
     """Delete an existing run in output_dir and start again."""
     device: str = "auto"
-    """'auto' (cuda:LOCAL_RANK with NCCL when CUDA is available, else CPU with gloo), 'cpu', 'cuda'."""
+    """'auto' (cuda:(LOCAL_RANK mod GPUs) when CUDA is available: NCCL when every rank owns its
+    GPU, gloo when ranks share one; else CPU with gloo), 'cpu', 'cuda'."""
     dist_timeout_s: int = 1800
     """Timeout of the process group's collectives, in seconds."""
     threads: Optional[int] = None
