@@ -261,15 +261,3 @@ def test_image_size_the_config_accepts_runs_through_the_unet(size, blocks):
     with torch.no_grad():
         out = unet(torch.zeros(1, 1, size, size), torch.tensor([1])).sample
     assert out.shape == (1, 1, size, size)
-
-
-def test_bundled_digits_read_directly_equal_sklearns_load_digits():
-    """The start-up shortcut (no sklearn.datasets import) reads the very same data."""
-    import numpy as np
-    from sklearn.datasets import load_digits
-
-    from fedrun.data.datasets import load_bundled_digits
-
-    images, labels = load_bundled_digits()
-    reference = load_digits()
-    assert np.array_equal(images, reference.images) and np.array_equal(labels, reference.target)

@@ -237,35 +237,17 @@ def split_indices(n: int, fraction: float, max_samples: Optional[int],
     return np.sort(pool[chosen]), np.sort(perm[:n_heldout])
 
 
-def load_bundled_digits() -> Tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled digits as (images (1797, 8, 8) in 0..16, labels), read straight from
-    its ``datasets/data/digits.csv.gz``: importing ``sklearn.datasets`` (scipy and all) costs
-    every rank about a second at start-up. Falls back to ``load_digits`` if the file moved."""
-    import gzip
-    import importlib.util
-
-    spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz" \
-        if spec and spec.submodule_search_locations else None
-    if path is None or not path.is_file():
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        return digits.images, digits.target
-    with gzip.open(path, "rt") as handle:
-        data = np.loadtxt(handle, delimiter=",")
-    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)
-
-
 @functools.lru_cache(maxsize=4)
 def _digits_tensor(image_size: int) -> Tuple[torch.Tensor, np.ndarray]:
-    # Cached: several data sets per process (tests, ranks in threads) need not reload the file.
-    images, target = load_bundled_digits()
-    x = torch.from_numpy(images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
+    # Cached: several data sets per process (tests, ranks in threads) need not reload sklearn's copy.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0)[:, None]
     if image_size != x.shape[-1]:
         x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear",
                                             align_corners=False)
-    return x.clamp_(-1.0, 1.0).contiguous(), target.astype(np.int64)
+    return x.clamp_(-1.0, 1.0).contiguous(), digits.target.astype(np.int64)
 
 
 def _build_digits(cfg: DataConfig, seed: int) -> Tuple[ImageDataset, ImageDataset]:
