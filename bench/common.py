@@ -69,19 +69,10 @@ def machine() -> dict:
 
 
 def git_commit() -> str | None:
-    """The commit the benchmarked code is at, with "+dirty" when the working tree differs from it
-    (results committed afterwards name the commit that produced them)."""
-    import subprocess
+    """The commit the benchmarked code is at (``fedrun.logging.code_commit``)."""
+    from fedrun.logging import code_commit
 
-    repo = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return head + ("+dirty" if dirty else "")
+    return code_commit()
 
 
 def loadavg() -> List[float]:

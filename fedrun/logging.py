@@ -145,3 +145,19 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def code_commit() -> str | None:
+    """The commit the benchmarked code is at, with "+dirty" when the working tree differs from it
+    (results committed afterwards name the commit that produced them)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]  # the checkout fedrun runs from
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")

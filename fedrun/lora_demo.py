@@ -2,8 +2,9 @@
 
     python -m fedrun.lora_demo --out runs/lora_demo --results docs/results/lora_digits
 
-18 min wall on a shared 2-core CPU (pre-training 9.4 min of it); results and their note in
-docs/results/lora_digits/.
+Both cores (each run uses the machine's cores as threads), the fine-tuning stage repeated for
+3 seeds, 256 samples per prompt: about 35-60 min on a 2-core CPU; results and their note in
+docs/results/lora_digits/ (``--seeds 0 --samples-per-prompt 64`` is a quick look).
 
 The paper fine-tunes Stable Diffusion 1.5 with LoRA on 16 photos of one dog, 4 clients x 4
 images. Here, at the scale of one CPU core:
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -166,7 +168,9 @@ def _summary(rates: dict, predicted: np.ndarray) -> dict:
 def evaluate(base_dir: Path, lora_dirs: dict, results: Path, num_per_prompt: int, steps: int,
              guidance: float, seed: int = 4321) -> dict:
     """Nine-rate and prior preservation of the base pipeline and of each LoRA, loaded onto it
-    with stock ``load_lora_weights``; one grid per model (rows: instance prompt, digits 0-8)."""
+    with stock ``load_lora_weights``; one grid per model (rows: instance prompt, digits 0-8).
+    ``lora_dirs``: name -> run folder, or name -> {fine-tuning seed: run folder} (the grid is the
+    first seed's; the summary gains mean and std over the seeds)."""
     from fedrun.grids import save_grid
 
     pipe = _load_pipeline(base_dir)
@@ -175,16 +179,31 @@ def evaluate(base_dir: Path, lora_dirs: dict, results: Path, num_per_prompt: int
     report = {"samples_per_prompt": num_per_prompt, "ddim_steps": steps,
               "guidance_scale": guidance, "instance_prompt": INSTANCE_PROMPT,
               "grid_rows": [INSTANCE_PROMPT] + [digit_prompt(k) for k in range(SUBJECT_DIGIT)]}
-    for name, lora_dir in [("before", None), *lora_dirs.items()]:
-        if lora_dir is not None:
-            pipe.load_lora_weights(str(lora_dir))
-        rates, images, predicted = measure(pipe, num_per_prompt, steps, guidance, seed)
-        if lora_dir is not None:
-            pipe.unload_lora_weights()
-        report[name] = _summary(rates, predicted)
-        grid = images.reshape(10, num_per_prompt, *images.shape[1:])[:, :show]
-        save_grid(grid.reshape(-1, *images.shape[1:]), results / f"{name}.png", columns=show)
+    for name, dirs in [("before", {None: None}), *lora_dirs.items()]:
+        dirs = dirs if isinstance(dirs, dict) else {None: dirs}
+        per_seed = {}
+        for finetune_seed, lora_dir in dirs.items():
+            if lora_dir is not None:
+                pipe.load_lora_weights(str(lora_dir))
+            rates, images, predicted = measure(pipe, num_per_prompt, steps, guidance, seed)
+            if lora_dir is not None:
+                pipe.unload_lora_weights()
+            per_seed[finetune_seed] = _summary(rates, predicted)
+            if len(per_seed) == 1:
+                grid = images.reshape(10, num_per_prompt, *images.shape[1:])[:, :show]
+                save_grid(grid.reshape(-1, *images.shape[1:]), results / f"{name}.png", columns=show)
+        report[name] = next(iter(per_seed.values())) if None in per_seed else _over_seeds(per_seed)
     return report
+
+
+def _over_seeds(per_seed: dict) -> dict:
+    """Mean and (sample) std over fine-tuning seeds of each headline rate, plus every seed."""
+    out = {"seeds": {str(s): r for s, r in per_seed.items()}}
+    for key in ("nine_rate", "prior_preservation", "other_prompts_classified_nine"):
+        values = np.array([r[key] for r in per_seed.values()])
+        out[key] = float(values.mean())
+        out[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return out
 
 
 def main(argv=None) -> int:
@@ -192,7 +211,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/lora_demo", help="working folder of the demo")
     parser.add_argument("--results", default=None, help="also write numbers and grids here")
     parser.add_argument("--vae-steps", type=int, default=300)
-    parser.add_argument("--samples-per-prompt", type=int, default=64)
+    parser.add_argument("--samples-per-prompt", type=int, default=256)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds of the fine-tuning stage (each LoRA is trained once per seed)")
     parser.add_argument("--pretrain", nargs="*", default=[], metavar="key=value",
                         help="overrides of configs/lora_digits_pretrain.yaml")
     parser.add_argument("--finetune", nargs="*", default=[], metavar="key=value",
@@ -202,7 +223,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-pretrain", action="store_true",
                         help="reuse OUT/pretrain/final from an earlier run")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    # One process, every core as a thread (the configs' threads=1 is for their torchrun use).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    both_cores = [f"threads={cores}"]
     out = Path(args.out)
     timings = {}
     started = time.perf_counter()
@@ -216,29 +240,30 @@ def main(argv=None) -> int:
         _say("federated text-conditioned pre-training on digits 0-8")
         run_finetune("lora_digits_pretrain.yaml", [
             f"finetune.pretrained={out / 'base_init'}", f"data.root={prior}",
-            f"output_dir={out / 'pretrain'}", "overwrite=true", *args.pretrain])
+            f"output_dir={out / 'pretrain'}", "overwrite=true", *both_cores, *args.pretrain])
         timings["pretrain_s"] = time.perf_counter() - t
     from fedrun.config import load_config
 
     cfg = load_config(str(REPO / "configs" / "lora_digits_nine.yaml"), args.finetune)
-    t = time.perf_counter()
-    _say("federated LoRA fine-tuning on 16 nines, 4 clients x 4 (the paper's recipe)")
-    run_finetune("lora_digits_nine.yaml", [
-        f"finetune.pretrained={pretrained}", f"data.root={subject}",
-        f"output_dir={out / 'lora'}", "overwrite=true", *args.finetune])
-    timings["finetune_s"] = time.perf_counter() - t
-    lora_dirs = {"after": out / "lora" / "final"}
+    recipes = {"after": ("lora_digits_nine.yaml", "lora", [])}
     if args.prior_images > 0:
         t = time.perf_counter()
-        _say("the same with DreamBooth prior preservation (class images from the base model)")
         prior_root = write_prior_images(pretrained, out / "data" / "prior", args.prior_images,
                                         cfg.sample.steps, cfg.finetune.guidance_scale)
-        run_finetune("lora_digits_nine_prior.yaml", [
-            f"finetune.pretrained={pretrained}", f"data.root={subject}",
-            f"output_dir={out / 'lora_prior'}", "overwrite=true",
-            f"finetune.class_data_dir={prior_root}", *args.finetune])
-        timings["finetune_prior_s"] = time.perf_counter() - t
-        lora_dirs["after_prior_preservation"] = out / "lora_prior" / "final"
+        timings["prior_images_s"] = time.perf_counter() - t
+        recipes["after_prior_preservation"] = ("lora_digits_nine_prior.yaml", "lora_prior",
+                                               [f"finetune.class_data_dir={prior_root}"])
+    lora_dirs: dict = {name: {} for name in recipes}
+    for name, (config, folder, extra) in recipes.items():
+        t = time.perf_counter()
+        for seed in args.seeds:
+            _say(f"federated LoRA fine-tuning on 16 nines, 4 clients x 4 ({config}, seed {seed})")
+            run_dir = out / f"{folder}_seed{seed}"
+            run_finetune(config, [f"finetune.pretrained={pretrained}", f"data.root={subject}",
+                                  f"output_dir={run_dir}", "overwrite=true", f"seed={seed}",
+                                  *both_cores, *extra, *args.finetune])
+            lora_dirs[name][seed] = run_dir / "final"
+        timings[f"finetune_{folder}_s"] = time.perf_counter() - t
     t = time.perf_counter()
     results_dir = Path(args.results) if args.results else out / "results"
     report = evaluate(pretrained, lora_dirs, results_dir, args.samples_per_prompt,
@@ -247,11 +272,16 @@ def main(argv=None) -> int:
     timings["total_s"] = time.perf_counter() - started
     from fedrun.logging import read_metrics
 
-    last = read_metrics(out / "lora")[-1]
+    last = read_metrics(out / f"lora_seed{args.seeds[0]}")[-1]
     report["communication"] = {k: last[k] for k in (
         "bytes_sent_per_client", "bytes_full_unet_per_client", "bytes_ratio_vs_full_unet")}
     report["lora_aggregation_error_last_round"] = last.get("lora_aggregation_error")
     report["timings_s"] = timings
+    report["finetune_seeds"] = args.seeds
+    report["threads"] = cores
+    from fedrun.logging import code_commit
+
+    report["commit"] = code_commit()  # the commit that produced the numbers
     (results_dir / "lora_digits.json").write_text(json.dumps(report, indent=2) + "\n")
     _say(json.dumps({k: (v if not isinstance(v, dict) else {m: w for m, w in v.items() if m != "per_prompt"})
                      for k, v in report.items()}, indent=1))
