@@ -213,7 +213,6 @@ def worker_lora(dry: bool) -> dict:
         out[name] = {"unet_parameters": sum(p.numel() for p in unet.parameters()) - lora,
                      "lora_parameters": lora, "batch": batch, "steps_per_s": steps / seconds,
                      "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None}
-        del unet, optimizer, params
     return out
 
 
@@ -316,48 +315,46 @@ def _fmt(value, spec=".3g") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _table(title: str, columns: List[str], rows: list, cells) -> List[str]:
+    """A markdown table; ``cells(name, row)`` gives a row's cells, an error row spans them."""
+    lines = ["", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for name, row in rows:
+        values = [f"error: {row['error']}"] if "error" in row else cells(name, row)
+        lines.append("| " + " | ".join([str(name), *values]) + " |")
+    return lines
+
+
 def render(results: dict) -> str:
     """The results as a markdown page."""
     lines = [f"# fedrun on {'CPU (dry run)' if results['dry_run'] else results['gpu']}", "",
              f"`{results['command']}` at commit `{results['commit']}`, {results['date']}, "
              f"{results['total_wall_s']:.0f} s.", "",
-             f"CUDA tests: {' '.join(results['cuda_tests_summary'])}", "",
-             "## Paper U-Net pre-training (rounds after the first; medians)", "",
-             "| ranks | precision | local steps/s | images/s | round s | local s | aggregation s "
-             "| server s | peak GPU MiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for key in sorted(k for k in results if k.startswith("ranks")):
-        for precision, row in _rows((results[key] or {}).get("pretrain")):
-            if "error" in row:
-                lines.append(f"| {key[5:]} | {precision} | error: {row['error']} |||||||")
-                continue
-            lines.append(f"| {row['world_size']} | {precision} | {_fmt(row['local_steps_per_s'])} | "
-                         f"{_fmt(row['images_per_s'])} | {_fmt(row['round_time_s'])} | "
-                         f"{_fmt(row['local_compute_s'])} | {_fmt(row['aggregation_s'])} | "
-                         f"{_fmt(row['server_s'])} | {_fmt(row['gpu_peak_mib'], '.0f')} |")
+             f"CUDA tests: {' '.join(results['cuda_tests_summary'])}"]
+    pretrain = [(f"{key[5:]} | {precision}", row) for key in sorted(k for k in results if k.startswith("ranks"))
+                for precision, row in _rows((results[key] or {}).get("pretrain"))]
+    lines += _table("## Paper U-Net pre-training (rounds after the first; medians)",
+                    ["ranks", "precision", "local steps/s", "images/s", "round s", "local s",
+                     "aggregation s", "server s", "peak GPU MiB"], pretrain,
+                    lambda _, r: [_fmt(r["local_steps_per_s"]), _fmt(r["images_per_s"]),
+                                  _fmt(r["round_time_s"]), _fmt(r["local_compute_s"]),
+                                  _fmt(r["aggregation_s"]), _fmt(r["server_s"]),
+                                  _fmt(r["gpu_peak_mib"], ".0f")])
     one = results.get("ranks1") or {}
-    lines += ["", "## fedrun central (accelerate) vs a bare loop, same U-Net and batch", "",
-              "| precision | central steps/s | bare steps/s | central / bare |", "|---|---|---|---|"]
-    for precision, row in _rows(one.get("central")):
-        if "error" in row:
-            lines.append(f"| {precision} | error: {row['error']} |||")
-            continue
-        lines.append(f"| {precision} | {_fmt(row['central_steps_per_s'])} | "
-                     f"{_fmt(row['bare_steps_per_s'])} | {_fmt(row['central_over_bare'])} |")
-    lines += ["", "## Rank-8 LoRA step on an SD-1.5-sized UNet2DConditionModel (random weights)", "",
-              "| base dtype | U-Net params | LoRA params | batch | steps/s | peak GPU MiB |",
-              "|---|---|---|---|---|---|"]
-    for dtype, row in _rows(one.get("lora")):
-        if "error" in row:
-            lines.append(f"| {dtype} | error: {row['error']} |||||")
-            continue
-        lines.append(f"| {dtype} | {row['unet_parameters']:,} | {row['lora_parameters']:,} | "
-                     f"{row['batch']} | {_fmt(row['steps_per_s'])} | {_fmt(row['gpu_peak_mib'], '.0f')} |")
+    lines += _table("## fedrun central (accelerate) vs a bare loop, same U-Net and batch",
+                    ["precision", "central steps/s", "bare steps/s", "central / bare"],
+                    _rows(one.get("central")),
+                    lambda _, r: [_fmt(r["central_steps_per_s"]), _fmt(r["bare_steps_per_s"]),
+                                  _fmt(r["central_over_bare"])])
+    lines += _table("## Rank-8 LoRA step on an SD-1.5-sized UNet2DConditionModel (random weights)",
+                    ["base dtype", "U-Net params", "LoRA params", "batch", "steps/s", "peak GPU MiB"],
+                    _rows(one.get("lora")),
+                    lambda _, r: [f"{r['unet_parameters']:,}", f"{r['lora_parameters']:,}",
+                                  str(r["batch"]), _fmt(r["steps_per_s"]), _fmt(r["gpu_peak_mib"], ".0f")])
     failed = {k: v for k, v in results["steps"].items() if v["exit"] != 0}
     if failed:
         lines += ["", "## Failed steps", ""] + [f"- `{k}`: exit {v['exit']}\n\n```\n{v['log_tail']}\n```"
                                                for k, v in failed.items()]
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

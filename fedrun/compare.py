@@ -313,7 +313,7 @@ def _fmt(mean_std: tuple, digits: int = 3, scale: float = 1.0) -> str:
 
 
 def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], report_dir: Path,
-                 command: str, wall_s: float) -> Path:
+                 command: str, wall_s: float, commit: Optional[str] = None) -> Path:
     from fedrun.features import bias_warning
 
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +326,7 @@ def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], repo
         f"{grid.samples:,} samples seen; FID/KID from {any_result['eval_samples']} generated samples "
         f"({any_result['eval_feature']} features) against {any_result['eval_reference']} held-out "
         f"images, every {grid.eval_every_samples:,} samples. Wall time of the grid: {wall_s / 60:.1f} min.",
-        "", "Command:", "", "```bash", command, "```", "",
+        "", f"Command (at commit `{commit}`):", "", "```bash", command, "```", "",
         *([f"**Warning:** {bias_warning(any_result['eval_samples'])}.", ""]
           if bias_warning(any_result["eval_samples"]) else []),
         "| configuration | FID | KID ×100 | floor FID | floor KID ×100 | class TV | final loss | samples seen | bytes communicated | wall time (s) |",
@@ -365,7 +365,7 @@ def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], repo
     (report_dir / "README.md").write_text("\n".join(lines) + "\n")
     (report_dir / "results.json").write_text(json.dumps(
         {"grid": grid.source, "samples": grid.samples, "seeds": grid.seeds, "wall_s": wall_s,
-         "command": command, "runs": results, "findings": findings}, indent=1))
+         "command": command, "commit": commit, "runs": results, "findings": findings}, indent=1))
     return report_dir / "README.md"
 
 
@@ -445,9 +445,12 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
             report_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
             command: str = "", say=print, output_dir: Optional[str] = None) -> Path:
     """Run/collect the grid and write the report; returns the report's README.md."""
+    from fedrun.logging import code_commit
+
     grid = load_grid(grid_file, quick, overrides)
     if output_dir:
         grid.output_dir = output_dir
+    commit = code_commit()  # the code the runs train with (collect-only: the code collecting)
     started = time.perf_counter()
     specs = plan_runs(grid) if collect_only else run_grid(grid, jobs, say)
     results = [collect(s) for s in specs]
@@ -457,4 +460,4 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     else:
         wall = time.perf_counter() - started
     target = Path(report_dir) if report_dir else Path(grid.output_dir) / "report"
-    return write_report(grid, summary, results, target, command, wall)
+    return write_report(grid, summary, results, target, command, wall, commit)
