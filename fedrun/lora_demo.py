@@ -230,6 +230,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     timings = {}
     started = time.perf_counter()
+    from fedrun.logging import code_commit
+
+    commit = code_commit()  # the code that produces the numbers (read before, not after, the run)
     prior, subject = write_data(out / "data")
     pretrained = out / "pretrain" / "final"
     if not args.skip_pretrain:
@@ -279,9 +282,7 @@ def main(argv=None) -> int:
     report["timings_s"] = timings
     report["finetune_seeds"] = args.seeds
     report["threads"] = cores
-    from fedrun.logging import code_commit
-
-    report["commit"] = code_commit()  # the commit that produced the numbers
+    report["commit"] = commit
     (results_dir / "lora_digits.json").write_text(json.dumps(report, indent=2) + "\n")
     _say(json.dumps({k: (v if not isinstance(v, dict) else {m: w for m, w in v.items() if m != "per_prompt"})
                      for k, v in report.items()}, indent=1))
