@@ -67,12 +67,14 @@ def _prepare_on_rank0(cfg: Config) -> tuple:
     """Rank 0 decides what happens to the run directory; the outcome (or the error) is shared."""
     try:
         resume_from = prepare_run_dir(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
-        if resume_from is not None:
+        from fedrun.client_state import ClientStateStore
+
+        store = ClientStateStore(Path(cfg.output_dir))
+        if resume_from is not None and store.root.is_dir():  # a stateful client algorithm's run
             from fedrun.checkpoint import load_checkpoint
-            from fedrun.client_state import ClientStateStore
 
             # Client states written after the checkpoint belong to rounds that will be redone.
-            ClientStateStore(Path(cfg.output_dir)).truncate(load_checkpoint(resume_from).round)
+            store.truncate(load_checkpoint(resume_from).round)
         return ("ok", str(resume_from) if resume_from else None)
     except FedrunError as exc:
         return ("error", f"{type(exc).__name__}:{exc}")
