@@ -44,7 +44,8 @@ import torch
 from fedrun import dist
 from fedrun.aggregate import BYTES_PER_FLOAT
 from fedrun.checkpoint import load_checkpoint
-from fedrun.client import batch_indices, num_local_steps
+from fedrun.client import (OPTIM_PREFIX, batch_indices, build_optimizer, load_optimizer_state,
+                           num_local_steps, optimizer_state)
 from fedrun.config import Config
 from fedrun.errors import CheckpointError, ConfigError
 from fedrun.frame import (RunState, device_memory, drive, open_frame, open_run, restore_frame,
@@ -124,8 +125,8 @@ def release_accelerator() -> None:
 
 
 class CentralTrainer:
-    """One replica prepared by accelerate (DDP over the ranks) and one AdamW that lives for the
-    whole run."""
+    """One replica prepared by accelerate (DDP over the ranks) and one optimizer (optim.name)
+    that lives for the whole run."""
 
     def __init__(self, run: RunState, schedule: dict):
         cfg = run.cfg
@@ -143,11 +144,9 @@ class CentralTrainer:
                               f"rank's slice of the global batch ({slice_size})")
         self.union = np.sort(np.concatenate(run.client_indices))  # the clients' data, pooled
         run.params.load_(run.global_weights)
-        self.adamw = torch.optim.AdamW(run.params.params, lr=cfg.optim.lr,
-                                       betas=tuple(cfg.optim.betas),
-                                       weight_decay=cfg.optim.weight_decay)
+        self.local_optimizer = build_optimizer(run.params.params, cfg.optim)  # optim.name
         self.accelerator = build_accelerator(run, slice_size // self.micro)
-        self.model, self.optimizer = self.accelerator.prepare(run.model, self.adamw)
+        self.model, self.optimizer = self.accelerator.prepare(run.model, self.local_optimizer)
         self.step_bytes = 2 * (run.world_size - 1) * BYTES_PER_FLOAT * run.params.numel
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -172,26 +171,15 @@ class CentralTrainer:
             loss_sum += loss.detach().float() * self.micro
         return loss_sum
 
-    # The optimizer state is part of the resumable state (it persists across steps here).
+    # The optimizer state is part of the resumable state (it persists across steps here), in
+    # the flat form the client state store uses for stateful client optimizers.
     def optimizer_groups(self) -> dict:
-        params = self.run.params
-        state = [self.adamw.state.get(p, {}) for p in params.params]
-        if not state[0]:
-            return {}
-        flat = lambda key: torch.cat([s[key].reshape(-1) for s in state])  # noqa: E731
-        return {"optimizer": {"exp_avg": flat("exp_avg"), "exp_avg_sq": flat("exp_avg_sq"),
-                              "step": torch.tensor([float(state[0]["step"])])}}
+        state = optimizer_state(self.local_optimizer, self.run.params.params)
+        return {"optimizer": {k[len(OPTIM_PREFIX):]: v for k, v in state.items()}} if state else {}
 
     def load_optimizer(self, group: dict) -> None:
-        offset = 0
-        for param in self.run.params.params:
-            n = param.numel()
-            self.adamw.state[param] = {
-                "step": group["step"][0].clone(),
-                "exp_avg": group["exp_avg"][offset: offset + n].view_as(param).clone(),
-                "exp_avg_sq": group["exp_avg_sq"][offset: offset + n].view_as(param).clone(),
-            }
-            offset += n
+        load_optimizer_state(self.local_optimizer, self.run.params.params,
+                             {OPTIM_PREFIX + k: v for k, v in group.items()})
 
 
 def run_central(cfg: Config, task: Optional[Task] = None) -> Path:

@@ -97,6 +97,17 @@ class ClientAlgorithm:
 
     def __init__(self, cfg: "Config"):
         self.cfg = cfg
+        # client.stateful_optimizer makes any algorithm keep state (its optimizer's)
+        self.stateful = type(self).stateful or cfg.client.stateful_optimizer
+
+    def train_steps(self, job: ClientJob, grad_hook: Optional["GradHook"] = None) -> ClientResult:
+        """The local steps of ``job`` with the client optimizer, fresh or (with
+        client.stateful_optimizer) continued from the client's stored optimizer state, which
+        then comes back in ``ClientResult.state``."""
+        keep = self.cfg.client.stateful_optimizer
+        return train_client(job.model, job.params.params, job.loss, job.batches, job.generator,
+                            job.optim, job.device, job.precision, grad_hook=grad_hook,
+                            optimizer_in=job.state if keep else None, keep_optimizer=keep)
 
     def segments(self, params: "FlatParameters") -> List["Segment"]:
         """Extra segments of the round buffer this algorithm fills (each summed unweighted over
@@ -138,14 +149,74 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
+def build_optimizer(params: List[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
+    """The client optimizer ``optim.name``: AdamW (betas) or SGD (momentum), with weight decay."""
+    if optim.name == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
+                             weight_decay=optim.weight_decay)
+
+
+OPTIM_PREFIX = "optim."
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer,
+                    params: List[torch.nn.Parameter]) -> Dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as flat tensors ('optim.exp_avg': P floats, ...; a
+    scalar such as AdamW's 'step' once): what the client state store keeps between rounds."""
+    first = optimizer.state.get(params[0], {})
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in first.items():
+        if not torch.is_tensor(value):
+            continue
+        if value.shape == params[0].shape:
+            out[OPTIM_PREFIX + key] = torch.cat([
+                optimizer.state[p][key].reshape(-1) if key in optimizer.state.get(p, {})
+                else torch.zeros(p.numel(), dtype=value.dtype, device=value.device) for p in params])
+        else:
+            out[OPTIM_PREFIX + key] = value.detach().clone().reshape(1)
+    return out
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, params: List[torch.nn.Parameter],
+                         state: Dict[str, torch.Tensor]) -> None:
+    """Seat the flat state of ``optimizer_state`` back into a fresh optimizer."""
+    keys = [k for k in state if k.startswith(OPTIM_PREFIX)]
+    if not keys:
+        return
+    total = sum(p.numel() for p in params)
+    values = {key[len(OPTIM_PREFIX):]: state[key].to(params[0].device) for key in keys}
+    offset = 0
+    for p in params:
+        n = p.numel()
+        # a per-parameter tensor was stored as P floats, a scalar (AdamW's step) as one
+        optimizer.state[p] = {name: (value[offset: offset + n].view_as(p).clone()
+                                     if value.numel() == total else value[0].clone())
+                              for name, value in values.items()}
+        offset += n
+
+
+#: called after each backward pass with the parameters, before clipping and the step
+GradHook = Callable[[List[torch.nn.Parameter]], None]
+
+
 def train_client(model, params, loss_fn: LossFn, batches: np.ndarray, generator: torch.Generator,
-                 optim: OptimConfig, device: torch.device, precision: str = "fp32") -> ClientResult:
+                 optim: OptimConfig, device: torch.device, precision: str = "fp32", *,
+                 grad_hook: Optional[GradHook] = None,
+                 optimizer_in: Optional[Dict[str, torch.Tensor]] = None,
+                 keep_optimizer: bool = False) -> ClientResult:
     """Run one optimizer step per row of ``batches`` on ``model`` (already holding the global
-    weights); ``loss_fn(model, batch_indices, generator)`` is the task's loss. A fresh AdamW per
-    call: client optimizer state does not persist across rounds. ``precision``: the forward runs
-    under autocast (bf16, fp16), fp16 with a fresh gradient scaler (as fresh as the optimizer)."""
-    optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
-                                  weight_decay=optim.weight_decay)
+    weights); ``loss_fn(model, batch_indices, generator)`` is the task's loss.
+
+    The optimizer (``optim.name``) is fresh, or continues from ``optimizer_in`` (the client's
+    stored state); with ``keep_optimizer`` its final state is returned in ``ClientResult.state``.
+    ``grad_hook(params)`` adjusts the gradients after each backward pass, before clipping
+    (FedProx's proximal gradient, SCAFFOLD's correction). ``precision``: the forward runs under
+    autocast (bf16, fp16), fp16 with a fresh gradient scaler."""
+    optimizer = build_optimizer(params, optim)
+    if optimizer_in is not None:
+        load_optimizer_state(optimizer, params, optimizer_in)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     model.train()
     loss_sum = torch.zeros((), device=device)
@@ -155,28 +226,122 @@ def train_client(model, params, loss_fn: LossFn, batches: np.ndarray, generator:
         optimizer.zero_grad(set_to_none=True)
         if scaler is None:
             loss.backward()
-            if optim.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
-            optimizer.step()
         else:
             scaler.scale(loss).backward()
-            if optim.grad_clip is not None:
+            if grad_hook is not None or optim.grad_clip is not None:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        if grad_hook is not None:
+            grad_hook(params)
+        if optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip)
+        if scaler is None:
+            optimizer.step()
+        else:
             scaler.step(optimizer)
             scaler.update()
         loss_sum += loss.detach().float()
     # One host sync per client, not per step.
-    return ClientResult(mean_loss=float(loss_sum) / len(batches), samples=int(batches.size))
+    return ClientResult(mean_loss=float(loss_sum) / len(batches), samples=int(batches.size),
+                        state=optimizer_state(optimizer, params) if keep_optimizer else None)
+
+
+def _views(vector: torch.Tensor, params: List[torch.nn.Parameter]) -> List[torch.Tensor]:
+    """``vector`` (flat, P) as views shaped like ``params``."""
+    return [part.view_as(p) for part, p in zip(vector.split([p.numel() for p in params]), params)]
 
 
 @CLIENT_ALGORITHMS.register("fedavg")
 class FedAvgClient(ClientAlgorithm):
-    """FedAvg's client (McMahan et al. 2017): local steps of a fresh optimizer from w."""
+    """FedAvg's client (McMahan et al. 2017): local steps of the client optimizer from w."""
 
     def train(self, job: ClientJob) -> ClientResult:
-        return train_client(job.model, job.params.params, job.loss, job.batches, job.generator,
-                            job.optim, job.device, job.precision)
+        return self.train_steps(job)
+
+
+@CLIENT_ALGORITHMS.register("fedprox")
+class FedProxClient(ClientAlgorithm):
+    """FedProx (Li et al. 2020): the local objective adds mu/2 ||w - w_global||^2
+    (``client.prox_mu``), i.e. mu (w - w_global) is added to every step's gradient (before
+    clipping). The reported loss is the task's loss alone. mu = 0 is FedAvg."""
+
+    def train(self, job: ClientJob) -> ClientResult:
+        mu = self.cfg.client.prox_mu
+        anchor = _views(job.global_weights, job.params.params)
+
+        def proximal(params: List[torch.nn.Parameter]) -> None:
+            grads = [p.grad for p in params]
+            torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in params], anchor),
+                                alpha=mu)
+
+        return self.train_steps(job, grad_hook=proximal if mu > 0 else None)
+
+
+@CLIENT_ALGORITHMS.register("scaffold")
+class ScaffoldClient(ClientAlgorithm):
+    """SCAFFOLD (Karimireddy et al. 2020) with option II control variates.
+
+    Server variate c (this object's state, the same on every rank), client variate c_i (the
+    client state store; 0 before a client's first round). Client i, from y = w_global, takes K
+    steps with the gradient corrected to g(y) - c_i + c, then
+
+        c_i+ = c_i - c + (w_global - y) / (K lr)          (option II)
+
+    and sends delta_y = y - w_global (the weighted update) and delta_c = c_i+ - c_i (the
+    'control' segment of the SAME all-reduce buffer: no second collective). The server then sets
+    w <- w + server step(mean delta_y) and c <- c + sum(delta_c) / num_clients.
+
+    Option II's formula reads the K steps as plain SGD steps of size lr (optim.name=sgd with
+    optim.momentum=0, as in the paper); with momentum or AdamW it is the usual heuristic (the
+    correction still enters the gradient before the optimizer).
+    """
+
+    stateful = True
+
+    def __init__(self, cfg: "Config"):
+        super().__init__(cfg)
+        self.control: Optional[torch.Tensor] = None  # the server variate c
+
+    def _server_control(self, like: torch.Tensor) -> torch.Tensor:
+        """c, on ``like``'s device (zeros before the first round)."""
+        if self.control is None or self.control.numel() != like.numel():
+            self.control = torch.zeros_like(like)
+        self.control = self.control.to(like.device)
+        return self.control
+
+    def segments(self, params: "FlatParameters") -> List["Segment"]:
+        from fedrun.aggregate import Segment
+
+        # exact grid: magnitude ~1 (reference None): delta_c is an average gradient, not a
+        # weight, and its scale does not follow the weights'.
+        return [Segment("control", params.numel)]
+
+    def train(self, job: ClientJob) -> ClientResult:
+        server_c = self._server_control(job.global_weights)
+        client_c = (job.state["control"].to(job.device) if job.state is not None and "control" in job.state
+                    else torch.zeros_like(server_c))
+        correction = server_c - client_c
+        corr_views = _views(correction, job.params.params)
+
+        def correct(params: List[torch.nn.Parameter]) -> None:
+            torch._foreach_add_([p.grad for p in params], corr_views)
+
+        result = self.train_steps(job, grad_hook=correct)
+        steps = len(job.batches)
+        new_c = (job.global_weights - job.params.flat).div_(steps * job.optim.lr).sub_(correction)
+        result.segments = {"control": new_c - client_c}
+        result.state = {**(result.state or {}), "control": new_c}
+        return result
+
+    def server_update(self, result: "RoundResult") -> None:
+        delta = result.segments["control"]
+        self._server_control(delta).add_(delta, alpha=1.0 / self.cfg.num_clients)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {} if self.control is None else {"control": self.control}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if "control" in state:
+            self.control = state["control"].clone()
 
 
 def build_client_algorithm(cfg: "Config") -> ClientAlgorithm:

@@ -140,19 +140,27 @@ class DiffusionConfig:
 
 @dataclass
 class OptimConfig:
-    """The clients' local optimizer (AdamW, fresh for every client in every round)."""
+    """The clients' local optimizer: fresh for every client in every round, unless
+    ``client.stateful_optimizer`` keeps each client's state across its rounds."""
 
+    name: str = "adamw"
+    """'adamw' (betas, weight_decay) or 'sgd' (momentum, weight_decay)."""
     lr: float = 1e-4
     batch_size: int = 16
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    """'adamw' only."""
+    momentum: float = 0.9
+    """'sgd' only: heavy-ball momentum (0 = plain SGD)."""
     grad_clip: Optional[float] = 1.0
     """Clip the gradient norm to this value (null = no clipping)."""
 
     def __post_init__(self) -> None:
+        _require(self.name in ("adamw", "sgd"), "optim.name", f"must be 'adamw' or 'sgd', got '{self.name}'")
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _require(self.batch_size >= 1, "optim.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(len(self.betas) == 2, "optim.betas", "needs two values")
+        _require(0 <= self.momentum < 1, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
         _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip",
                  f"must be > 0 or null, got {self.grad_clip}")
 
@@ -163,11 +171,19 @@ class ServerConfig:
 
     strategy: str = "fedavg"
     """A registered server strategy (``fedrun.server.STRATEGIES``): 'fedavg' (w += lr * mean
-    update) or 'fedavgm' (server momentum)."""
-    lr: float = 1.0
-    """Server learning rate; 1.0 is plain FedAvg (the average of the client models)."""
+    update), 'fedavgm' (server momentum), or the adaptive optimizers of Reddi et al. (2021)
+    'fedadam', 'fedyogi', 'fedadagrad'."""
+    lr: Optional[float] = None
+    """Server learning rate; null = the strategy's default: 1.0 for fedavg/fedavgm (1.0 is plain
+    FedAvg, the average of the client models), 0.01 for the adaptive strategies."""
     momentum: float = 0.9
     """'fedavgm' only."""
+    beta1: float = 0.9
+    """Adaptive strategies: decay of the first moment of the mean update (0 = none)."""
+    beta2: float = 0.99
+    """'fedadam', 'fedyogi': decay of the second moment."""
+    tau: float = 1e-3
+    """Adaptive strategies: the adaptivity floor tau in lr * m / (sqrt(v) + tau); v starts at tau^2."""
     weighting: str = "samples"
     """Weight of a client in the average: 'samples' (its data size, as in FedAvg) or 'uniform'."""
 
@@ -175,8 +191,11 @@ class ServerConfig:
         from fedrun.server import STRATEGIES
 
         STRATEGIES.check(self.strategy, "server.strategy")
-        _require(self.lr > 0, "server.lr", f"must be > 0, got {self.lr}")
+        _require(self.lr is None or self.lr > 0, "server.lr", f"must be > 0 or null, got {self.lr}")
         _require(0 <= self.momentum < 1, "server.momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(0 <= self.beta1 < 1, "server.beta1", f"must be in [0, 1), got {self.beta1}")
+        _require(0 <= self.beta2 < 1, "server.beta2", f"must be in [0, 1), got {self.beta2}")
+        _require(self.tau > 0, "server.tau", f"must be > 0, got {self.tau}")
         _require(self.weighting in ("samples", "uniform"), "server.weighting",
                  f"must be 'samples' or 'uniform', got '{self.weighting}'")
 
@@ -187,12 +206,20 @@ class ClientConfig:
 
     algorithm: str = "fedavg"
     """A registered client algorithm (``fedrun.client.CLIENT_ALGORITHMS``): 'fedavg' trains
-    local_steps steps of a fresh optimizer (optim.*) from the global weights."""
+    local_steps steps of the client optimizer (optim.*) from the global weights; 'fedprox' adds
+    the proximal term prox_mu/2 ||w - w_global||^2 to the loss (Li et al. 2020); 'scaffold'
+    corrects every step with control variates (Karimireddy et al. 2020, option II)."""
+    prox_mu: float = 0.01
+    """'fedprox' only: the proximal coefficient mu."""
+    stateful_optimizer: bool = False
+    """Keep each client's optimizer state (AdamW moments, SGD momentum) across its rounds, in the
+    client state store; false = a fresh optimizer every round (FedAvg as published)."""
 
     def __post_init__(self) -> None:
         from fedrun.client import CLIENT_ALGORITHMS
 
         CLIENT_ALGORITHMS.check(self.algorithm, "client.algorithm")
+        _require(self.prox_mu >= 0, "client.prox_mu", f"must be >= 0, got {self.prox_mu}")
 
 
 @dataclass

@@ -24,8 +24,12 @@ class ServerStrategy:
     ``state_dict`` so a resumed run continues exactly. Register a subclass with
     ``@STRATEGIES.register("name")`` to make ``server.strategy=name`` valid."""
 
+    #: server.lr when the config leaves it null
+    default_lr: float = 1.0
+
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
+        self.lr = self.default_lr if cfg.lr is None else cfg.lr
 
     def step(self, weights: torch.Tensor, update_sum: torch.Tensor, total_weight: float = 1.0) -> None:
         raise NotImplementedError
@@ -46,10 +50,6 @@ class FedAvg(ServerStrategy):
     (``alpha``) instead of materialising the mean first: on CPU a separate pass costs as much
     as a good part of the all-reduce itself (docs/benchmarks).
     """
-
-    def __init__(self, cfg: ServerConfig):
-        super().__init__(cfg)
-        self.lr = cfg.lr
 
     def step(self, weights: torch.Tensor, update_sum: torch.Tensor, total_weight: float = 1.0) -> None:
         weights.add_(update_sum, alpha=self.lr / total_weight)
@@ -75,6 +75,77 @@ class FedAvgM(FedAvg):
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         self.velocity = state.get("velocity")
+
+
+class Adaptive(ServerStrategy):
+    """The adaptive server optimizers of Reddi et al. (2021), "Adaptive Federated Optimization",
+    Algorithm 2, on the mean update d = sum(n_c delta_c) / sum(n_c) (the pseudo-gradient is -d):
+
+        m <- beta1 m + (1 - beta1) d                      (m starts at 0)
+        v <- second_moment(v, d)                          (v starts at tau^2)
+        w <- w + lr m / (sqrt(v) + tau)
+
+    with no bias correction, as in the paper. Subclasses define ``second_moment``. State: m, v
+    (checkpointed; a resumed run continues exactly).
+    """
+
+    default_lr = 0.01
+
+    def __init__(self, cfg: ServerConfig):
+        super().__init__(cfg)
+        self.m: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self._scratch: torch.Tensor | None = None
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
+        """Update v in place from d2 = d * d."""
+        raise NotImplementedError
+
+    def step(self, weights: torch.Tensor, update_sum: torch.Tensor, total_weight: float = 1.0) -> None:
+        if self.m is None:
+            self.m = torch.zeros_like(weights)
+            self.v = torch.full_like(weights, self.cfg.tau ** 2)
+            self._scratch = torch.empty_like(weights)
+        beta1, tau = self.cfg.beta1, self.cfg.tau
+        d = torch.mul(update_sum, 1.0 / total_weight, out=self._scratch)
+        self.m.mul_(beta1).add_(d, alpha=1 - beta1)
+        self.second_moment(self.v, d.mul_(d))
+        denom = torch.sqrt(self.v, out=self._scratch).add_(tau)
+        weights.addcdiv_(self.m, denom, value=self.lr)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {} if self.m is None else {"m": self.m, "v": self.v}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        if "m" in state:
+            self.m, self.v = state["m"].clone(), state["v"].clone()
+            self._scratch = torch.empty_like(self.m)
+
+
+@STRATEGIES.register("fedadam")
+class FedAdam(Adaptive):
+    """v <- beta2 v + (1 - beta2) d^2."""
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
+        v.mul_(self.cfg.beta2).add_(d2, alpha=1 - self.cfg.beta2)
+
+
+@STRATEGIES.register("fedyogi")
+class FedYogi(Adaptive):
+    """v <- v - (1 - beta2) d^2 sign(v - d^2) (Zaheer et al. 2018): v changes additively, so it
+    does not forget a large past update as fast as Adam's."""
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
+        sign = torch.sign(v - d2)
+        v.addcmul_(d2, sign, value=-(1 - self.cfg.beta2))
+
+
+@STRATEGIES.register("fedadagrad")
+class FedAdagrad(Adaptive):
+    """v <- v + d^2 (server.beta2 is unused)."""
+
+    def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
+        v.add_(d2)
 
 
 def build_server(cfg: ServerConfig) -> ServerStrategy:

@@ -8,7 +8,8 @@ costs ~15-30 s per launch).
 2. Training: ``fedrun train`` (``simulator.run``) with the given overrides, in the same process
    group; a failure raises (and fails the job), so reaching the report means exit code 0.
 3. The same training with a toy piece in every seam (toy_algorithms.STATEFUL_OVERRIDES) into
-   OUTPUT_DIR_stateful. Run without torchrun, this is the world-size-1 reference.
+   OUTPUT_DIR_stateful, and fedrun's own stateful algorithms (toy_algorithms.ALGORITHM_VARIANTS)
+   into OUTPUT_DIR_<name>. Run without torchrun, this is the world-size-1 reference.
 Rank 0 writes OUT_DIR/check_wsN.json with the results.
 """
 
@@ -22,7 +23,7 @@ from fedrun import dist, simulator
 from fedrun.aggregate import RoundBuffer, weighted_mean
 from fedrun.cohort import assign_to_ranks
 from fedrun.config import load_config
-from toy_algorithms import STATEFUL_OVERRIDES
+from toy_algorithms import ALGORITHM_VARIANTS, STATEFUL_OVERRIDES
 
 
 def fake_client(client: int, num_params: int):
@@ -62,6 +63,10 @@ def main() -> int:
     #    segment (client state store), seeded update and server transforms, a custom strategy.
     simulator.run(load_config(None, overrides + STATEFUL_OVERRIDES
                               + [f"output_dir={cfg.output_dir}_stateful"]))
+    # 4. fedrun's stateful algorithms (SCAFFOLD + FedAdam + stateful SGD, FedProx + FedYogi +
+    #    stateful AdamW) into OUTPUT_DIR_<name>.
+    for name, extra in ALGORITHM_VARIANTS.items():
+        simulator.run(load_config(None, overrides + extra + [f"output_dir={cfg.output_dir}_{name}"]))
     if dist.rank() == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"check_ws{dist.world_size()}.json").write_text(json.dumps(report))

@@ -418,3 +418,27 @@ def test_central_with_a_finetune_config_is_the_centralized_lora_baseline(assets,
         assert main([verb, "--run", str(run_dir)]) == 2
         err = capsys.readouterr().err
         assert f"run '{run_dir}' is a 'finetune' run" in err and "load_lora_weights" in err, verb
+
+
+@pytest.mark.parametrize("extra", [
+    ["client.algorithm=scaffold", "server.strategy=fedadam", "optim.name=sgd", "optim.lr=0.1",
+     "client.stateful_optimizer=true"],
+    ["client.algorithm=fedprox", "client.prox_mu=0.1", "server.strategy=fedyogi",
+     "client.stateful_optimizer=true", "finetune.lora_aggregation=ffa"],
+])
+def test_federated_optimisation_algorithms_run_on_the_lora_vector(assets, tmp_path, extra):
+    """SCAFFOLD / FedProx, adaptive servers and stateful client optimizers act on the federated
+    vector, which in fine-tuning is the LoRA weights (only B under FFA): their state has its size."""
+    run_dir, task = _run(*assets, tmp_path / "run", *extra)
+    numel = sum(t.numel() for t in _checkpoint(run_dir, 2).values())
+    assert all(v.numel() == numel for v in load_file(str(
+        run_dir / "checkpoints" / "round_00002" / "server.safetensors")).values())
+    state = load_file(str(sorted((run_dir / "client_state" / "client_000000").iterdir())[-1]))
+    per_param = [k for k, v in state.items() if v.numel() > 1]
+    assert per_param and all(state[k].numel() == numel for k in per_param)
+    if "client.algorithm=scaffold" in extra:
+        assert "control" in state
+        assert _metrics(run_dir)[-1]["bytes_sent_per_client"] == 2 * 4 * numel
+    first, last = task.trained[0][0][0], task.trained[1][0][0]
+    assert not torch.equal(first, last)
+    assert (run_dir / "final" / "pytorch_lora_weights.safetensors").exists()

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny
+from toy_algorithms import ALGORITHM_VARIANTS
 
 SHAPE = ["num_clients=6", "clients_per_round=5", "partition.method=dirichlet", "partition.alpha=0.3",
          "rounds=3", "local_steps=2", "checkpoint.every=1", "sample.every=0"]
@@ -75,11 +76,13 @@ def test_world_size_invariance(runs, world):
     assert moved > 1e-3
 
 
+@pytest.mark.parametrize("variant", ["stateful", *ALGORITHM_VARIANTS])
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_every_seam_is_world_size_invariant(runs, world):
+def test_every_seam_is_world_size_invariant(runs, world, variant):
     """The toy stateful client algorithm (client state store + a buffer segment), the seeded
-    update and server transforms and the toy strategy: == across world sizes."""
-    one, many = (runs[w]["dir"].with_name(runs[w]["dir"].name + "_stateful") for w in (1, world))
+    update and server transforms and the toy strategy; SCAFFOLD (control-variate segment) with
+    FedAdam and stateful SGD; FedProx with FedYogi and stateful AdamW: == across world sizes."""
+    one, many = (runs[w]["dir"].with_name(runs[w]["dir"].name + "_" + variant) for w in (1, world))
     for group in ("model", "ema", "server", "client_algorithm"):
         a, b = _final_weights(one, group), _final_weights(many, group)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group

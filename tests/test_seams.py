@@ -31,8 +31,8 @@ def _equal(a, b):
 
 
 @pytest.mark.parametrize("key, value, registered", [
-    ("server.strategy", "fedbogus", "fedavg, fedavgm, toy_half_step"),
-    ("client.algorithm", "bogus", "fedavg, toy_visits"),
+    ("server.strategy", "fedbogus", "fedadagrad, fedadam, fedavg, fedavgm, fedyogi, toy_half_step"),
+    ("client.algorithm", "bogus", "fedavg, fedprox, scaffold, toy_visits"),
     ("aggregation.update_transforms", "[nonfinite_guard,clipz]", "nonfinite_guard, toy_jitter"),
     ("aggregation.server_transforms", "[dp]", "toy_server_noise"),
     ("partition.method", "zipf", "dirichlet, iid, shards, unbalanced"),

@@ -15,6 +15,15 @@ STATEFUL_OVERRIDES = ["client.algorithm=toy_visits",
                       "aggregation.server_transforms=[toy_server_noise]",
                       "server.strategy=toy_half_step"]
 
+# fedrun's own stateful algorithms, run by tests/dist_check.py at every world size as well:
+# name -> overrides (output_dir suffix _name).
+ALGORITHM_VARIANTS = {
+    "scaffold": ["client.algorithm=scaffold", "server.strategy=fedadam", "optim.name=sgd",
+                 "optim.lr=0.05", "client.stateful_optimizer=true"],
+    "fedprox": ["client.algorithm=fedprox", "client.prox_mu=0.1", "server.strategy=fedyogi",
+                "client.stateful_optimizer=true"],
+}
+
 
 @STRATEGIES.register("toy_half_step")
 class HalfStep(ServerStrategy):
