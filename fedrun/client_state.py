@@ -77,13 +77,14 @@ class ClientStateStore:
                 if version > done_rounds:
                     (self._client_dir(client) / f"round_{version:05d}.safetensors").unlink()
 
-    def prune(self, oldest_needed_round: int) -> None:
-        """Keep, per client, the newest version at or before ``oldest_needed_round`` and all
-        later ones (what the oldest kept checkpoint, and every later one, reads)."""
-        for client in self.clients():
+    def prune(self, oldest_needed_round: int, clients: Optional[List[int]] = None) -> None:
+        """Keep, per client (default: every client), the newest version at or before
+        ``oldest_needed_round`` and all later ones (what the oldest kept checkpoint, and every
+        later one, reads)."""
+        for client in self.clients() if clients is None else clients:
             older = [v for v in self._versions(client) if v <= oldest_needed_round]
             for version in older[:-1]:
-                (self._client_dir(client) / f"round_{version:05d}.safetensors").unlink()
+                (self._client_dir(client) / f"round_{version:05d}.safetensors").unlink(missing_ok=True)
 
     def nbytes(self) -> int:
         """Bytes on disk (all clients, all versions)."""

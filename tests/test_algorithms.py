@@ -210,3 +210,12 @@ def test_stateful_adamw_keeps_each_clients_moments(tiny_config, tmp_path):
     # round 1 is identical (no state yet), later rounds differ
     a1, b1 = _final(tmp_path / "kept", 1), _final(tmp_path / "fresh", 1)
     assert all(torch.equal(a1[k], b1[k]) for k in a1)
+
+
+def test_without_checkpoints_the_store_keeps_one_version_per_client(tiny_config, tmp_path):
+    """No kept checkpoint can need an old version: the disk holds C x state, not rounds x K x state."""
+    simulator.run(tiny_config("num_clients=3", "clients_per_round=2", "rounds=4", "checkpoint.every=0",
+                              "sample.every=0", "client.stateful_optimizer=true",
+                              output_dir=tmp_path / "run"))
+    folders = sorted((tmp_path / "run" / "client_state").iterdir())
+    assert len(folders) == 3 and all(len(list(f.iterdir())) == 1 for f in folders)
