@@ -59,8 +59,10 @@ class Grid:
     series: List[dict] = field(default_factory=list)
     findings: List[dict] = field(default_factory=list)
     matrix: List[dict] = field(default_factory=list)
-    """Axes ``{axis: name, values: [{name, overrides}]}``: a run per combination (expanded into
-    ``runs`` by load_grid, each with its ``axes``: axis -> value name)."""
+    """Axes ``{axis: name, values: [{name, overrides, title?, baseline?}]}``: a run per
+    combination (expanded into ``runs`` by load_grid, each with its ``axes``: axis -> value name).
+    A value's ``baseline`` names the value of the same axis its rows are compared with in
+    ``tables`` instead of the table's baseline."""
     tables: List[dict] = field(default_factory=list)
     """``{by: axis, baseline: {axis: value}, with: [runs]}``: one report table per value of ``by``."""
     bytes_plot: bool = True
@@ -133,6 +135,12 @@ def expand_matrix(axes: List[dict], path: str = "grid") -> List[dict]:
         if not axis.get("axis") or not values or any(not v for v in values) or len(set(values)) != len(values):
             raise ConfigError(f"grid file '{path}': a matrix axis needs an 'axis' name and 'values' "
                               f"with unique names, got {axis}")
+    for axis in axes:
+        values = [v["name"] for v in axis["values"]]
+        wrong = [v["baseline"] for v in axis["values"] if v.get("baseline") not in (None, *values)]
+        if wrong:
+            raise ConfigError(f"grid file '{path}': matrix axis '{axis['axis']}': baseline {wrong} "
+                              f"is not one of its values {values}")
     names = [a["axis"] for a in axes]
     if len(set(names)) != len(names):
         raise ConfigError(f"grid file '{path}': matrix axes must have unique names, got {names}")
@@ -395,10 +403,12 @@ def difference(a: tuple, b: tuple, n_seeds: int) -> tuple:
     """(mean_a - mean_b, its standard error, verdict) of two (mean, std) over n_seeds seeds each.
 
     The verdict is 'lower' / 'higher' when the difference exceeds 2 standard errors
-    sqrt((std_a^2 + std_b^2) / n) (a missing std, as with one seed, counts as 0), else 'within
-    the seeds' spread'."""
+    sqrt((std_a^2 + std_b^2) / n), else 'within the seeds' spread'; with one seed (no std) it is
+    'no spread known'."""
     diff = a[0] - b[0]
-    se = math.sqrt(sum((s if math.isfinite(s) else 0.0) ** 2 for s in (a[1], b[1])) / n_seeds)
+    if not (math.isfinite(a[1]) and math.isfinite(b[1])):
+        return diff, float("nan"), "no spread known"
+    se = math.sqrt((a[1] ** 2 + b[1] ** 2) / n_seeds)
     if abs(diff) <= 2 * se:
         return diff, se, "within the seeds' spread"
     return diff, se, ("lower" if diff < 0 else "higher")
@@ -414,9 +424,10 @@ def check_findings(grid: Grid, summary: Dict[str, dict]) -> List[dict]:
         n_seeds = len(grid.seeds)
         if item["kind"] == "better":
             diff, se, verdict = difference(summary[runs[0]]["fid"], summary[runs[1]]["fid"], n_seeds)
+            spread = (f"± {se:.2g} (standard error; 'better' needs a difference below −2 standard errors)"
+                      if math.isfinite(se) else "(one seed: the spread is unknown)")
             verdict = "holds" if verdict == "lower" else "does not hold"
-            detail = (f"{runs[0]} {means[0]:.3g} vs {runs[1]} {means[1]:.3g}: difference {diff:+.3g} "
-                      f"± {se:.2g} (standard error; 'better' needs a difference below −2 standard errors)")
+            detail = f"{runs[0]} {means[0]:.3g} vs {runs[1]} {means[1]:.3g}: difference {diff:+.3g} {spread}"
         elif item["kind"] == "close":
             a, b = means[0], means[1]
             se = math.sqrt(sum((s if math.isfinite(s) else 0.0) ** 2 for s in stds[:2]) / n_seeds)
@@ -535,17 +546,20 @@ def axis_tables(grid: Grid, summary: Dict[str, dict], item: dict) -> List[str]:
     for value in values:
         title = value.get("title", value["name"])
         names = select_runs(grid, {by: value["name"]})
-        base = next((n for n in names if n in select_runs(grid, baseline)), None) if baseline else None
+        base = _baseline_of(grid, names, baseline, None)
         lines += [f"### {item.get('name', by)}: {title}", "",
                   f"| run | FID | ΔFID vs {_label(grid, base, by) if base else '–'} | class TV | rarest class | KID ×100 | final loss |",
                   "|---|---|---|---|---|---|---|"]
         for name in list(item.get("with") or []) + names:
             s = summary[name]
             delta = "–"
-            if base and name != base:
-                diff, se, verdict = difference(s["fid"], summary[base]["fid"], n_seeds)
-                verdict = {"lower": "**better**", "higher": "**worse**"}.get(verdict, "within spread")
-                delta = f"{diff:+.3g} ± {se:.2g} ({verdict})"
+            own = _baseline_of(grid, names, baseline, name)
+            if own and name != own:
+                diff, se, verdict = difference(s["fid"], summary[own]["fid"], n_seeds)
+                verdict = {"lower": "**better**", "higher": "**worse**",
+                           "no spread known": "one seed"}.get(verdict, "within spread")
+                delta = (f"{diff:+.3g}" + (f" ± {se:.2g}" if math.isfinite(se) else "") + f" ({verdict})"
+                         + (f" vs {_label(grid, own, by)}" if own != base else ""))
             lines.append(f"| {_label(grid, name, by)} | {_fmt(s['fid'])} | {delta} | "
                          f"{_fmt(s['class_tv'], 2)} | {_rarest(s)} | {_fmt(s['kid'], scale=0.01)} | "
                          f"{_fmt(s['final_loss'])} |")
@@ -553,6 +567,22 @@ def axis_tables(grid: Grid, summary: Dict[str, dict], item: dict) -> List[str]:
     lines += [f"ΔFID: difference of the mean final FIDs ± its standard error sqrt((std² + std_base²) / n), "
               f"n = {n_seeds} seeds; **better**/**worse** when it exceeds 2 standard errors.", ""]
     return lines
+
+
+def _baseline_of(grid: Grid, names: List[str], baseline: dict, name: Optional[str]) -> Optional[str]:
+    """The run among ``names`` that ``name`` is compared with: the one matching ``baseline``
+    (axis -> value), except where ``name``'s value on that axis names its own ``baseline`` value
+    (e.g. scaffold, trained with SGD, against FedAvg with SGD)."""
+    if not baseline:
+        return None
+    run = next((r for r in grid.runs if r["name"] == name), {})
+    wanted = dict(baseline)
+    for axis in grid.matrix:
+        mine = (run.get("axes") or {}).get(axis["axis"])
+        value = next((v for v in axis["values"] if v["name"] == mine), {})
+        if axis["axis"] in wanted and value.get("baseline"):
+            wanted[axis["axis"]] = value["baseline"]
+    return next((n for n in names if n in select_runs(grid, wanted)), None)
 
 
 def _label(grid: Grid, name: str, drop_axis: Optional[str] = None) -> str:

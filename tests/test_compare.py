@@ -94,6 +94,7 @@ matrix:
     values:
       - {name: fedavg, overrides: []}
       - {name: fedavgm, overrides: [server.strategy=fedavgm, server.momentum=0.5]}
+      - {name: fedavgm2, baseline: fedavgm, overrides: [server.strategy=fedavgm, server.momentum=0.9]}
 series:
   - {name: per partition, file: panels.png, panels: partition, runs: [central]}
   - {name: mix, kind: class_mix, file: mix.png, select: {partition: dir0.1}, runs: [central]}
@@ -112,18 +113,19 @@ def load_text(tmp_path, text):
 
 def test_matrix_expands_to_named_runs_with_overrides_in_axis_order(tmp_path):
     grid = load_text(tmp_path, MATRIX_GRID)
-    assert [r["name"] for r in grid.runs] == ["central", "iid-fedavg", "iid-fedavgm", "dir0.1-fedavg",
-                                              "dir0.1-fedavgm"]
-    run = grid.runs[-1]
+    assert [r["name"] for r in grid.runs] == ["central", "iid-fedavg", "iid-fedavgm", "iid-fedavgm2",
+                                              "dir0.1-fedavg", "dir0.1-fedavgm", "dir0.1-fedavgm2"]
+    run = grid.runs[-2]
     assert run["overrides"] == ["partition.method=dirichlet", "partition.alpha=0.1",
                                 "server.strategy=fedavgm", "server.momentum=0.5"]
     assert run["axes"] == {"partition": "dir0.1", "method": "fedavgm"}
     assert compare.select_runs(grid, {"method": "fedavg"}) == ["iid-fedavg", "dir0.1-fedavg"]
     assert compare.select_runs(grid, {"partition": ["iid"], "method": "fedavgm"}) == ["iid-fedavgm"]
-    assert compare.series_runs(grid, grid.series[1]) == ["central", "dir0.1-fedavg", "dir0.1-fedavgm"]
+    assert compare.series_runs(grid, grid.series[1]) == ["central", "dir0.1-fedavg", "dir0.1-fedavgm",
+                                                         "dir0.1-fedavgm2"]
     specs = compare.plan_runs(grid)
-    assert len(specs) == 5 * 2
-    assert "server.momentum=0.5" in specs[-1].overrides and specs[-1].run_dir.name == "seed1"
+    assert len(specs) == 7 * 2
+    assert "server.momentum=0.9" in specs[-1].overrides and specs[-1].run_dir.name == "seed1"
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -134,6 +136,7 @@ def test_matrix_expands_to_named_runs_with_overrides_in_axis_order(tmp_path):
     (("kind: better", "kind: best"), "finding kind must be one of"),
     (("runs: [dir0.1-fedavgm, dir0.1-fedavg]", "runs: [dir0.1-fedavgm]"), "compares 2 runs"),
     (("{name: fedavgm, overrides", "{name: fedavg, overrides"), "values' with unique names"),
+    (("baseline: fedavgm,", "baseline: sgd,"), "baseline \\['sgd'\\] is not one of its values"),
 ])
 def test_bad_matrix_grids_are_clear_errors(tmp_path, edit, message):
     from fedrun.errors import ConfigError
@@ -149,11 +152,12 @@ def test_bad_matrix_grids_are_clear_errors(tmp_path, edit, message):
     ((12.1, 0.3), (11.0, 0.4), 1, (1.1, 0.5, "higher")),
     # n = 4: se = sqrt((0.6^2 + 0.8^2) / 4) = 0.5
     ((10.0, 0.6), (11.2, 0.8), 4, (-1.2, 0.5, "lower")),
-    ((10.0, math.nan), (10.5, math.nan), 1, (-0.5, 0.0, "lower")),  # one seed: no spread known
+    ((10.0, math.nan), (10.5, math.nan), 1, (-0.5, math.nan, "no spread known")),  # one seed
 ])
 def test_difference_against_two_standard_errors(a, b, n, expected):
     diff, se, verdict = compare.difference(a, b, n)
-    assert (diff, se, verdict) == (pytest.approx(expected[0]), pytest.approx(expected[1]), expected[2])
+    assert (diff, verdict) == (pytest.approx(expected[0]), expected[2])
+    assert se == pytest.approx(expected[1], nan_ok=True)
 
 
 def test_better_finding(tmp_path):
@@ -162,6 +166,7 @@ def test_better_finding(tmp_path):
     assert verdicts(better, {"a": (10.0, 0.2), "b": (10.5, 0.2)}) == ["holds"]
     assert verdicts(better, {"a": (10.0, 0.2), "b": (10.3, 0.2)}) == ["does not hold"]
     assert verdicts(better, {"a": (11.0, 0.2), "b": (10.0, 0.2)}) == ["does not hold"]
+    assert verdicts(better, {"a": (9.0, math.nan), "b": (10.0, math.nan)}, seeds=(0,)) == ["does not hold"]
 
 
 def fake_result(name, seed, fid, fractions, kind="train"):
@@ -179,8 +184,8 @@ def fake_result(name, seed, fid, fractions, kind="train"):
 def test_report_of_a_matrix_grid_has_a_table_per_partition_and_the_figures(tmp_path):
     grid = load_text(tmp_path, MATRIX_GRID)
     grid.bytes_plot = False
-    fids = {"central": 5.0, "iid-fedavg": 10.0, "iid-fedavgm": 10.1, "dir0.1-fedavg": 15.0,
-            "dir0.1-fedavgm": 12.0}
+    fids = {"central": 5.0, "iid-fedavg": 10.0, "iid-fedavgm": 10.1, "iid-fedavgm2": 11.0,
+            "dir0.1-fedavg": 15.0, "dir0.1-fedavgm": 12.0, "dir0.1-fedavgm2": 11.0}
     skewed = {0: [0.4, 0.3, 0.3, 0.0], 1: [0.4, 0.2, 0.3, 0.1]}
     results = [fake_result(name, seed, fid + 0.1 * seed,
                            skewed[seed] if name.startswith("dir") else [0.25] * 4,
@@ -198,6 +203,7 @@ def test_report_of_a_matrix_grid_has_a_table_per_partition_and_the_figures(tmp_p
     assert "| fedavgm | 12.1 ± 0.0707 | -3 ± 0.071 (**better**) |" in text
     assert "| fedavgm | 10.1 ± 0.0707 | +0.1 ± 0.071 (within spread) |" in text
     assert "| central | 5.05 ± 0.0707 | -10 ± 0.071 (**better**) |" in text  # vs dir0.1-fedavg
+    assert "| fedavgm2 | 11.1 ± 0.0707 | -1 ± 0.071 (**better**) vs fedavgm |" in text  # its own baseline
     # TV: (0.15 + 0.05 + 0.05 + 0.25) / 2 = 0.25 and (0.15 + 0.05 + 0.05 + 0.15) / 2 = 0.2
     assert "| fedavg | 15.1 ± 0.0707 | – | 0.23 ± 0.035 | 0.05 ± 0.071 [3, 3] |" in text
     assert "**momentum helps under skew**: holds" in text
