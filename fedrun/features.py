@@ -154,11 +154,17 @@ class Scores:
     num_reference: int
     class_fractions: Optional[List[float]] = None
     class_tv: Optional[float] = None  # total variation distance to the reference class mix
+    # The rarest class among the samples and its share: a model that lost a class (e.g. one only
+    # few clients hold under label skew) shows it here even when the total variation is modest.
+    min_class_fraction: Optional[float] = None
+    min_class: Optional[int] = None
 
     def as_record(self, prefix: str = "") -> Dict[str, object]:
         out = {f"{prefix}fid": self.fid, f"{prefix}kid": self.kid, f"{prefix}kid_std": self.kid_std}
         if self.class_tv is not None:
             out[f"{prefix}class_tv"] = self.class_tv
+            out[f"{prefix}min_class_fraction"] = self.min_class_fraction
+            out[f"{prefix}min_class"] = self.min_class
         return out
 
 
@@ -225,8 +231,11 @@ class Evaluator:
             predicted = torch.cat([self.extractor.predict(images[i: i + self.batch_size])
                                    for i in range(0, len(images), self.batch_size)])
             counts = np.bincount(predicted.numpy(), minlength=len(self.reference_class_fractions))
-            scores.class_fractions = (counts / counts.sum()).round(4).tolist()
-            scores.class_tv = float(0.5 * np.abs(counts / counts.sum() - self.reference_class_fractions).sum())
+            fractions = counts / counts.sum()
+            scores.class_fractions = fractions.round(4).tolist()
+            scores.class_tv = float(0.5 * np.abs(fractions - self.reference_class_fractions).sum())
+            scores.min_class = int(np.argmin(fractions))  # the lowest label among ties
+            scores.min_class_fraction = float(fractions[scores.min_class])
         return scores
 
     def floor(self, num_samples: int) -> Scores:
@@ -246,6 +255,7 @@ class Evaluator:
                   "eval_floor_samples": floor.num_samples, "eval_feature": self.feature_name}
         if scores.class_fractions is not None:
             record["class_fractions"] = scores.class_fractions
+            record["reference_class_fractions"] = self.reference_class_fractions.round(4).tolist()
         warning = bias_warning(scores.num_samples)
         if warning:
             record["eval_warning"] = warning

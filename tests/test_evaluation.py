@@ -48,6 +48,43 @@ def test_fid_of_a_set_against_itself_is_zero_and_rises_with_noise(digits_evaluat
     assert "biased" in report["eval_warning"]  # fewer than 1,000 samples
 
 
+class _PixelClassifier(torch.nn.Module):
+    """A stand-in for the digits classifier: the class of an image is its first pixel."""
+
+    num_classes = 3
+
+    def forward(self, images):
+        return images.flatten(1).double()
+
+    def predict(self, images):
+        return images.flatten(1)[:, 0].round().long()
+
+
+def test_class_mix_tv_and_rarest_class_against_hand_computation():
+    from fedrun.features import Evaluator
+
+    def images(classes):  # first pixel = class, the others vary so the features have a covariance
+        out = torch.rand((len(classes), 1, 2, 2), generator=torch.Generator().manual_seed(len(classes)))
+        out[:, 0, 0, 0] = torch.tensor(classes, dtype=torch.float32)
+        return out
+
+    reference_labels = np.array([0, 1, 2, 2])
+    evaluator = Evaluator(images([0, 1, 2, 2]), images([0, 1, 2] * 3), _PixelClassifier(), "pixel",
+                          reference_labels=reference_labels, kid_subset_size=2)
+    # samples: 3 x class 0, 1 x class 1, 4 x class 2 -> fractions (3/8, 1/8, 4/8) vs (1/4, 1/4, 1/2)
+    scores = evaluator.score(images([0, 0, 0, 1, 2, 2, 2, 2]))
+    assert scores.class_fractions == [0.375, 0.125, 0.5]
+    assert scores.class_tv == pytest.approx(0.5 * (0.125 + 0.125 + 0.0))
+    assert (scores.min_class, scores.min_class_fraction) == (1, 0.125)
+    record = evaluator.report(images([0, 0, 0, 1, 2, 2, 2, 2]))
+    assert record["min_class"] == 1 and record["min_class_fraction"] == 0.125
+    assert record["reference_class_fractions"] == [0.25, 0.25, 0.5]
+    # a class absent from the samples is the rarest, with fraction 0 (ties: the lowest label)
+    missing = evaluator.score(images([0, 0, 2, 2]))
+    assert (missing.min_class, missing.min_class_fraction) == (1, 0.0)
+    assert evaluator.score(images([2, 2, 2, 2])).min_class == 0
+
+
 def test_unknown_and_unavailable_feature_extractors_are_clear_errors():
     from fedrun.features import build_feature_extractor
 
