@@ -6,7 +6,9 @@ rank runs it: this is what makes results independent of the world size.
 
 A *client algorithm* (``client.algorithm``, registered in ``CLIENT_ALGORITHMS``) is what a
 sampled client does for its local steps, starting from the global weights: ``fedavg`` runs
-``local_steps`` steps of a fresh AdamW (``optim.*``). An algorithm sees the global vector and
+``local_steps`` steps of the client optimizer (``optim.name``: AdamW or SGD; fresh, or the
+client's own with ``client.stateful_optimizer``), ``fedprox`` adds a proximal gradient,
+``scaffold`` a control-variate correction. An algorithm sees the global vector and
 its own persistent state (from the client state store, ``fedrun.client_state``), may add
 segments to the round's flat buffer (still ONE all-reduce per round) and keeps server-side state
 of its own (``server_update``, checkpointed through ``state_dict``).

@@ -17,8 +17,6 @@ GRIDS = sorted((Path(__file__).resolve().parents[1] / "configs" / "grids").glob(
 @pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
 @pytest.mark.parametrize("path", GRIDS, ids=[p.stem for p in GRIDS])
 def test_every_grid_file_loads_and_plans(path, quick, monkeypatch):
-    if path.stem == "noniid" and _noniid_algorithms_missing():
-        pytest.skip(f"noniid.yaml needs {_noniid_algorithms_missing()} (the algorithms branch)")
     monkeypatch.chdir(path.parents[2])  # base_config is relative to the repository root
     grid = compare.load_grid(str(path), quick=quick)
     specs = compare.plan_runs(grid)
@@ -212,20 +210,6 @@ def test_report_of_a_matrix_grid_has_a_table_per_partition_and_the_figures(tmp_p
     assert not (tmp_path / "report" / "bytes_vs_fid.png").exists()
 
 
-def _noniid_algorithms_missing():
-    """The methods of configs/grids/noniid.yaml land with the algorithms branch (issue #10)."""
-    from fedrun.client import CLIENT_ALGORITHMS
-    from fedrun.config import OptimConfig
-    from fedrun.server import STRATEGIES
-
-    missing = [n for n in ("fedadam",) if n not in STRATEGIES]
-    missing += [n for n in ("fedprox", "scaffold") if n not in CLIENT_ALGORITHMS]
-    missing += [] if "name" in OptimConfig.__dataclass_fields__ else ["optim.name"]
-    return missing
-
-
-@pytest.mark.skipif(bool(_noniid_algorithms_missing()),
-                    reason=f"noniid.yaml needs {_noniid_algorithms_missing()} (the algorithms branch)")
 def test_noniid_quick_grid_runs_and_reports(tmp_path, monkeypatch):
     """The whole non-IID matrix at toy size, in this process (~2 s a run: about 1-2 min)."""
     root = Path(__file__).resolve().parents[1]
@@ -237,5 +221,5 @@ def test_noniid_quick_grid_runs_and_reports(tmp_path, monkeypatch):
     for png in ("fid_vs_samples_partitions.png", "class_mix_shard1.png"):
         assert (report.parent / png).stat().st_size > 5000
     results = json.loads((report.parent / "results.json").read_text())
-    assert len(results["runs"]) == 31 and {r["samples"] for r in results["runs"]} == {32}
+    assert len(results["runs"]) == 35 and {r["samples"] for r in results["runs"]} == {256}
     assert all(0.0 <= r["min_class_fraction"] <= 0.1 for r in results["runs"])
