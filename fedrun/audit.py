@@ -3,7 +3,8 @@
     python -m fedrun audit --run runs/digits_fedavg                       # pre-training run
     python -m fedrun audit --run runs/lora_demo/lora_seed0 --heldout DIR  # LoRA fine-tuning run
 
-Writes RUN/audit/audit.json, closest_pairs.png, ratios.png and mia_roc.png:
+Writes RUN/audit/audit.json, closest_pairs.png, ratios.png, mia_roc.png and the samples it
+analysed (samples.npz, as `fedrun sample` writes them):
 
 1. Extraction / memorisation in the style of Carlini et al. 2023 ("Extracting training data from
    diffusion models"): ``num_samples`` (>= 1,000 by default) samples of the run's final model;
@@ -342,6 +343,7 @@ def audit_run(run_dir, options: Optional[AuditOptions] = None, say=print) -> dic
     out = run_dir / AUDIT_DIR
     out.mkdir(parents=True, exist_ok=True)
     _pictures(out, images, subject, pixel, feature, roc, options)
+    np.savez_compressed(out / "samples.npz", images=(images * 255).round().astype(np.uint8))
     record["seconds"] = time.perf_counter() - started
     (out / "audit.json").write_text(json.dumps(record, indent=2) + "\n")
     say(f"audit: median distance ratio {record['pixel']['median_ratio']:.3g} (pixel), "
