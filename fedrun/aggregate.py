@@ -413,3 +413,8 @@ def weighted_loss(result: RoundResult) -> float:
     if total <= 0:
         return float("nan")
     return sum(result.client_loss[c] * w for c, w in result.client_weight.items() if w > 0) / total
+
+
+# The DP-FedAvg transforms ('dp_clip', 'dp_noise') register themselves on import; imported here so
+# that every registered name is known wherever the registries are (config validation).
+import fedrun.privacy  # noqa: E402,F401

@@ -186,6 +186,11 @@ def run_central(cfg: Config, task: Optional[Task] = None) -> Path:
     """Train the centralized baseline of ``cfg`` (default task: DDPM pre-training); returns the
     run directory."""
     task = task or build_task("train", cfg)
+    if cfg.privacy.enabled:
+        from fedrun.errors import ConfigError
+
+        raise ConfigError("config key 'privacy.enabled': the centralized baseline sees every "
+                          "client's data and has no client-level DP; set privacy.enabled=false")
     with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads), _accelerate_state():
         run = open_frame(cfg, task, CentralRun)
         # `rounds` of the central run counts central rounds, sized from the partition.

@@ -6,6 +6,7 @@ Launch:
     python -m fedrun sample --run runs/digits_fedavg n=1000          # samples of the EMA model
     python -m fedrun evaluate --run runs/digits_fedavg               # FID/KID + floor
     python -m fedrun compare --grid configs/grids/paper.yaml --jobs 2   # the paper's grid
+    python -m fedrun audit --run runs/digits_fedavg                  # memorisation + MIA
     torchrun --nproc_per_node=4 -m fedrun train --config configs/digits_fedavg.yaml   # 4 ranks
     fedrun train --config configs/digits_fedavg.yaml rounds=50 num_clients=8 output_dir=runs/c8
 
@@ -137,6 +138,40 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_arguments(parser: argparse.ArgumentParser) -> None:
+    from fedrun.audit import AuditOptions
+
+    defaults = AuditOptions()
+    parser.add_argument("--run", required=True, help="run directory (output_dir of a run)")
+    parser.add_argument("--num-samples", type=int, default=defaults.num_samples,
+                        help=f"generated samples to compare with the data (default {defaults.num_samples})")
+    parser.add_argument("--heldout", help="fine-tuning runs: folder of held-out images of the "
+                                          "subject's class (the non-members)")
+    parser.add_argument("--samples", help="use this samples.npz (from `fedrun sample`) instead of sampling")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=defaults.thresholds,
+                        help="report the fraction of distance ratios below these")
+    parser.add_argument("--noise-draws", type=int, default=defaults.noise_draws,
+                        help="fixed noise draws per timestep of the membership-inference loss")
+    parser.add_argument("--max-members", type=int, default=defaults.max_members,
+                        help="at most this many training images in the membership-inference attack")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedrun.audit import AuditOptions, audit_run
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = AuditOptions(num_samples=args.num_samples, thresholds=list(args.thresholds),
+                           noise_draws=args.noise_draws, max_members=args.max_members,
+                           seed=args.seed, heldout=args.heldout, samples=args.samples)
+    audit_run(args.run, options, say=_say)
+    return 0
+
+
 COMMANDS = {
     "train": ("federated DDPM pre-training (FedAvg over torchrun ranks)", _config_arguments, _cmd_train),
     "central": ("centralized DDP baseline on the union of the clients' data, same budget",
@@ -148,6 +183,9 @@ COMMANDS = {
                 _cmd_compare),
     "finetune": ("federated LoRA fine-tuning of a Stable Diffusion-style model", _config_arguments,
                  _cmd_finetune),
+    "audit": ("what a run's model reveals about its clients' images: memorisation (nearest "
+              "training vs held-out image of >= 1,000 samples) and loss-based membership inference",
+              _audit_arguments, _cmd_audit),
 }
 
 

@@ -11,10 +11,21 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 
-def sample_cohort(num_clients: int, clients_per_round: int, seed: int, global_round: int) -> List[int]:
-    """The sorted ids of the clients sampled in ``global_round`` (all clients when K = C)."""
+def sample_cohort(num_clients: int, clients_per_round: int, seed: int, global_round: int,
+                  sampling: str = "fixed") -> List[int]:
+    """The sorted ids of the clients sampled in ``global_round``.
+
+    ``sampling='fixed'``: exactly K = ``clients_per_round`` clients without replacement (all
+    clients when K = C). ``'poisson'``: each client independently with probability q = K / C
+    (what DP accountants assume, ``fedrun.privacy``): K clients on average, possibly none; the
+    draws come from one generator seeded by (seed, round), so every rank agrees."""
     if not 1 <= clients_per_round <= num_clients:
         raise ValueError(f"clients_per_round={clients_per_round} must be in [1, {num_clients}]")
+    if sampling == "poisson":
+        rng = np.random.default_rng([seed, global_round, 0x9015])
+        return np.flatnonzero(rng.random(num_clients) < clients_per_round / num_clients).tolist()
+    if sampling != "fixed":
+        raise ValueError(f"unknown cohort sampling '{sampling}'")
     if clients_per_round == num_clients:
         return list(range(num_clients))
     rng = np.random.default_rng([seed, global_round, 0xC0407])

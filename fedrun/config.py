@@ -475,6 +475,52 @@ class FinetuneConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018; ``fedrun.privacy``):
+    each client's whole update is clipped to L2 norm ``clip_norm`` (update transform 'dp_clip'),
+    Gaussian noise N(0, (noise_multiplier * clip_norm)^2) is added once to the round's sum
+    (server transform 'dp_noise', seeded by (seed, round): the same on every rank), the sum is
+    divided by the expected cohort size, and dp-accounting's RDP accountant reports epsilon."""
+
+    enabled: bool = False
+    """Turn DP-FedAvg on: 'dp_clip' and 'dp_noise' are appended to aggregation.update_transforms /
+    aggregation.server_transforms when absent. Needs server.weighting=uniform."""
+    clip_norm: float = 1.0
+    """C: the L2 norm bound of one client's update (local - global, the whole federated vector)."""
+    noise_multiplier: Optional[float] = None
+    """sigma: noise std on the sum is sigma * clip_norm. Give it (epsilon is reported) or
+    target_epsilon (sigma is calibrated before round 1), not both."""
+    target_epsilon: Optional[float] = None
+    """Calibrate sigma so that epsilon after ``rounds`` rounds is at most this (at ``delta``)."""
+    delta: float = 1e-5
+    """delta of the (epsilon, delta) guarantee; below 1 / num_clients to mean anything."""
+    sampling: str = "poisson"
+    """How cohorts are drawn, as the accountant assumes: 'poisson' (each client independently
+    with rate q = clients_per_round / num_clients; a round may have no client and then releases
+    only noise) or 'fixed' (exactly clients_per_round without replacement, accounted as sampling
+    without replacement under replace-one adjacency)."""
+    max_noise_multiplier: float = 20.0
+    """A target_epsilon that needs a larger sigma than this within ``rounds`` is refused."""
+
+    def __post_init__(self) -> None:
+        _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
+        _require(self.noise_multiplier is None or self.noise_multiplier > 0,
+                 "privacy.noise_multiplier", f"must be > 0 or null, got {self.noise_multiplier}")
+        _require(self.target_epsilon is None or self.target_epsilon > 0, "privacy.target_epsilon",
+                 f"must be > 0 or null, got {self.target_epsilon}")
+        _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")
+        _require(self.sampling in ("poisson", "fixed"), "privacy.sampling",
+                 f"must be 'poisson' or 'fixed', got '{self.sampling}'")
+        _require(self.max_noise_multiplier > 0, "privacy.max_noise_multiplier",
+                 f"must be > 0, got {self.max_noise_multiplier}")
+        if self.enabled:
+            _require((self.noise_multiplier is None) != (self.target_epsilon is None),
+                     "privacy.noise_multiplier",
+                     "with privacy.enabled, set exactly one of privacy.noise_multiplier and "
+                     f"privacy.target_epsilon (got {self.noise_multiplier} and {self.target_epsilon})")
+
+
+@dataclass
 class Config:
     """One federated (or centralized) diffusion training run."""
 
@@ -525,6 +571,7 @@ class Config:
     central: CentralConfig = field(default_factory=CentralConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     """``fedrun finetune`` only."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _require(bool(self.output_dir), "output_dir", "must not be empty")
@@ -543,6 +590,7 @@ class Config:
         _require(self.local_epochs is None or self.local_epochs > 0, "local_epochs",
                  f"must be > 0 or null, got {self.local_epochs}")
         _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        self._check_privacy()
         for key in ("dropout_schedule", "nonfinite_schedule"):
             for _, client in getattr(self.faults, key):
                 _require(client < self.num_clients, f"faults.{key}",
@@ -557,6 +605,31 @@ class Config:
                      f"{len(self.model.block_out_channels)} blocks (model.block_out_channels) halve "
                      f"the image {factor.bit_length() - 1} time(s); use a multiple of {factor} "
                      f"(e.g. {(self.data.image_size // factor + 1) * factor})")
+
+    def _check_privacy(self) -> None:
+        """DP-FedAvg's requirements; with privacy.enabled its transforms are inserted here, so the
+        resolved config (config.yaml) lists what runs."""
+        p, agg = self.privacy, self.aggregation
+        if not p.enabled:
+            for key, names, name in (("update_transforms", agg.update_transforms, "dp_clip"),
+                                     ("server_transforms", agg.server_transforms, "dp_noise")):
+                _require(name not in names, f"aggregation.{key}",
+                         f"'{name}' is part of DP-FedAvg: set privacy.enabled=true to use it")
+            return
+        _require(self.server.weighting == "uniform", "server.weighting",
+                 f"'{self.server.weighting}' weights a client by its data size, which scales its "
+                 "clipped update past privacy.clip_norm; client-level DP (privacy.enabled) needs "
+                 "server.weighting=uniform")
+        if "dp_clip" not in agg.update_transforms:
+            agg.update_transforms = [*agg.update_transforms, "dp_clip"]
+        if "dp_noise" not in agg.server_transforms:
+            agg.server_transforms = [*agg.server_transforms, "dp_noise"]
+        _require(agg.update_transforms[-1] == "dp_clip", "aggregation.update_transforms",
+                 "'dp_clip' must come last: a transform after it could undo the norm bound, got "
+                 f"{list(agg.update_transforms)}")
+        _require(p.delta < 1.0 / self.num_clients,
+                 "privacy.delta", f"{p.delta} is not below 1 / num_clients = "
+                 f"{1.0 / self.num_clients:.3g}: such a guarantee allows publishing a client's data")
 
     @property
     def cohort_size(self) -> int:

@@ -163,18 +163,21 @@ def _write_partition(run: RunState, run_dir: Path) -> None:
 
 # ---------------------------------------------------------------- rounds and outputs
 
-def drive(run: RunState, logger: RunLogger, one_round: Callable[[int], dict]) -> Path:
+def drive(run: RunState, logger: RunLogger, one_round: Callable[[int], dict],
+          finalize: Optional[Callable[[], dict]] = None) -> Path:
     """Run the remaining rounds (``one_round(global_round)`` returns the round's record), then
-    rank 0 exports final/ and writes the run summary."""
+    rank 0 exports final/, runs ``finalize()`` (files of its own next to the export; returns
+    keys for the summary) and writes the run summary."""
     try:
         record: dict = {}
         for global_round in range(run.start_round, run.cfg.rounds):
             record = one_round(global_round)
         if run.rank == 0:
             export_final(run)
+            extra = finalize() if finalize is not None else {}
             logger.summary({"final_train_loss": record.get("train_loss"),
                             "samples": run.samples_seen, "bytes_total": run.bytes_total,
-                            **run.task.summary(run)})
+                            **run.task.summary(run), **extra})
     finally:
         logger.close()
     dist.barrier()

@@ -35,10 +35,11 @@ from fedrun.client import (ClientAlgorithm, ClientJob, batch_indices, client_gen
 from fedrun.client_state import ClientStateStore
 from fedrun.cohort import assign_to_ranks, dropped_clients, sample_cohort
 from fedrun.config import Config
-from fedrun.errors import CheckpointError, DistributedError
+from fedrun.errors import CheckpointError, ConfigError, DistributedError
 from fedrun.frame import (RunState, device_memory, drive, open_frame, open_run, restore_frame,
                           write_outputs)
 from fedrun.logging import RunLogger
+from fedrun.privacy import PrivacySpec, privacy_spec, write_privacy_file
 from fedrun.server import ServerStrategy
 from fedrun.task import Task, build_task
 
@@ -53,6 +54,7 @@ class Federation(RunState):
     server_transforms: List[ServerTransform] = field(default_factory=list)
     store: Optional[ClientStateStore] = None  # only for stateful client algorithms
     round_buffer: Optional[RoundBuffer] = None  # reused every round (no per-round allocation)
+    privacy: Optional[PrivacySpec] = None  # DP-FedAvg's parameters (privacy.enabled)
 
 
 # ---------------------------------------------------------------- set-up
@@ -66,9 +68,14 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
 
     task = task or build_task("train", cfg)
     algorithm = build_client_algorithm(cfg)
+    # Calibrated (or refused: an unreachable budget) before anything is built.
+    spec = privacy_spec(cfg) if cfg.privacy.enabled else None
     fed = open_frame(cfg, task, Federation, server=build_server(cfg.server), algorithm=algorithm,
                      update_transforms=build_update_transforms(cfg),
-                     server_transforms=build_server_transforms(cfg))
+                     server_transforms=build_server_transforms(cfg), privacy=spec)
+    if spec is not None and algorithm.segments(fed.params):
+        raise ConfigError(f"config key 'client.algorithm': '{algorithm.name}' sends buffer segments "
+                          "besides the update, which DP-FedAvg (privacy.enabled) does not privatize")
     if algorithm.stateful:
         fed.store = ClientStateStore(Path(cfg.output_dir))
     if fed.resumed_from is not None:
@@ -79,6 +86,14 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
 def restore(fed: Federation, ckpt) -> None:
     """The frame's state plus the server's and the client algorithm's."""
     restore_frame(fed, ckpt)
+    saved_sigma = ckpt.state.get("privacy_noise_multiplier")
+    sigma = fed.privacy.noise_multiplier if fed.privacy is not None else None
+    if saved_sigma != sigma:
+        raise CheckpointError(
+            f"checkpoint '{ckpt.path}' was trained with noise multiplier {saved_sigma}, this config "
+            f"gives {sigma}: privacy.target_epsilon calibrates sigma for 'rounds', so a DP run "
+            "resumes only with the 'rounds' it was calibrated for (its past rounds would otherwise "
+            "be accounted with the wrong sigma)")
     if fed.store is not None and ckpt.path.resolve().parent.parent != Path(fed.cfg.output_dir).resolve():
         raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to another run directory, and "
                               f"client algorithm '{fed.algorithm.name}' keeps per-client state in "
@@ -94,7 +109,8 @@ def select_clients(fed: Federation, global_round: int) -> tuple[list, list, list
     """Step 1: the cohort (same on every rank), the clients of it that drop out of this round,
     and the surviving clients this rank trains."""
     cfg = fed.cfg
-    cohort = sample_cohort(cfg.num_clients, cfg.cohort_size, cfg.seed, global_round)
+    sampling = cfg.privacy.sampling if cfg.privacy.enabled else "fixed"
+    cohort = sample_cohort(cfg.num_clients, cfg.cohort_size, cfg.seed, global_round, sampling)
     dropped = dropped_clients(cohort, cfg.faults.dropout, cfg.faults.dropout_schedule, cfg.seed,
                               global_round)
     survivors = [c for c in cohort if c not in dropped]
@@ -176,14 +192,17 @@ def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
 def server_update(fed: Federation, result: RoundResult, global_round: int) -> tuple[bool, dict]:
     """Step 4: server transforms, the server step, the client algorithm's server-side update and
     the EMA (a round where no weight arrived keeps the model). Returns (updated, metrics)."""
-    if result.total_weight <= 0:
+    # Under DP every round releases noise (also one whose Poisson cohort is empty) and the sum is
+    # divided by the expected cohort size, not by the data-dependent count (``fedrun.privacy``).
+    if result.total_weight <= 0 and fed.privacy is None:
         return False, {}
     info = RoundInfo(global_round, fed.cfg.seed, result.total_weight,
                      accepted=sum(1 for w in result.client_weight.values() if w > 0))
     metrics: dict = {}
     for transform in fed.server_transforms:
         metrics.update(transform(result.update_sum, info))
-    fed.server.step(fed.global_weights, result.update_sum, result.total_weight)
+    denominator = fed.privacy.clients_per_round if fed.privacy is not None else result.total_weight
+    fed.server.step(fed.global_weights, result.update_sum, denominator)
     fed.algorithm.server_update(result)
     fed.ema.update(fed.global_weights)
     return True, metrics
@@ -256,7 +275,10 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     return write_outputs(fed, done, record, logger, started,
                          checkpoint_groups=lambda: _checkpoint_groups(fed),
                          checkpoint_state={"client_algorithm": fed.algorithm.name,
-                                           "client_state_store": fed.store is not None},
+                                           "client_state_store": fed.store is not None,
+                                           "privacy_noise_multiplier": (
+                                               fed.privacy.noise_multiplier
+                                               if fed.privacy is not None else None)},
                          after_checkpoint=lambda: _prune_client_states(fed))
 
 
@@ -284,4 +306,14 @@ def run(cfg: Config, task: Optional[Task] = None) -> Path:
                                           f"{fed.params.numel:,} federated parameters, client "
                                           f"algorithm {fed.algorithm.name}, server "
                                           f"{cfg.server.strategy}, {exact} aggregation")
-        return drive(fed, logger, lambda global_round: run_round(fed, global_round, logger))
+        return drive(fed, logger, lambda global_round: run_round(fed, global_round, logger),
+                     finalize=lambda: _finalize_privacy(fed))
+
+
+def _finalize_privacy(fed: Federation) -> dict:
+    """final/privacy.json and the summary's guarantee (rank 0, after the export)."""
+    if fed.privacy is None:
+        return {}
+    report = write_privacy_file(fed.privacy, fed.cfg.rounds, Path(fed.cfg.output_dir) / "final")
+    return {"epsilon": report["epsilon"], "dp_delta": report["delta"],
+            "dp_noise_multiplier": report["noise_multiplier"], "dp_clip_norm": report["clip_norm"]}

@@ -33,8 +33,8 @@ def _equal(a, b):
 @pytest.mark.parametrize("key, value, registered", [
     ("server.strategy", "fedbogus", "fedadagrad, fedadam, fedavg, fedavgm, fedyogi, toy_half_step"),
     ("client.algorithm", "bogus", "fedavg, fedprox, scaffold, toy_visits"),
-    ("aggregation.update_transforms", "[nonfinite_guard,clipz]", "nonfinite_guard, toy_jitter"),
-    ("aggregation.server_transforms", "[dp]", "toy_server_noise"),
+    ("aggregation.update_transforms", "[nonfinite_guard,clipz]", "dp_clip, nonfinite_guard, toy_jitter"),
+    ("aggregation.server_transforms", "[dp]", "dp_noise, toy_server_noise"),
     ("partition.method", "zipf", "dirichlet, iid, shards, unbalanced"),
     ("eval.feature", "clip", "digits, inception"),
 ])

@@ -1,0 +1,397 @@
+"""``fedrun audit --run RUN``: what a trained model reveals about its clients' images.
+
+    python -m fedrun audit --run runs/digits_fedavg                       # pre-training run
+    python -m fedrun audit --run runs/lora_demo/lora_seed0 --heldout DIR  # LoRA fine-tuning run
+
+Writes RUN/audit/audit.json, closest_pairs.png, ratios.png, mia_roc.png and the samples it
+analysed (samples.npz, as `fedrun sample` writes them):
+
+1. Extraction / memorisation in the style of Carlini et al. 2023 ("Extracting training data from
+   diffusion models"): ``num_samples`` (>= 1,000 by default) samples of the run's final model;
+   for each, the L2 distance to the nearest training image and to the nearest held-out image, in
+   pixel space ([-1, 1]) and in feature space (``eval.feature``: the digits classifier by
+   default). The per-sample ratio d(nearest train) / d(nearest held-out) is computed against
+   equally many training and held-out images (a seeded subset of the larger set: the nearest of
+   a bigger set is closer by itself); a ratio well below 1 means the sample sits on a training
+   image, not merely on the data distribution. Reported: the median ratio, the fraction of
+   samples below each threshold (0.5, 0.8), the closest pairs as a picture, and the clients that
+   hold the nearest training images of the samples below ``memorised_threshold`` (the partition
+   is recomputed from the run's config).
+2. Loss-based membership inference (Yeom et al. 2018; Carlini et al. 2023 Sec. 5): the per-image
+   diffusion loss at fixed timesteps with fixed (seeded) noise, averaged; members (training
+   images) should have lower loss than non-members (held-out images). Reported: ROC AUC of the
+   score -loss and the TPR at 1 % FPR.
+
+Pre-training runs: members = the run's training split, non-members = its held-out split
+(``data.heldout_fraction``), samples = the exported EMA model's DDIM samples. LoRA fine-tuning
+runs: members = the subject images (``data.root``), non-members = images of the same class the
+run never saw (``--heldout DIR``, required), samples = the base pipeline with final/'s LoRA
+loaded by stock ``load_lora_weights``, for the instance prompt; the loss is SD's latent loss
+conditioned on that prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from fedrun.errors import ConfigError, EvaluationError
+from fedrun.rng import derived_generator
+
+AUDIT_DIR = "audit"
+MIA_TIMESTEP_FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)  # of num_train_timesteps
+_CHUNK = 100  # samples per sampling call (progress bar granularity)
+
+
+@dataclass
+class AuditOptions:
+    """What ``fedrun audit`` measures (CLI flags of the same names)."""
+
+    num_samples: int = 1000
+    """Generated samples for the memorisation analysis (Carlini et al. use far more; >= 1000)."""
+    thresholds: List[float] = field(default_factory=lambda: [0.5, 0.8])
+    """Report the fraction of samples whose distance ratio is below each of these."""
+    memorised_threshold: float = 0.5
+    """A sample with pixel ratio below this counts as memorised (for the client attribution)."""
+    noise_draws: int = 2
+    """Fixed noise draws per timestep in the membership-inference loss."""
+    max_members: int = 2000
+    """At most this many training images enter the membership-inference attack (seeded subset)."""
+    show_pairs: int = 16
+    seed: int = 0
+    heldout: Optional[str] = None
+    """Fine-tuning runs: folder of held-out images of the subject's class (non-members)."""
+    samples: Optional[str] = None
+    """Use these samples (a samples.npz of ``fedrun sample``) instead of generating them."""
+    batch_size: int = 250
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 2:
+            raise ConfigError(f"audit --num-samples: must be >= 2, got {self.num_samples}")
+        if self.noise_draws < 1:
+            raise ConfigError(f"audit --noise-draws: must be >= 1, got {self.noise_draws}")
+
+
+@dataclass
+class AuditSubject:
+    """What the analysis needs of a run, whatever its task."""
+
+    kind: str  # 'train' or 'finetune'
+    members: torch.Tensor  # (M, C, H, W) in [-1, 1]: the training images
+    member_clients: np.ndarray  # (M,) the client holding each
+    nonmembers: torch.Tensor  # (H, C, H, W): never trained on
+    generate: Callable[[int, int], np.ndarray]  # (n, chunk index) -> (n, H, W, C) in [0, 1]
+    per_image_loss: Callable[[torch.Tensor, torch.Generator, int], torch.Tensor]  # (images, gen, t)
+    num_train_timesteps: int
+    description: str
+
+
+# ---------------------------------------------------------------- subjects
+
+def _diffusion_target(noise_scheduler, x0, noise, timesteps):
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(x0, noise, timesteps)
+    return x0
+
+
+def pretrain_subject(run_dir: Path, cfg) -> AuditSubject:
+    from fedrun.data import build_datasets, partition_indices
+    from fedrun.evaluate import load_run_model
+    from fedrun.models import sample_chunks
+
+    unet, noise_scheduler, label = load_run_model(run_dir, cfg)
+    train, heldout = build_datasets(cfg.data, cfg.seed)
+    if len(heldout) < 2:
+        raise EvaluationError(f"run '{run_dir}' has {len(heldout)} held-out images: the audit needs "
+                              "non-members (data.heldout_fraction > 0)")
+    parts = partition_indices(train.labels, len(train), cfg.num_clients, cfg.partition, cfg.seed)
+    clients = np.zeros(len(train), dtype=np.int64)
+    for client, indices in enumerate(parts):
+        clients[indices] = client
+    e = cfg.eval
+
+    def generate(n: int, index: int) -> np.ndarray:
+        # chunk ``index`` of eval.seed's chunks (seeded by (eval.seed, index), as `fedrun sample`)
+        chunks = sample_chunks(unet, noise_scheduler, index * _CHUNK + n, e.scheduler, e.steps,
+                               e.seed, rank=index, world_size=index + 1, chunk=_CHUNK)
+        return chunks[index]
+
+    @torch.no_grad()
+    def loss(images, generator, t):
+        noise = torch.randn(images.shape, generator=generator)
+        steps = torch.full((len(images),), t, dtype=torch.long)
+        noisy = noise_scheduler.add_noise(images, noise, steps)
+        prediction = unet(noisy, steps).sample
+        target = _diffusion_target(noise_scheduler, images, noise, steps)
+        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+    everything = lambda data: data.get_batch(np.arange(len(data)))  # noqa: E731
+    return AuditSubject("train", everything(train), clients, everything(heldout), generate, loss,
+                        noise_scheduler.config.num_train_timesteps,
+                        f"pre-training run, model {label}, {len(train)} training / {len(heldout)} "
+                        "held-out images")
+
+
+def finetune_subject(run_dir: Path, cfg, heldout: Optional[str]) -> AuditSubject:
+    from fedrun.data import partition_indices
+    from fedrun.data.captioned import build_captioned_images
+    from fedrun.lora import build_pipeline, encode_prompts, generate as generate_images
+    from fedrun.lora import load_text_to_image
+
+    ft = cfg.finetune
+    if heldout is None:
+        raise ConfigError("audit --heldout: a fine-tuning run's non-members are images of the "
+                          "subject's class that no client trained on; pass their folder")
+    final = Path(run_dir) / "final"
+    device = torch.device("cpu")
+    prompt = ft.instance_prompt or (ft.validation_prompts[0] if ft.validation_prompts else None)
+    if prompt is None:
+        raise ConfigError("config key 'finetune.instance_prompt': the audit conditions on it")
+    if ft.mode == "lora":
+        if not (final / "pytorch_lora_weights.safetensors").is_file():
+            raise EvaluationError(f"run '{run_dir}' has no final/pytorch_lora_weights.safetensors")
+        parts = load_text_to_image(ft.pretrained, device)
+        pipe = build_pipeline(parts)
+        pipe.load_lora_weights(str(final))  # stock diffusers, as a user would
+    else:
+        parts = load_text_to_image(str(final), device)
+        pipe = build_pipeline(parts)
+    unet, vae, noise_scheduler = pipe.unet.eval(), pipe.vae, parts.noise_scheduler
+    members = build_captioned_images(cfg.data.root, cfg.data.image_size, cfg.data.grayscale,
+                                     cfg.data.center_crop, prompt, ft.prompts_file)
+    outside = build_captioned_images(heldout, cfg.data.image_size, cfg.data.grayscale,
+                                     cfg.data.center_crop, prompt, None)
+    parts_ = partition_indices(members.labels, len(members), cfg.num_clients, cfg.partition, cfg.seed)
+    clients = np.zeros(len(members), dtype=np.int64)
+    for client, indices in enumerate(parts_):
+        clients[indices] = client
+    with torch.no_grad():
+        context = encode_prompts(pipe.tokenizer, pipe.text_encoder, [prompt], device)
+    scale = float(vae.config.scaling_factor)
+
+    def generate(n: int, index: int) -> np.ndarray:
+        return generate_images(pipe, [prompt], n, cfg.sample.steps, ft.guidance_scale,
+                               cfg.eval.seed + 1000 * index)
+
+    @torch.no_grad()
+    def loss(images, generator, t):
+        latents = vae.encode(images.to(vae.dtype)).latent_dist.mean.float() * scale
+        noise = torch.randn(latents.shape, generator=generator)
+        steps = torch.full((len(images),), t, dtype=torch.long)
+        noisy = noise_scheduler.add_noise(latents, noise, steps)
+        prediction = unet(noisy, steps, context.expand(len(images), -1, -1)).sample
+        target = _diffusion_target(noise_scheduler, latents, noise, steps)
+        return (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+
+    return AuditSubject("finetune", members.images, clients, outside.images, generate, loss,
+                        noise_scheduler.config.num_train_timesteps,
+                        f"fine-tuning run ({ft.mode}, {ft.lora_aggregation}), prompt '{prompt}', "
+                        f"{len(members)} subject images vs {len(outside)} held-out from '{heldout}'")
+
+
+# ---------------------------------------------------------------- the two analyses
+
+def _subset(n: int, k: int, seed: int, tag: int) -> np.ndarray:
+    if k >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, tag]).choice(n, size=k, replace=False))
+
+
+def nearest(queries: torch.Tensor, pool: torch.Tensor, batch: int = 1000) -> tuple:
+    """(distance, index) of each query's nearest pool row (L2, float64)."""
+    pool = pool.flatten(1).double()
+    dist, index = [], []
+    for i in range(0, len(queries), batch):
+        d = torch.cdist(queries[i: i + batch].flatten(1).double(), pool)
+        m = d.min(dim=1)
+        dist.append(m.values)
+        index.append(m.indices)
+    return torch.cat(dist).numpy(), torch.cat(index).numpy()
+
+
+def distance_ratios(samples: torch.Tensor, members: torch.Tensor, nonmembers: torch.Tensor,
+                    seed: int) -> Dict[str, np.ndarray]:
+    """Per sample: d(nearest of k members), d(nearest of k non-members), their ratio (k = the
+    smaller set's size), and the nearest of *all* members (distance, index) for attribution."""
+    k = min(len(members), len(nonmembers))
+    m_sub = _subset(len(members), k, seed, 11)
+    n_sub = _subset(len(nonmembers), k, seed, 12)
+    d_train, _ = nearest(samples, members[m_sub])
+    d_heldout, _ = nearest(samples, nonmembers[n_sub])
+    d_all, i_all = nearest(samples, members)
+    ratio = d_train / np.maximum(d_heldout, 1e-12)
+    return {"d_train": d_train, "d_heldout": d_heldout, "ratio": ratio, "d_nearest": d_all,
+            "nearest": i_all, "reference_size": np.array(k)}
+
+
+def _summary(d: Dict[str, np.ndarray], thresholds: List[float]) -> dict:
+    return {"median_ratio": float(np.median(d["ratio"])), "mean_ratio": float(np.mean(d["ratio"])),
+            "fraction_below": {str(t): float((d["ratio"] < t).mean()) for t in thresholds},
+            "median_d_train": float(np.median(d["d_train"])),
+            "median_d_heldout": float(np.median(d["d_heldout"])),
+            "reference_images_each": int(d["reference_size"])}
+
+
+def mia_losses(subject: AuditSubject, images: torch.Tensor, options: AuditOptions,
+               desc: str) -> np.ndarray:
+    """Mean loss of each image over the fixed timesteps and noise draws. The noise of image i at
+    (timestep k, draw j) is row i of a tensor drawn from (seed, k, j): members and non-members
+    get the same noise row by row."""
+    from tqdm.auto import tqdm
+
+    timesteps = [max(1, int(f * subject.num_train_timesteps)) for f in MIA_TIMESTEP_FRACTIONS]
+    total = torch.zeros(len(images), dtype=torch.float64)
+    jobs = [(k, j) for k in range(len(timesteps)) for j in range(options.noise_draws)]
+    for k, j in tqdm(jobs, desc=desc, unit="pass", leave=False):
+        generator = derived_generator(options.seed, 0xA0D1, k, j)
+        for start in range(0, len(images), options.batch_size):
+            batch = images[start: start + options.batch_size]
+            total[start: start + len(batch)] += subject.per_image_loss(batch, generator, timesteps[k]).double()
+    return (total / len(jobs)).numpy()
+
+
+def membership_inference(subject: AuditSubject, options: AuditOptions) -> dict:
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    members = subject.members[_subset(len(subject.members), options.max_members, options.seed, 13)]
+    loss_in = mia_losses(subject, members, options, "MIA members")
+    loss_out = mia_losses(subject, subject.nonmembers, options, "MIA non-members")
+    labels = np.r_[np.ones(len(loss_in)), np.zeros(len(loss_out))]
+    scores = -np.r_[loss_in, loss_out]  # lower loss -> "member"
+    fpr, tpr, _ = roc_curve(labels, scores)
+    return {"auc": float(roc_auc_score(labels, scores)),
+            "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
+            "members": len(loss_in), "nonmembers": len(loss_out),
+            "mean_loss_members": float(loss_in.mean()), "mean_loss_nonmembers": float(loss_out.mean()),
+            "timestep_fractions": list(MIA_TIMESTEP_FRACTIONS), "noise_draws": options.noise_draws,
+            "_roc": (fpr, tpr)}
+
+
+def generate_samples(subject: AuditSubject, options: AuditOptions) -> np.ndarray:
+    from tqdm.auto import tqdm
+
+    if options.samples is not None:
+        from fedrun.evaluate import load_samples
+
+        images = load_samples(options.samples)
+        if len(images) < options.num_samples:
+            raise EvaluationError(f"audit --samples: '{options.samples}' holds {len(images)} samples, "
+                                  f"fewer than --num-samples {options.num_samples}")
+        return images[: options.num_samples]
+    out = []
+    chunks = math.ceil(options.num_samples / _CHUNK)
+    for index in tqdm(range(chunks), desc="audit samples", unit="chunk", leave=False):
+        out.append(subject.generate(min(_CHUNK, options.num_samples - index * _CHUNK), index))
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------- the audit
+
+def audit_run(run_dir, options: Optional[AuditOptions] = None, say=print) -> dict:
+    """Audit the run in ``run_dir``; writes RUN/audit/ and returns the audit.json record."""
+    from fedrun.evaluate import open_run
+    from fedrun.features import build_feature_extractor, to_model_range
+    from fedrun.logging import code_commit
+    from fedrun.task import task_name_of
+
+    options = options or AuditOptions()
+    run_dir = Path(run_dir)
+    cfg = open_run(run_dir)
+    started = time.perf_counter()
+    kind = task_name_of(cfg)
+    subject = (pretrain_subject(run_dir, cfg) if kind == "train"
+               else finetune_subject(run_dir, cfg, options.heldout))
+    say(f"audit of {run_dir}: {subject.description}")
+    # 1. samples and their nearest neighbours, in pixel and feature space
+    images = generate_samples(subject, options)
+    samples = to_model_range(images)
+    pixel = distance_ratios(samples, subject.members, subject.nonmembers, options.seed)
+    extractor = build_feature_extractor(cfg.eval.feature, cfg.eval.inception_weights)
+    embed = lambda x: torch.cat([extractor(x[i: i + options.batch_size])  # noqa: E731
+                                 for i in range(0, len(x), options.batch_size)])
+    with torch.no_grad():
+        feature = distance_ratios(embed(samples), embed(subject.members), embed(subject.nonmembers),
+                                  options.seed)
+    memorised = pixel["ratio"] < options.memorised_threshold
+    sources = subject.member_clients[pixel["nearest"][memorised]]
+    # 2. membership inference
+    mia = membership_inference(subject, options)
+    roc = mia.pop("_roc")
+    record = {
+        "run": str(run_dir), "task": kind, "description": subject.description,
+        "num_samples": len(samples), "pixel": _summary(pixel, options.thresholds),
+        "feature": {**_summary(feature, options.thresholds), "extractor": cfg.eval.feature},
+        "memorised": {"threshold": options.memorised_threshold, "samples": int(memorised.sum()),
+                      "fraction": float(memorised.mean()),
+                      "distinct_training_images": int(len(np.unique(pixel["nearest"][memorised]))),
+                      "by_client": {str(c): int(n) for c, n in
+                                    zip(*np.unique(sources, return_counts=True))}},
+        "membership_inference": mia,
+        "privacy": _privacy_of(run_dir),
+        "options": asdict(options), "commit": code_commit(),
+    }
+    out = run_dir / AUDIT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    _pictures(out, images, subject, pixel, feature, roc, options)
+    np.savez_compressed(out / "samples.npz", images=(images * 255).round().astype(np.uint8))
+    record["seconds"] = time.perf_counter() - started
+    (out / "audit.json").write_text(json.dumps(record, indent=2) + "\n")
+    say(f"audit: median distance ratio {record['pixel']['median_ratio']:.3g} (pixel), "
+        f"{record['feature']['median_ratio']:.3g} (features); "
+        f"{100 * record['pixel']['fraction_below'][str(options.thresholds[0])]:.1f} % of samples "
+        f"below {options.thresholds[0]}; MIA AUC {mia['auc']:.3f}, TPR at 1 % FPR "
+        f"{mia['tpr_at_1pct_fpr']:.3f} -> {out / 'audit.json'}")
+    return record
+
+
+def _privacy_of(run_dir: Path) -> Optional[dict]:
+    from fedrun.privacy import PRIVACY_FILE
+
+    path = run_dir / "final" / PRIVACY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pictures(out: Path, images: np.ndarray, subject: AuditSubject, pixel: dict, feature: dict,
+              roc: tuple, options: AuditOptions) -> None:
+    """closest_pairs.png (top row: the samples nearest a training image relative to the held-out
+    set; bottom row: that training image), ratios.png, mia_roc.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fedrun.grids import save_grid
+
+    order = np.argsort(pixel["ratio"])[: options.show_pairs]
+    train = ((subject.members[pixel["nearest"][order]] + 1) / 2).permute(0, 2, 3, 1).numpy()
+    save_grid(np.concatenate([images[order], train]), out / "closest_pairs.png", columns=len(order))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, (name, d) in zip(axes, (("pixel", pixel), ("feature", feature))):
+        ax.hist(d["ratio"], bins=40, color="tab:blue")
+        for t in options.thresholds:
+            ax.axvline(t, color="tab:red", linestyle="--", linewidth=1)
+        ax.set_title(f"{name} space: d(train) / d(held-out)")
+        ax.set_xlabel("ratio")
+    fig.tight_layout()
+    fig.savefig(out / "ratios.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(3.8, 3.6))
+    ax.plot(roc[0], roc[1], color="tab:blue")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("loss-based membership inference")
+    fig.tight_layout()
+    fig.savefig(out / "mia_roc.png", dpi=110)
+    plt.close(fig)

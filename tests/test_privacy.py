@@ -1,0 +1,239 @@
+"""DP-FedAvg (``fedrun.privacy``): clipping against hand values, noise identical on every rank
+(1 vs 2 processes bit-identical under torchrun, exact aggregation), epsilon equal to
+dp_accounting's own value for the same (q, sigma, rounds, delta), calibration, refused budgets
+and configs, Poisson cohorts (also empty ones), resume, and LoRA fine-tuning under DP."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, tiny
+from fedrun import simulator
+from fedrun.aggregate import ExactGrid, RoundBuffer, RoundInfo
+from fedrun.cohort import sample_cohort
+from fedrun.config import load_config
+from fedrun.errors import CheckpointError, ConfigError
+from fedrun.privacy import (DpClip, DpNoise, calibrate_noise_multiplier, clip_to_norm_,
+                            compute_epsilon, privacy_spec)
+
+DP = ["privacy.enabled=true", "server.weighting=uniform"]
+SHAPE = ["num_clients=12", "clients_per_round=3", "local_steps=2", "sample.every=0"]
+
+
+def _records(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(run_dir, done, group="model"):
+    return load_file(str(run_dir / "checkpoints" / f"round_{done:05d}" / f"{group}.safetensors"))
+
+
+def _library_epsilon(q, sigma, rounds, delta, fixed=None):
+    """dp_accounting's epsilon, built here independently of fedrun.privacy."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    gaussian = dp_accounting.GaussianDpEvent(sigma)
+    if fixed is None:
+        accountant = RdpAccountant()
+        event = dp_accounting.PoissonSampledDpEvent(q, gaussian)
+    else:
+        accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        event = dp_accounting.SampledWithoutReplacementDpEvent(*fixed, gaussian)
+    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
+    return accountant.get_epsilon(delta)
+
+
+# ---------------------------------------------------------------- clipping (hand values)
+
+def test_clip_to_norm_hand_values():
+    delta = torch.tensor([3.0, 4.0])  # norm 5
+    assert clip_to_norm_(delta, 1.0) == 5.0
+    assert torch.allclose(delta, torch.tensor([0.6, 0.8]))
+    small = torch.tensor([0.3, -0.4])  # norm 0.5 < 1: untouched
+    assert clip_to_norm_(small, 1.0) == pytest.approx(0.5)
+    assert torch.equal(small, torch.tensor([0.3, -0.4]))
+
+
+def test_dp_clip_in_the_round_buffer_sums_clipped_updates(tiny_config):
+    """Two clients, uniform weights, clip 2: [6, 8, 0] -> [1.2, 1.6, 0]; [0, 0, 1] stays."""
+    cfg = tiny_config(*DP, "privacy.noise_multiplier=1.0", "privacy.clip_norm=2.0")
+    glob = torch.tensor([1.0, 1.0, 1.0])
+    for exact in (None, {"update": ExactGrid(3, glob, 2)}):
+        buffer = RoundBuffer(3, [0, 1], 1, exact=exact, transforms=[DpClip(cfg)])
+        buffer.add_client(0, glob + torch.tensor([6.0, 8.0, 0.0]), glob, 1.0, 0.5, 4)
+        buffer.add_client(1, glob + torch.tensor([0.0, 0.0, 1.0]), glob, 1.0, 0.5, 4)
+        result = buffer.decode()
+        assert torch.allclose(result.update_sum, torch.tensor([1.2, 1.6, 1.0]), atol=1e-6)
+        assert result.total_weight == 2.0
+
+
+def test_dp_noise_is_seeded_by_seed_and_round_with_std_sigma_clip(tiny_config):
+    cfg = tiny_config(*DP, "privacy.noise_multiplier=2.0", "privacy.clip_norm=0.5")
+    noise = DpNoise(cfg)
+    a, b, c = torch.zeros(200_000), torch.zeros(200_000), torch.zeros(200_000)
+    metrics = noise(a, RoundInfo(3, 0, 1.0, 1))
+    noise(b, RoundInfo(3, 0, 5.0, 2))  # same (seed, round): same noise, whatever else differs
+    noise(c, RoundInfo(4, 0, 1.0, 1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert float(a.std()) == pytest.approx(1.0, rel=0.01)  # sigma * clip = 2 * 0.5
+    assert metrics["epsilon"] == compute_epsilon(cfg.num_clients, cfg.cohort_size,
+                                                 "poisson", 2.0, 4, 1e-5)
+
+
+# ---------------------------------------------------------------- accounting
+
+def test_reported_epsilon_equals_dp_accounting(tiny_config, tmp_path):
+    """Every record's epsilon, final/privacy.json, for Poisson and fixed-size sampling."""
+    for sampling, fixed in (("poisson", None), ("fixed", (12, 3))):
+        run_dir = tmp_path / sampling
+        simulator.run(tiny_config(*SHAPE, *DP, "rounds=3", "privacy.noise_multiplier=1.3",
+                                  f"privacy.sampling={sampling}", output_dir=run_dir))
+        records = _records(run_dir)
+        for r in records:
+            assert r["epsilon"] == pytest.approx(_library_epsilon(0.25, 1.3, r["round"], 1e-5, fixed),
+                                                 rel=1e-12)
+        final = json.loads((run_dir / "final" / "privacy.json").read_text())
+        assert final["epsilon"] == records[-1]["epsilon"] and final["rounds"] == 3
+        assert final["noise_multiplier"] == 1.3 and final["sampling"] == sampling
+        if sampling == "fixed":
+            assert all(len(r["clients"]) == 3 for r in records)
+
+
+def test_facts_value_and_calibration_hits_the_target():
+    # FACTS.md: q = 5/50, sigma = 1.1, 4 rounds, delta = 1e-5 -> 2.277 (Poisson, RDP)
+    assert compute_epsilon(50, 5, "poisson", 1.1, 4, 1e-5) == pytest.approx(2.277, abs=1e-3)
+    assert compute_epsilon(50, 5, "fixed", 1.1, 4, 1e-5) == pytest.approx(2.773, abs=1e-3)
+    for target in (1.0, 4.0, 8.0):
+        sigma = calibrate_noise_multiplier(1000, 10, "poisson", 300, target, 1e-5, 20.0)
+        eps = _library_epsilon(0.01, sigma, 300, 1e-5)
+        assert eps <= target and eps == pytest.approx(target, rel=0.01), (target, sigma, eps)
+
+
+def test_target_epsilon_calibrates_before_round_one(tiny_config):
+    cfg = tiny_config(*SHAPE, *DP, "rounds=20", "privacy.target_epsilon=4")
+    spec = privacy_spec(cfg)
+    assert spec.calibrated_for == {"target_epsilon": 4.0, "rounds": 20}
+    assert spec.epsilon(20) <= 4.0 and spec.epsilon(20) == pytest.approx(4.0, rel=0.01)
+
+
+def test_infeasible_budget_is_refused_before_the_run_starts(tiny_config, tmp_path):
+    run_dir = tmp_path / "never"
+    cfg = tiny_config(*SHAPE, *DP, "rounds=500", "num_clients=12", "clients_per_round=12",
+                      "privacy.target_epsilon=0.05", output_dir=run_dir)
+    with pytest.raises(ConfigError, match="privacy.target_epsilon.*cannot be met within rounds=500"):
+        simulator.run(cfg)
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["privacy.enabled=true", "privacy.noise_multiplier=1"], "server.weighting"),  # samples
+    ([*DP], "privacy.noise_multiplier"),  # neither sigma nor target
+    ([*DP, "privacy.noise_multiplier=1", "privacy.target_epsilon=2"], "privacy.noise_multiplier"),
+    ([*DP, "privacy.noise_multiplier=1", "privacy.sampling=shuffle"], "privacy.sampling"),
+    ([*DP, "privacy.noise_multiplier=1", "privacy.delta=0.5"], "privacy.delta"),
+    ([*DP, "privacy.noise_multiplier=1", "privacy.clip_norm=0"], "privacy.clip_norm"),
+    (["aggregation.server_transforms=[dp_noise]"], "aggregation.server_transforms"),
+    ([*DP, "privacy.noise_multiplier=1",
+      "aggregation.update_transforms=[dp_clip,nonfinite_guard]"], "aggregation.update_transforms"),
+])
+def test_bad_privacy_configs_name_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config(None, overrides)
+
+
+def test_enabled_inserts_the_transforms_and_central_refuses(tiny_config):
+    cfg = tiny_config(*DP, "privacy.noise_multiplier=1")
+    assert cfg.aggregation.update_transforms == ["nonfinite_guard", "dp_clip"]
+    assert cfg.aggregation.server_transforms == ["dp_noise"]
+    from fedrun.centralized import run_central
+
+    with pytest.raises(ConfigError, match="privacy.enabled"):
+        run_central(cfg)
+
+
+# ---------------------------------------------------------------- sampling and the round
+
+def test_poisson_cohorts_are_seeded_independent_and_may_be_empty():
+    cohorts = [sample_cohort(200, 4, 7, r, "poisson") for r in range(500)]
+    assert cohorts[3] == sample_cohort(200, 4, 7, 3, "poisson")
+    sizes = np.array([len(c) for c in cohorts])
+    assert sizes.mean() == pytest.approx(4.0, rel=0.1) and sizes.std() > 1.0
+    assert (sizes == 0).any()
+    counts = np.bincount(np.concatenate([c for c in cohorts if c]), minlength=200)
+    assert counts.mean() == pytest.approx(500 * 0.02, rel=0.1)
+    assert all(c == sorted(set(c)) for c in cohorts)
+    with pytest.raises(ValueError, match="unknown cohort sampling"):
+        sample_cohort(10, 2, 0, 0, "shuffle")
+
+
+def test_empty_poisson_round_releases_noise_with_the_fixed_denominator(tiny_config, tmp_path):
+    """q = 1/12: round 1 (seed 0) samples nobody, yet the model moves by noise / K exactly."""
+    run_dir = tmp_path / "empty"
+    simulator.run(tiny_config(*SHAPE, *DP, "clients_per_round=1", "rounds=1", "ema.enabled=false",
+                              "checkpoint.every=1", "privacy.noise_multiplier=0.5",
+                              "privacy.clip_norm=0.1", "aggregation.exact=false",
+                              output_dir=run_dir))
+    record = _records(run_dir)[0]
+    assert record["clients"] == [] and record["model_updated"] and record["epsilon"] > 0
+    cfg = load_config(None, tiny(run_dir, *SHAPE, "clients_per_round=1"))
+    from fedrun.flat import FlatParameters
+    from fedrun.models import build_unet
+    from fedrun.rng import derived_generator
+    from fedrun.aggregate import _SERVER_STREAM
+
+    unet = build_unet(cfg.model, 8, 1, cfg.seed)
+    flat = FlatParameters(unet)
+    init = flat.flat.detach().clone()
+    noise = torch.randn(init.shape, generator=derived_generator(0, 0, _SERVER_STREAM))
+    expected = init + (noise * 0.05) * (1.0 / 1)  # sigma * clip = 0.05, denominator K = 1
+    final = flat.vector_from(_weights(run_dir, 1))
+    assert torch.allclose(final, expected, atol=1e-6)
+
+
+def test_dp_resume_keeps_epsilon_and_weights(tiny_config, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    shape = [*SHAPE, *DP, "privacy.noise_multiplier=1.1", "checkpoint.every=1"]
+    simulator.run(tiny_config(*shape, "rounds=4", output_dir=full))
+    simulator.run(tiny_config(*shape, "rounds=2", output_dir=part))
+    simulator.run(tiny_config(*shape, "rounds=4", "resume=auto", output_dir=part))
+    assert [r["epsilon"] for r in _records(part)] == [r["epsilon"] for r in _records(full)]
+    a, b = _weights(full, 4), _weights(part, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # A calibrated sigma depends on `rounds`: extending such a run is refused.
+    cal = tmp_path / "calibrated"
+    shape = [*SHAPE, *DP, "privacy.target_epsilon=20", "checkpoint.every=1"]
+    simulator.run(tiny_config(*shape, "rounds=2", output_dir=cal))
+    with pytest.raises(CheckpointError, match="noise multiplier"):
+        simulator.run(tiny_config(*shape, "rounds=4", "resume=auto", output_dir=cal))
+
+
+# ---------------------------------------------------------------- 1 vs 2 processes
+
+def test_dp_one_vs_two_processes_bit_identical(tmp_path):
+    """Clipping + noise + Poisson cohorts with exact aggregation: world size 1 and 2 give == weights
+    (several clients per rank; the noise is drawn on every rank from (seed, round))."""
+    shape = ["num_clients=8", "clients_per_round=4", "rounds=3", "checkpoint.every=1", *DP,
+             "privacy.noise_multiplier=0.8", "privacy.clip_norm=0.05"]
+    outputs = {}
+    for world in (1, 2):
+        out = tmp_path / f"ws{world}"
+        proc = run_cli(["train", *tiny(out, *shape)], torchrun_nproc=world if world > 1 else None)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs[world] = out
+    records = {w: _records(outputs[w]) for w in outputs}
+    assert [r["clients"] for r in records[1]] == [r["clients"] for r in records[2]]
+    assert any(len(r["clients"]) >= 3 for r in records[1])  # a rank summed several clients
+    assert [r["epsilon"] for r in records[1]] == [r["epsilon"] for r in records[2]]
+    for group in ("model", "ema"):
+        a, b = _weights(outputs[1], 3, group), _weights(outputs[2], 3, group)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
+    init_cfg = load_config(None, tiny(outputs[1], *shape))
+    from fedrun.models import build_unet
+
+    init = build_unet(init_cfg.model, 8, 1, init_cfg.seed).state_dict()
+    a = _weights(outputs[1], 3)
+    assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3
