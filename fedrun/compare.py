@@ -270,7 +270,8 @@ def is_finished(run_dir: Path) -> bool:
     return (run_dir / "final").is_dir() and bool(records) and "fid" in records[-1]
 
 
-def execute(spec: RunSpec, base_config: Optional[str], in_process: bool) -> float:
+def execute(spec: RunSpec, base_config: Optional[str], in_process: bool,
+            commit: Optional[str] = None) -> float:
     """Train one run (overwriting an unfinished one); returns its wall time in seconds.
 
     In process, a failed run raises its FedrunError; as a subprocess (``python -m fedrun``), a
@@ -292,7 +293,7 @@ def execute(spec: RunSpec, base_config: Optional[str], in_process: bool) -> floa
                               f"see {log}")
     wall = time.perf_counter() - started
     (spec.run_dir / RUN_INFO).write_text(json.dumps({"wall_s": wall, "kind": spec.kind,
-                                                     "overrides": spec.overrides}))
+                                                     "overrides": spec.overrides, "commit": commit}))
     return wall
 
 
@@ -310,15 +311,16 @@ def _train(kind: str, base_config: Optional[str], overrides: List[str]) -> Path:
     return simulator.run(cfg)
 
 
-def run_grid(grid: Grid, jobs: int = 1, say=print) -> List[RunSpec]:
-    """Train what is missing: in this process (jobs=1) or as ``jobs`` parallel processes."""
+def run_grid(grid: Grid, jobs: int = 1, say=print, commit: Optional[str] = None) -> List[RunSpec]:
+    """Train what is missing: in this process (jobs=1) or as ``jobs`` parallel processes; each
+    run records ``commit``, the code it trains with."""
     specs = plan_runs(grid)
     todo = [s for s in specs if not is_finished(s.run_dir)]
     say(f"compare: {len(specs)} runs ({len(specs) - len(todo)} already finished), "
         f"{grid.samples} samples each, {'in this process' if jobs == 1 else f'{jobs} processes'}")
 
     def one(spec: RunSpec) -> None:
-        wall = execute(spec, grid.base_config, in_process=jobs == 1)
+        wall = execute(spec, grid.base_config, in_process=jobs == 1, commit=commit)
         say(f"compare: {spec.name} seed {spec.seed} done in {wall:.0f} s")
 
     if jobs == 1:
@@ -345,8 +347,10 @@ def collect(spec: RunSpec) -> dict:
         raise FedrunError(f"run '{spec.run_dir}' has no evaluation records in metrics.jsonl")
     last = records[-1]
     info_file = spec.run_dir / RUN_INFO
+    commit = None  # the code the run trained with, when compare recorded it
     if info_file.is_file():
-        wall, ended = json.loads(info_file.read_text())["wall_s"], info_file.stat().st_mtime
+        info = json.loads(info_file.read_text())
+        wall, ended, commit = info["wall_s"], info_file.stat().st_mtime, info.get("commit")
     else:
         wall = sum(r.get("round_time_s", 0.0) for r in records)
         ended = (spec.run_dir / "metrics.jsonl").stat().st_mtime
@@ -356,7 +360,7 @@ def collect(spec: RunSpec) -> dict:
     if min_class is None and fractions:  # records written before min_class existed
         min_class = int(np.argmin(fractions))
     return {
-        "name": spec.name, "seed": spec.seed, "kind": spec.kind,
+        "name": spec.name, "seed": spec.seed, "kind": spec.kind, "commit": commit,
         "fid": final["fid"], "kid": final["kid"], "floor_fid": final["floor_fid"],
         "floor_kid": final["floor_kid"], "class_tv": final.get("class_tv"),
         "class_fractions": fractions, "reference_class_fractions": final.get("reference_class_fractions"),
@@ -455,8 +459,20 @@ def _fmt(mean_std: tuple, digits: int = 3, scale: float = 1.0) -> str:
     return text + (f" ± {std / scale:.{digits}g}" if math.isfinite(std) else "")
 
 
+def describe_commits(results: List[dict]) -> str:
+    """The commits the runs trained with, as recorded by each run ('unrecorded' for runs trained
+    before compare recorded it): one commit, or each with its number of runs."""
+    counts: Dict[str, int] = {}
+    for r in results:
+        key = r.get("commit") or "unrecorded"
+        counts[key] = counts.get(key, 0) + 1
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{c} ({n} runs)" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], report_dir: Path,
-                 command: str, wall_s: float, commit: Optional[str] = None) -> Path:
+                 command: str, wall_s: float, commit: Optional[str] = None, collected: int = 0) -> Path:
     from fedrun.features import bias_warning
 
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -470,8 +486,11 @@ def write_report(grid: Grid, summary: Dict[str, dict], results: List[dict], repo
         f"Grid `{grid.source}`: {len(grid.runs)} configurations × seeds {grid.seeds}, every run "
         f"{grid.samples:,} samples seen; FID/KID from {any_result['eval_samples']} generated samples "
         f"({any_result['eval_feature']} features) against {any_result['eval_reference']} held-out "
-        f"images, every {grid.eval_every_samples:,} samples. Wall time of the grid: {wall_s / 60:.1f} min.",
-        "", f"Command (at commit `{commit}`):", "", "```bash", command, "```", "",
+        f"images, every {grid.eval_every_samples:,} samples. "
+        + (f"Wall time of the grid: {wall_s / 60:.1f} min." if not collected else
+           f"Wall time of this invocation: {wall_s / 60:.1f} min ({len(results) - collected} runs "
+           f"trained, {collected} finished earlier and collected; each run's own time is below)."),
+        "", f"Command (the runs trained with the code of commit `{commit}`):", "", "```bash", command, "```", "",
         *([f"**Warning:** {bias_warning(any_result['eval_samples'])}.", ""]
           if bias_warning(any_result["eval_samples"]) else []),
         "| configuration | FID | KID ×100 | floor FID | floor KID ×100 | class TV | rarest class | final loss | samples seen | bytes communicated | wall time (s) |",
@@ -745,14 +764,16 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     grid = load_grid(grid_file, quick, overrides)
     if output_dir:
         grid.output_dir = output_dir
-    commit = code_commit()  # the code the runs train with (collect-only: the code collecting)
+    commit = code_commit()  # the code the runs trained now train with
     started = time.perf_counter()
-    specs = plan_runs(grid) if collect_only else run_grid(grid, jobs, say)
+    collected = 0 if collect_only else sum(is_finished(s.run_dir) for s in plan_runs(grid))
+    specs = plan_runs(grid) if collect_only else run_grid(grid, jobs, say, commit)
     results = [collect(s) for s in specs]
+    commit = describe_commits(results)
     summary = summarise(results, [r["name"] for r in grid.runs])
     if collect_only:  # from the first run's start to the last run's end
         wall = max(r["ended"] for r in results) - min(r["ended"] - r["wall_s"] for r in results)
     else:
         wall = time.perf_counter() - started
     target = Path(report_dir) if report_dir else Path(grid.output_dir) / "report"
-    return write_report(grid, summary, results, target, command, wall, commit)
+    return write_report(grid, summary, results, target, command, wall, commit, collected)

@@ -135,8 +135,12 @@ class FedYogi(Adaptive):
     """v <- v - (1 - beta2) d^2 sign(v - d^2) (Zaheer et al. 2018): v changes additively, so it
     does not forget a large past update as fast as Adam's."""
 
+    _sign: torch.Tensor | None = None  # reused scratch of sign(v - d^2)
+
     def second_moment(self, v: torch.Tensor, d2: torch.Tensor) -> None:
-        sign = torch.sign(v - d2)
+        if self._sign is None or self._sign.shape != v.shape:
+            self._sign = torch.empty_like(v)
+        sign = torch.sub(v, d2, out=self._sign).sign_()
         v.addcmul_(d2, sign, value=-(1 - self.cfg.beta2))
 
 
