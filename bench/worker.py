@@ -78,7 +78,7 @@ class AggregationCase:
         from fedrun.aggregate import RoundBuffer
         from fedrun.client import FedAvgClient
         from fedrun.cohort import assign_to_ranks
-        from fedrun.config import EMAConfig, ServerConfig
+        from fedrun.config import Config, EMAConfig, ServerConfig
         from fedrun.server import EMA, build_server
 
         self.device, self.world, self.rank = device, dist.world_size(), dist.rank()
@@ -90,11 +90,11 @@ class AggregationCase:
         self.mine = assign_to_ranks(self.cohort, self.world)[self.rank]
         self.weight = 100.0  # an integer, as exact mode requires (sample counts)
         # The simulator's objects, as setup builds them: server strategy, EMA, FedAvg's client
-        # algorithm (its server_update is a no-op), no server transforms.
+        # algorithm (its server_update is a no-op), no server transforms, no DP.
         self.fed = types.SimpleNamespace(cfg=types.SimpleNamespace(seed=0),
                                          global_weights=self.global_weights,
                                          server=build_server(ServerConfig()), server_transforms=[],
-                                         algorithm=FedAvgClient(None),
+                                         algorithm=FedAvgClient(Config()), privacy=None,
                                          ema=EMA(self.global_weights, EMAConfig(decay=0.999)))
         self.lr = self.fed.server.lr
         # Sized by RoundBuffer itself: update, total weight, per-client stats, per-rank times.
