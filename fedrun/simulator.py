@@ -169,10 +169,13 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
                              result.samples, info=info, segments=result.segments):
             if fed.store is not None and result.state is not None:
                 fed.store.save(client, global_round + 1, result.state)
-                # versions no kept checkpoint can need go at once (without checkpoints: all but
-                # the newest), so the disk holds C x state, not rounds x K x state
-                kept = list_checkpoints(Path(cfg.output_dir))
-                fed.store.prune(kept[0][0] if kept else global_round + 1, clients=[client])
+                if cfg.checkpoint.every == 0:
+                    # no periodic checkpoint can need an older version (the final one reads the
+                    # newest): keep one per client, so the disk holds C x state, not
+                    # rounds x K x state. With periodic checkpoints, rank 0 prunes after each
+                    # (``_prune_client_states``): a rule that reads the checkpoint folder here
+                    # would depend on how far rank 0 has got, and differ between ranks.
+                    fed.store.prune(global_round + 1, clients=[client])
             fed.task.observe_client(fed, client, weight, global_round)
     if fed.device.type == "cuda":
         torch.cuda.synchronize(fed.device)
