@@ -655,12 +655,18 @@ def plot_curves(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List[
             ax.set_visible(False)
         if len(panels) > 1:
             fig.suptitle(item["name"], fontsize=11)
-        fig.tight_layout()
-        path = report_dir / item.get("file", f"fid_vs_samples_{len(paths)}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, report_dir / item.get("file", f"fid_vs_samples_{len(paths)}.png")))
     return paths
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a report figure; returns its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _panels(grid: Grid, item: dict) -> List[tuple]:
@@ -717,11 +723,7 @@ def plot_class_mixes(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> 
         ax.set_ylabel("fraction of the samples (mean ± std over seeds)")
         ax.set_title(item["name"], fontsize=10)
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = report_dir / item.get("file", f"class_mix_{len(paths)}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(fig, report_dir / item.get("file", f"class_mix_{len(paths)}.png")))
     return paths
 
 
