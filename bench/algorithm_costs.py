@@ -26,7 +26,8 @@ ALGORITHMS = {
     "fedadam": ["server.strategy=fedadam"],
     "fedyogi": ["server.strategy=fedyogi"],
     "fedprox": ["client.algorithm=fedprox"],
-    "scaffold (sgd)": ["client.algorithm=scaffold", "optim.name=sgd", "optim.lr=0.05"],
+    "scaffold (sgd)": ["client.algorithm=scaffold", "optim.name=sgd", "optim.lr=0.05",
+                       "optim.momentum=0", "optim.grad_clip=null"],
     "fedavg sgd": ["optim.name=sgd", "optim.lr=0.05"],
     "stateful adamw": ["client.stateful_optimizer=true"],
 }

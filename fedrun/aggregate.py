@@ -24,10 +24,16 @@ grouping, so 1, 2, 3 or 4 processes produce the same bits. The grid is shared by
 without communicating: per block of ``EXACT_BLOCK`` coordinates it is 2**(e_b - F), where 2**e_b
 bounds the largest magnitude of a *reference* vector every rank holds (the global weights for the
 update; at least 1/64 of the reference's overall largest magnitude) and F leaves room for the
-round's total weight and ``EXACT_HEADROOM_BITS`` bits of headroom. So an update is represented to
-2**-F of the largest weight of its block (F = 36 for the default job: ~1.5e-11 relative), and one
-whose block holds a value at or beyond 2**6 = 64 times that block's bound (a diverging client) is
-rejected as 'exact_range' instead of overflowing. Weights must be integers (sample counts or 1).
+round's total weight and ``EXACT_HEADROOM_BITS`` bits of headroom. So an update coordinate is
+represented to a grid step of 2**-F times the bound of its block's largest weight (F = 36 for the
+default job: ~1.5e-11 of it), not relative to the coordinate itself: in a block whose largest
+weight is 1, an update of 1e-12 is below one grid step. ``aggregation.rounding`` says what happens
+to it: 'stochastic' (the default) rounds up with probability equal to the fraction of a step,
+from the (seed, round, client) stream, so the rounded term is unbiased (to 2**-24 of a step) and
+the sum stays independent of the world size; 'nearest' rounds it to zero, every round. A term
+whose block holds a value at or beyond 2**6 = 64 times that block's bound (a diverging client),
+in the update or in any of the algorithm's segments, gets the client rejected as 'exact_range'
+('exact_range:<segment>') instead of overflowing. Weights must be integers (sample counts or 1).
 Cost: twice the bytes of the all-reduce and a few passes per client; measured in docs/benchmarks.
 """
 
@@ -52,6 +58,7 @@ EXACT_HEADROOM_BITS = 6  # exact mode: terms up to 2**6 x the block's reference 
 EXACT_FLOOR_BITS = 6  # a block's bound is at least 2**-6 x the reference's overall maximum
 EXACT_RANGE = "exact_range"  # rejection reason of a term beyond the exact grid's range
 _UPDATE_STREAM = 0x7F0A  # update transforms' random stream: (seed, round, client, tag)
+_ROUNDING_STREAM = 0x5A0D  # exact mode's stochastic rounding: (seed, round, client, tag, segment)
 _SERVER_STREAM = 0x5E4F  # server transforms' random stream: (seed, round, tag)
 
 
@@ -88,6 +95,9 @@ class UpdateInfo:
     seed: int
     weight: float
     loss: float
+    #: L2 bound of what the exact grid's rounding can add to the update after the transforms (0
+    #: with fp32 sums): a norm bound (DP clipping) must leave room for it.
+    rounding_bound: float = 0.0
 
     def generator(self) -> torch.Generator:
         """The transform's random stream, seeded by (seed, round, client): the same whichever
@@ -171,7 +181,10 @@ class ExactGrid:
     """
 
     def __init__(self, numel: int, reference: Optional[torch.Tensor], weight_bound: float,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", rounding: str = "stochastic"):
+        if rounding not in ("stochastic", "nearest"):
+            raise ValueError(f"unknown rounding '{rounding}'")
+        self.rounding = rounding
         self.numel, self.blocks = numel, _blocks(numel)
         bound_bits = max(0, math.ceil(math.log2(max(weight_bound, 1.0))))
         self.fraction_bits = 53 - bound_bits - EXACT_HEADROOM_BITS
@@ -186,6 +199,12 @@ class ExactGrid:
                                    (self.fraction_bits - exponents).view(-1, 1))
         self.grid = torch.ldexp(torch.ones(self.blocks, 1, dtype=torch.float64, device=device),
                                 (exponents - self.fraction_bits).view(-1, 1))
+        # Rounding moves a coordinate by less than one grid step (stochastic) or at most half of
+        # one (nearest): an L2 bound of the rounding error of a whole vector.
+        lengths = torch.full((self.blocks,), float(EXACT_BLOCK), dtype=torch.float64)
+        lengths[-1] = numel - (self.blocks - 1) * EXACT_BLOCK
+        step = 1.0 if rounding == "stochastic" else 0.5
+        self.error_bound = step * math.sqrt(float((lengths * self.grid.view(-1).cpu() ** 2).sum()))
 
     def _block_exponents(self, reference: Optional[torch.Tensor], device) -> torch.Tensor:
         if reference is None:
@@ -201,11 +220,28 @@ class ExactGrid:
         _, exponents = torch.frexp(block_max.clamp(min=floor))  # x < 2**e
         return exponents.to(torch.int32).clamp(-60, 60)  # keeps 2**(F - e) a finite fp32
 
-    def quantize_(self, padded: torch.Tensor) -> bool:
+    def quantize_(self, padded: torch.Tensor, generator: Optional[torch.Generator] = None,
+                  scratch: Optional[torch.Tensor] = None) -> bool:
         """Round ``padded`` (fp32, blocks * EXACT_BLOCK long, zero past numel) to the grid, in
-        place, as integers in grid units; False if a value is out of range."""
+        place, as integers in grid units; False if a value is out of range. With ``generator``
+        the rounding is stochastic: x -> floor(x) + 1 with probability frac(x) = x - floor(x),
+        so E[rounded] = x (up to the 2**-24 resolution of the uniform draws; frac(x) is exact
+        in fp32 except for negative x within one step of 0, where it is within 2**-25); without,
+        round-half-even. ``scratch``: fp32 work space of 2 * len(padded) (allocated if None)."""
         view = padded.view(self.blocks, EXACT_BLOCK)
-        view.mul_(self.inverse).round_()  # exact scaling; a value above 2**24 is already integral
+        view.mul_(self.inverse)  # exact scaling (powers of two); a value above 2**24 is integral
+        if generator is None:
+            padded.round_()
+        else:
+            n = padded.numel()
+            if scratch is None or scratch.numel() < 2 * n:
+                scratch = torch.empty(2 * n, dtype=torch.float32, device=padded.device)
+            floor, draws = scratch[:n], scratch[n: 2 * n]
+            torch.floor(padded, out=floor)
+            fraction = padded.sub_(floor)  # in [0, 1)
+            torch.rand(n, generator=generator, out=draws)
+            draws.lt_(fraction)  # 1.0 where the draw falls below the fraction: round up
+            torch.add(floor, draws, out=padded)
         low, high = torch.aminmax(padded)
         return max(-float(low), float(high)) < self.limit
 
@@ -284,11 +320,16 @@ class RoundBuffer:
         if (reuse is not None and reuse.buffer.numel() == size and reuse.buffer.dtype == dtype
                 and reuse.buffer.device == torch.device(device)):
             self.buffer = reuse.buffer.zero_()
-            self._scratch = reuse._scratch
+            self._scratch, self._work = reuse._scratch, reuse._work
         else:
             self.buffer = torch.zeros(size, dtype=dtype, device=device)
-            self._scratch = None
+            self._scratch, self._work = None, {}
         self._update_is_zero = True
+        # rejection codes (stats slot 3, position + 1): the transforms, then the exact grid's
+        # range for the update and for each segment
+        self._reasons = ([getattr(t, "name", type(t).__name__) for t in self.transforms]
+                         + [EXACT_RANGE] + [f"{EXACT_RANGE}:{name}" for name in self._spans
+                                            if name != "update"])
 
     # ------------------------------------------------------------ helpers
     def _stats_at(self, client: int) -> int:
@@ -305,17 +346,37 @@ class RoundBuffer:
             self._scratch = torch.zeros(padded, dtype=torch.float32, device=device)
         return self._scratch[:padded]
 
-    def _add_exact(self, name: str, values: torch.Tensor, multiplier: float) -> bool:
-        """Quantize ``values`` on the segment's grid and add multiplier * integers, exactly."""
-        start, numel, padded = self._spans[name]
-        work = self._scratch_for(padded, values.device)
-        if work.data_ptr() != values.data_ptr():
-            work[:numel].copy_(values)
-        work[numel:].zero_()  # the padding may hold an earlier segment's values
-        if not self.exact[name].quantize_(work):
-            return False
-        self.buffer[start: start + padded].add_(work, alpha=multiplier)  # integers < 2**53: exact
-        return True
+    def _work_for(self, name: str, numel: int, device) -> torch.Tensor:
+        """A segment's own fp32 work vector (reused): its integers wait there until every part
+        of the client's contribution is known to fit the grid."""
+        work = self._work.get(name)
+        if work is None or work.numel() != numel or work.device != torch.device(device):
+            work = self._work[name] = torch.zeros(numel, dtype=torch.float32, device=device)
+        return work
+
+    def _quantize_exact(self, delta: torch.Tensor, segments: Dict[str, torch.Tensor],
+                        info: UpdateInfo) -> Optional[str]:
+        """Round the update (already in the scratch vector) and each segment to their grids, in
+        their work vectors; the rejection reason if any part leaves its grid's range (then
+        nothing of the client is added)."""
+        rounding_space = self._work_for("rounding", 2 * max(p for _, _, p in self._spans.values()),
+                                        delta.device)
+        for index, name in enumerate(self._spans):
+            if name != "update" and name not in segments:
+                continue
+            _, numel, padded = self._spans[name]
+            if name == "update":
+                work = self._scratch_for(padded, delta.device)  # delta lives there already
+            else:
+                work = self._work_for(name, padded, delta.device)
+                work[:numel].copy_(segments[name])
+            grid = self.exact[name]
+            generator = (derived_generator(info.seed, info.global_round, info.client,
+                                           _ROUNDING_STREAM, index, device=delta.device)
+                         if grid.rounding == "stochastic" else None)
+            if not grid.quantize_(work, generator, rounding_space):
+                return EXACT_RANGE if name == "update" else f"{EXACT_RANGE}:{name}"
+        return None
 
     # ------------------------------------------------------------ adding clients
     def add_client(self, client: int, local: torch.Tensor, global_: torch.Tensor, weight: float,
@@ -327,6 +388,9 @@ class RoundBuffer:
         at = self._stats_at(client)
         self.buffer[at + 2] += samples
         info = info or UpdateInfo(client, 0, 0, weight, loss)
+        segments = segments or {}
+        if self.exact is not None:
+            info.rounding_bound = self.exact["update"].error_bound
         # The difference is taken before scaling (n * w_c - n * w would cancel catastrophically
         # in fp32). fp32 mode: n * delta is rounded before it is added -- a fused multiply-add
         # would round differently from the all-reduce's plain sums -- and the first client of a
@@ -341,17 +405,17 @@ class RoundBuffer:
         torch.sub(local, global_, out=delta)
         reason = None
         for index, transform in enumerate(self.transforms):
-            reason = transform(delta, info)
-            if reason is not None:
-                self.buffer[at + 3] = index + 1
+            if transform(delta, info) is not None:
+                reason = self._reasons[index]  # recorded as the transform's name
                 break
         if reason is None and self.exact is not None:
             if not float(weight).is_integer():
                 raise ValueError(f"aggregation.exact needs integer client weights, got {weight}")
-            if not self._add_exact("update", delta, weight):
-                self.buffer[at + 3] = len(self.transforms) + 1  # EXACT_RANGE
-                reason = EXACT_RANGE
+            if delta.numel() < self._spans["update"][2]:
+                self._scratch_for(self._spans["update"][2], delta.device)[self.num_params:].zero_()
+            reason = self._quantize_exact(delta, segments, info)
         if reason is not None:
+            self.buffer[at + 3] = self._reasons.index(reason) + 1
             if first_in_place:
                 delta.zero_()
             return False
@@ -360,13 +424,15 @@ class RoundBuffer:
                 delta.mul_(weight)
             else:
                 self.buffer[: self.num_params].add_(delta.mul_(weight))
-        self._update_is_zero = False
-        for name, values in (segments or {}).items():
-            if self.exact is None:
+            for name, values in segments.items():
                 self.segment(name).add_(values)
-            elif not self._add_exact(name, values, 1.0):
-                raise ValueError(f"segment '{name}' of client {client} is out of the exact grid's "
-                                 "range (its reference is too small); set aggregation.exact=false")
+        else:  # integers below 2**53: the float64 sums are exact
+            for name, (start, _, padded) in self._spans.items():
+                if name == "update":
+                    self.buffer[start: start + padded].add_(self._scratch[:padded], alpha=weight)
+                elif name in segments:
+                    self.buffer[start: start + padded].add_(self._work[name])
+        self._update_is_zero = False
         self.buffer[self._stats] += weight
         self.buffer[at] += loss * weight
         self.buffer[at + 1] += weight
@@ -381,7 +447,7 @@ class RoundBuffer:
         stats = self.buffer[self._stats:].double().cpu()
         total_weight = float(stats[0])
         losses, weights, samples, rejected_by = {}, {}, {}, {}
-        reasons = [getattr(t, "name", type(t).__name__) for t in self.transforms] + [EXACT_RANGE]
+        reasons = self._reasons
         for client, slot in self._slot.items():
             row = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
             loss_w, weight, seen, code = row

@@ -184,8 +184,9 @@ class ServerConfig:
     """'fedadam', 'fedyogi': decay of the second moment."""
     tau: float = 1e-3
     """Adaptive strategies: the adaptivity floor tau in lr * m / (sqrt(v) + tau); v starts at tau^2."""
-    weighting: str = "samples"
-    """Weight of a client in the average: 'samples' (its data size, as in FedAvg) or 'uniform'."""
+    weighting: Optional[str] = None
+    """Weight of a client in the average: 'samples' (its data size, as in FedAvg) or 'uniform';
+    null = 'samples', or 'uniform' under privacy.enabled (client-level DP weighs every client 1)."""
 
     def __post_init__(self) -> None:
         from fedrun.server import STRATEGIES
@@ -196,7 +197,7 @@ class ServerConfig:
         _require(0 <= self.beta1 < 1, "server.beta1", f"must be in [0, 1), got {self.beta1}")
         _require(0 <= self.beta2 < 1, "server.beta2", f"must be in [0, 1), got {self.beta2}")
         _require(self.tau > 0, "server.tau", f"must be > 0, got {self.tau}")
-        _require(self.weighting in ("samples", "uniform"), "server.weighting",
+        _require(self.weighting in (None, "samples", "uniform"), "server.weighting",
                  f"must be 'samples' or 'uniform', got '{self.weighting}'")
 
 
@@ -235,6 +236,11 @@ class AggregationConfig:
     """Registered client-update transforms (``fedrun.aggregate.UPDATE_TRANSFORMS``) applied in
     order to each client's update (local - global) before the weighted sum; one may reject the
     update. 'nonfinite_guard' rejects updates (or losses) holding a NaN or an infinity."""
+    rounding: str = "stochastic"
+    """Exact mode: how a term is rounded to the fixed-point grid. 'stochastic' (unbiased: up with
+    probability equal to the fraction of a grid step, from the (seed, round, client) stream, so
+    the sum stays independent of the world size) or 'nearest' (deterministic, biased: a
+    coordinate's update below half a grid step is lost every round)."""
     server_transforms: List[str] = field(default_factory=list)
     """Registered server transforms (``fedrun.aggregate.SERVER_TRANSFORMS``) applied in order
     to the reduced sum of updates before the server step."""
@@ -242,6 +248,8 @@ class AggregationConfig:
     def __post_init__(self) -> None:
         from fedrun.aggregate import SERVER_TRANSFORMS, UPDATE_TRANSFORMS
 
+        _require(self.rounding in ("stochastic", "nearest"), "aggregation.rounding",
+                 f"must be 'stochastic' or 'nearest', got '{self.rounding}'")
         for i, name in enumerate(self.update_transforms):
             UPDATE_TRANSFORMS.check(name, f"aggregation.update_transforms[{i}]")
         for i, name in enumerate(self.server_transforms):
@@ -324,6 +332,10 @@ class FaultsConfig:
     nonfinite_schedule: List[List[int]] = field(default_factory=list)
     """[round, client] pairs whose local model is replaced by NaN after training: a corrupt update
     that the server's non-finite guard must reject (for testing that guard)."""
+    max_rejected_rounds: int = 3
+    """Stop the run with an error (naming the rounds and the rejection reasons) once every client
+    update has been rejected (non-finite, out of the exact grid's range, refused by a transform)
+    in this many consecutive rounds: the model cannot learn. 0 = never stop."""
 
     def __post_init__(self) -> None:
         _require(0.0 <= self.dropout <= 1.0, "faults.dropout", f"must be in [0, 1], got {self.dropout}")
@@ -331,6 +343,8 @@ class FaultsConfig:
             for pair in getattr(self, key):
                 _require(len(pair) == 2 and pair[0] >= 1 and pair[1] >= 0, f"faults.{key}",
                          f"needs [round >= 1, client >= 0] pairs, got {list(pair)}")
+        _require(self.max_rejected_rounds >= 0, "faults.max_rejected_rounds",
+                 f"must be >= 0, got {self.max_rejected_rounds}")
 
 
 @dataclass
@@ -537,7 +551,11 @@ class Config:
     dist_timeout_s: int = 1800
     """Timeout of the process group's collectives, in seconds."""
     threads: Optional[int] = None
-    """CPU threads per rank (null = this rank's share of the cores: oversubscription is slow)."""
+    """CPU threads per rank. null = 1 on CPU ranks (a CPU kernel's reductions depend on its
+    thread count, so equal threads per rank is what keeps 1, 2, 3 ... processes bit-identical;
+    one thread per rank also avoids oversubscribing the cores), and this rank's share of the
+    cores on GPU ranks (their CPU threads do not enter the results). Set N for N threads per
+    rank: runs are then bit-identical to other runs with N threads per rank."""
     precision: str = "fp32"
     """Compute precision of local training and of the centralized baseline: 'fp32', 'bf16'
     (autocast; also on CPU) or 'fp16' (autocast + gradient scaler; GPU only). The federated
@@ -590,7 +608,10 @@ class Config:
         _require(self.local_epochs is None or self.local_epochs > 0, "local_epochs",
                  f"must be > 0 or null, got {self.local_epochs}")
         _require(self.rounds >= 1, "rounds", f"must be >= 1, got {self.rounds}")
+        if self.server.weighting is None:  # resolved here, so config.yaml shows what runs
+            self.server.weighting = "uniform" if self.privacy.enabled else "samples"
         self._check_privacy()
+        self._check_scaffold()
         for key in ("dropout_schedule", "nonfinite_schedule"):
             for _, client in getattr(self.faults, key):
                 _require(client < self.num_clients, f"faults.{key}",
@@ -631,6 +652,21 @@ class Config:
                  "privacy.delta", f"{p.delta} is not below 1 / num_clients = "
                  f"{1.0 / self.num_clients:.3g}: such a guarantee allows publishing a client's data")
 
+    def _check_scaffold(self) -> None:
+        """SCAFFOLD's option II variate (w_global - y) / (K lr) is the mean corrected gradient only
+        when the K local steps are plain SGD steps of size lr: AdamW makes it the mean normalised
+        step (about +-1 per coordinate), momentum scales it by up to 1 / (1 - momentum), and
+        gradient clipping turns it into a mean of clipped gradients."""
+        if self.client.algorithm != "scaffold":
+            return
+        bad = [f"optim.{key}={value}" for key, value, wanted in (
+            ("name", self.optim.name, "sgd"), ("momentum", self.optim.momentum, 0.0),
+            ("grad_clip", self.optim.grad_clip, None)) if value != wanted]
+        _require(not bad, "client.algorithm",
+                 "'scaffold' (option II control variates) needs plain SGD local steps: set "
+                 "optim.name=sgd optim.momentum=0 optim.grad_clip=null (got " + ", ".join(bad)
+                 + "); its variate (w_global - y) / (K lr) estimates the mean gradient only then")
+
     @property
     def cohort_size(self) -> int:
         return self.clients_per_round or self.num_clients
@@ -639,7 +675,7 @@ class Config:
 # Keys that do not change the trajectory of a run: a resumed run may change them freely.
 # `rounds` is among them so that a finished run can be extended.
 _DIGEST_EXEMPT = {"output_dir", "resume", "overwrite", "device", "dist_timeout_s", "threads", "rounds",
-                  "sample", "checkpoint", "logging", "eval"}
+                  "sample", "checkpoint", "logging", "eval", "faults.max_rejected_rounds"}
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
@@ -696,7 +732,11 @@ def to_yaml(cfg: Any) -> str:
 
 def digest_view(cfg: Any) -> dict:
     """The part of the config that determines the trajectory (compared on resume)."""
-    return {k: v for k, v in to_dict(cfg).items() if k not in _DIGEST_EXEMPT}
+    view = {k: v for k, v in to_dict(cfg).items() if k not in _DIGEST_EXEMPT}
+    for dotted in (key for key in _DIGEST_EXEMPT if "." in key):
+        section, name = dotted.split(".", 1)
+        view.get(section, {}).pop(name, None)
+    return view
 
 
 def digest(cfg: Any) -> str:

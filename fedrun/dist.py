@@ -116,8 +116,11 @@ def init(device: str = "auto", timeout_s: int = 1800, threads: Optional[int] = N
     if use_cuda:
         dev = torch.device(plan.device)
         torch.cuda.set_device(dev)
-    else:
         torch.set_num_threads(threads or _cpu_share())
+    else:
+        # One thread per CPU rank unless told otherwise: a kernel's reductions depend on its
+        # thread count, and equal threads per rank keep any number of processes bit-identical.
+        torch.set_num_threads(threads or 1)
         dev = torch.device("cpu")
     if launched_by_torchrun() and world_size() > 1 and not is_initialized():
         _warn_if_restarts_cannot_reconnect()
@@ -230,4 +233,6 @@ def describe(device: Optional[torch.device] = None) -> str:
     if is_initialized() and (shares_gpus() or _staging_forced()):
         backend += " (staged through CPU memory)"
     threads = torch.get_num_threads()
-    return f"rank {rank()}/{world_size()} backend={backend} device={device} threads={threads}"
+    note = ("" if device is not None and torch.device(device).type == "cuda" else
+            f" (bit-identical across process counts at {threads} thread(s) per rank)")
+    return f"rank {rank()}/{world_size()} backend={backend} device={device} threads={threads}{note}"

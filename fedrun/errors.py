@@ -21,5 +21,9 @@ class DistributedError(FedrunError):
     """A collective failed or timed out: a rank hung, died or lost its connection."""
 
 
+class TrainingError(FedrunError):
+    """A run that cannot learn: e.g. every client update rejected round after round."""
+
+
 class EvaluationError(FedrunError):
     """Sampling or FID/KID cannot run: no model to sample from, no reference images, no weights."""

@@ -12,10 +12,12 @@
             count of clients, which would depend on who took part. A round whose Poisson cohort
             is empty still releases (and applies) the noise.
 
-The accountant is Google's ``dp_accounting`` (RDP): the round is a Gaussian mechanism of noise
-multiplier sigma, Poisson-subsampled with rate q (``PoissonSampledDpEvent``, add/remove-one
-adjacency) or sampled without replacement K of C (``SampledWithoutReplacementDpEvent``,
-replace-one adjacency), self-composed over the rounds done. Epsilon is a function of the rounds
+The accountant is Google's ``dp_accounting`` (RDP): the round is a Gaussian mechanism,
+Poisson-subsampled with rate q (``PoissonSampledDpEvent``, add/remove-one adjacency: the sum's
+sensitivity is clip_norm, dp_accounting's noise multiplier is sigma) or sampled without
+replacement K of C (``SampledWithoutReplacementDpEvent``, replace-one adjacency: replacing one
+client moves the sum by up to 2 * clip_norm, so the multiplier is sigma / 2), self-composed over
+the rounds done. Epsilon is a function of the rounds
 done, so a resumed run reports it right. With ``privacy.target_epsilon`` sigma is calibrated by
 ``dp_accounting.calibrate_dp_mechanism`` for ``rounds`` rounds before round 1; a budget that
 needs sigma > ``privacy.max_noise_multiplier`` is refused.
@@ -56,16 +58,31 @@ def _quiet_absl() -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+#: L2 sensitivity of the round's sum of clipped updates, in units of clip_norm, under the
+#: adjacency each sampling scheme is accounted with: adding or removing one client moves the sum
+#: by at most one clipped update; replacing one client by another moves it by up to two.
+SENSITIVITY = {"poisson": 1.0, "fixed": 2.0}
+
+
+def accountant_noise_multiplier(sampling: str, noise_multiplier: float) -> float:
+    """dp_accounting's noise multiplier for fedrun's sigma: "the ratio of the standard deviation
+    of the Gaussian noise to the l2-sensitivity of the function to which it is added" (its
+    ``_compute_rdp_sample_wor_gaussian``) under the event's adjacency. The noise std is
+    sigma * clip_norm; the sensitivity is clip_norm (Poisson, add/remove-one) or 2 * clip_norm
+    (fixed-size cohorts, replace-one): sigma, or sigma / 2."""
+    if sampling not in SENSITIVITY:
+        raise ValueError(f"unknown sampling '{sampling}'")
+    return noise_multiplier / SENSITIVITY[sampling]
+
+
 def round_event(num_clients: int, clients_per_round: int, sampling: str, noise_multiplier: float):
-    """The dp_accounting event of one round."""
+    """The dp_accounting event of one round of DP-FedAvg with noise std sigma * clip_norm."""
     import dp_accounting
 
-    gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
+    gaussian = dp_accounting.GaussianDpEvent(accountant_noise_multiplier(sampling, noise_multiplier))
     if sampling == "poisson":
         return dp_accounting.PoissonSampledDpEvent(clients_per_round / num_clients, gaussian)
-    if sampling == "fixed":
-        return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
-    raise ValueError(f"unknown sampling '{sampling}'")
+    return dp_accounting.SampledWithoutReplacementDpEvent(num_clients, clients_per_round, gaussian)
 
 
 def make_accountant(sampling: str):
@@ -160,6 +177,9 @@ class PrivacySpec:
                 "accountant": "dp_accounting.rdp.RdpAccountant ("
                               + ("replace-one, sampled without replacement" if self.sampling == "fixed"
                                  else "add/remove-one, Poisson sampled") + ")",
+                "sensitivity": f"{SENSITIVITY[self.sampling]:g} x clip_norm",
+                "accountant_noise_multiplier": accountant_noise_multiplier(self.sampling,
+                                                                           self.noise_multiplier),
                 "unit": "client-level (one client's whole data)"}
 
 
@@ -189,18 +209,33 @@ def write_privacy_file(spec: PrivacySpec, rounds_done: int, folder: Path) -> dic
 
 # ---------------------------------------------------------------- the transforms
 
+def _norm(delta: torch.Tensor) -> float:
+    # accumulated in float64: it does not depend on the fp32 summation order
+    return float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+
+
 def clip_to_norm_(delta: torch.Tensor, clip_norm: float) -> float:
-    """Scale ``delta`` in place to L2 norm <= ``clip_norm``; returns its norm before clipping.
-    The norm is accumulated in float64 so it does not depend on fp32 summation order."""
-    norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
-    if norm > clip_norm:
-        delta.mul_(clip_norm / norm)
-    return norm
+    """Scale ``delta`` in place to L2 norm <= ``clip_norm``, exactly (the float64 norm of the
+    fp32 result); returns its norm before clipping. Scaling rounds every coordinate to fp32,
+    which can leave the norm a few ulps above the bound (0.5000000005 for 0.5): the result is
+    then shrunk by one fp32 ulp per coordinate until it is within."""
+    norm = _norm(delta)
+    if norm <= clip_norm:
+        return norm
+    delta.mul_(clip_norm / norm)
+    for _ in range(64):
+        if _norm(delta) <= clip_norm:
+            return norm
+        # x * (1 - 2**-23) rounds to at least one ulp below |x| (zeros stay zero)
+        delta.mul_(1.0 - 2.0 ** -23)
+    raise FloatingPointError(f"could not clip an update of norm {norm} to {clip_norm}")
 
 
 @UPDATE_TRANSFORMS.register("dp_clip")
 class DpClip(UpdateTransform):
-    """Step 2: the client's update scaled to L2 norm <= privacy.clip_norm (never rejected)."""
+    """Step 2: the client's update scaled to L2 norm <= privacy.clip_norm (never rejected). With
+    exact aggregation the bound is lowered by the grid's rounding bound, so that the rounded
+    term that enters the sum is within privacy.clip_norm too."""
 
     def __init__(self, cfg: Optional["Config"] = None):
         super().__init__(cfg)
@@ -209,7 +244,12 @@ class DpClip(UpdateTransform):
         self.clip_norm = cfg.privacy.clip_norm
 
     def __call__(self, delta: torch.Tensor, info: UpdateInfo) -> Optional[str]:
-        clip_to_norm_(delta, self.clip_norm)
+        bound = self.clip_norm - info.rounding_bound
+        if bound <= 0.5 * self.clip_norm:
+            raise ConfigError(f"config key 'privacy.clip_norm': {self.clip_norm} is below twice the "
+                              f"exact grid's rounding error {info.rounding_bound:.3g}; raise it or "
+                              "set aggregation.exact=false")
+        clip_to_norm_(delta, bound)
         return None
 
 

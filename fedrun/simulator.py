@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -35,7 +35,7 @@ from fedrun.client import (ClientAlgorithm, ClientJob, batch_indices, client_gen
 from fedrun.client_state import ClientStateStore
 from fedrun.cohort import assign_to_ranks, dropped_clients, sample_cohort
 from fedrun.config import Config
-from fedrun.errors import CheckpointError, ConfigError, DistributedError
+from fedrun.errors import CheckpointError, ConfigError, DistributedError, TrainingError
 from fedrun.frame import (RunState, device_memory, drive, open_frame, open_run, restore_frame,
                           write_outputs)
 from fedrun.logging import RunLogger
@@ -53,8 +53,14 @@ class Federation(RunState):
     update_transforms: List[UpdateTransform] = field(default_factory=list)
     server_transforms: List[ServerTransform] = field(default_factory=list)
     store: Optional[ClientStateStore] = None  # only for stateful client algorithms
+    #: client -> the round (1-based) whose state it stored last: every rank knows it from the
+    #: reduced rounds, so a missing state file is an error, not a silent fresh start
+    state_versions: Dict[int, int] = field(default_factory=dict)
     round_buffer: Optional[RoundBuffer] = None  # reused every round (no per-round allocation)
     privacy: Optional[PrivacySpec] = None  # DP-FedAvg's parameters (privacy.enabled)
+    #: the consecutive rounds, up to now, in which every client update was rejected:
+    #: [[round, {client: reason}], ...] (faults.max_rejected_rounds stops the run)
+    rejected_streak: List[list] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- set-up
@@ -98,6 +104,11 @@ def restore(fed: Federation, ckpt) -> None:
         raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to another run directory, and "
                               f"client algorithm '{fed.algorithm.name}' keeps per-client state in "
                               "the run directory: copy that whole run and resume it there")
+    if fed.store is not None:
+        saved = ckpt.state.get("client_state_versions")
+        fed.state_versions = ({int(c): int(v) for c, v in saved.items()} if saved is not None
+                              else fed.store.newest_versions(ckpt.round))  # older checkpoints
+    fed.rejected_streak = [list(item) for item in ckpt.state.get("rejected_streak", [])]
     fed.server.load_state_dict({k: v.to(fed.device) for k, v in ckpt.groups.get("server", {}).items()})
     fed.algorithm.load_state_dict({k: v.to(fed.device)
                                    for k, v in ckpt.groups.get("client_algorithm", {}).items()})
@@ -137,8 +148,10 @@ def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
     exact = None
     if fed.cfg.aggregation.exact:
         bound = sum(_weight(fed, c) for c in cohort)
-        exact = {"update": ExactGrid(fed.params.numel, fed.global_weights, bound, fed.device)}
-        exact.update({s.name: ExactGrid(s.numel, s.reference, len(cohort), fed.device)
+        rounding = fed.cfg.aggregation.rounding
+        exact = {"update": ExactGrid(fed.params.numel, fed.global_weights, bound, fed.device,
+                                     rounding)}
+        exact.update({s.name: ExactGrid(s.numel, s.reference, len(cohort), fed.device, rounding)
                       for s in segments})
     fed.round_buffer = RoundBuffer(fed.params.numel, cohort, fed.world_size, fed.device,
                                    reuse=fed.round_buffer, segments=segments, exact=exact,
@@ -157,7 +170,8 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
         generator = client_generator(cfg.seed, client, global_round)
         batches = batch_indices(fed.client_indices[client], client_steps(fed, client),
                                 cfg.optim.batch_size, generator)
-        state = fed.store.load(client, global_round) if fed.store is not None else None
+        state = (fed.store.load(client, global_round, fed.state_versions.get(client))
+                 if fed.store is not None else None)
         result = fed.algorithm.train(ClientJob(
             client, global_round, fed.model, fed.params, fed.global_weights, batches, generator,
             fed.task.loss, cfg.optim, fed.device, cfg.precision, state))
@@ -192,6 +206,45 @@ def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
     return buffer.decode()
 
 
+def track_states_and_rejections(fed: Federation, result: RoundResult, global_round: int) -> None:
+    """After the all-reduce, on every rank: which clients now have a newer stored state, and
+    whether this round extends a run of rounds in which every update was rejected."""
+    accepted = [c for c, w in result.client_weight.items() if w > 0]
+    if fed.store is not None:
+        fed.state_versions.update({c: global_round + 1 for c in accepted})
+    if accepted:
+        fed.rejected_streak = []
+    elif result.rejected:  # clients sent updates and none was taken
+        fed.rejected_streak.append([global_round + 1, dict(result.rejected_by)])
+
+
+def check_can_learn(fed: Federation) -> None:
+    """Stop (on every rank: they all saw the same reduced rounds) once every client update has
+    been rejected for faults.max_rejected_rounds consecutive rounds."""
+    limit = fed.cfg.faults.max_rejected_rounds
+    if limit <= 0 or len(fed.rejected_streak) < limit:
+        return
+    rounds = [r for r, _ in fed.rejected_streak]
+    reasons: Dict[str, int] = {}
+    for _, rejected in fed.rejected_streak:
+        for why in rejected.values():
+            reasons[why] = reasons.get(why, 0) + 1
+    raise TrainingError(
+        f"every client update was rejected in {len(rounds)} consecutive rounds "
+        f"({rounds[0]}-{rounds[-1]}; rejections: "
+        + ", ".join(f"{why} x{n}" for why, n in sorted(reasons.items()))
+        + f"), so the model cannot learn (faults.max_rejected_rounds={limit}). "
+        + _REJECTION_HINTS.get(max(reasons, key=reasons.get).split(":")[0], ""))
+
+
+_REJECTION_HINTS = {
+    "exact_range": "The updates are far larger than the weights (a diverging client): lower "
+                   "optim.lr, or check the data.",
+    "nonfinite_guard": "The local training produced NaN or infinity: lower optim.lr, set "
+                       "optim.grad_clip, or check the data.",
+}
+
+
 def server_update(fed: Federation, result: RoundResult, global_round: int) -> tuple[bool, dict]:
     """Step 4: server transforms, the server step, the client algorithm's server-side update and
     the EMA (a round where no weight arrived keeps the model). Returns (updated, metrics)."""
@@ -222,6 +275,7 @@ def account(fed: Federation, result: RoundResult) -> dict:
     update_bytes = floats * BYTES_PER_FLOAT
     trained = [c for c, w in result.client_weight.items() if w > 0]
     round_samples = sum(result.client_samples.values())
+    # a rejected update was sent, then refused: the bytes below count it, updates_applied not
     sent = len(trained) + len(result.rejected)  # a rejected update was sent, then refused
     round_bytes = 2 * update_bytes * sent
     fed.samples_seen += round_samples
@@ -236,6 +290,7 @@ def account(fed: Federation, result: RoundResult) -> dict:
         "client_samples": {c: result.client_samples[c] for c in trained},
         "rejected_nonfinite": [c for c, why in result.rejected_by.items() if why == "nonfinite_guard"],
         "rejected": result.rejected_by,
+        "updates_applied": len(trained),
         "bytes_sent_per_client": update_bytes,
         "bytes_received_per_client": update_bytes,
         "bytes_round": round_bytes,
@@ -263,26 +318,39 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     # Step 4: server step
     server_started = time.perf_counter()
     updated, server_metrics = server_update(fed, result, global_round)
+    track_states_and_rejections(fed, result, global_round)
     done = global_round + 1
     record = {"round": done, **account(fed, result), **task_metrics, **server_metrics,
               "dropped": dropped, "model_updated": updated, "aggregation_s": aggregation_s,
               "server_s": time.perf_counter() - server_started}
-    # Step 5: log / sample / evaluate / checkpoint (rank 0)
+    # Step 5: log / sample / evaluate / checkpoint (rank 0); stop if the run cannot learn
     if fed.rank != 0:
+        check_can_learn(fed)
         return record
     if result.rejected:
         logger.write(f"round {done}: rejected the update of "
                      + ", ".join(f"client {c} ({why})" for c, why in result.rejected_by.items()))
     if not updated:
         logger.write(f"round {done}: no client update arrived; the global model is unchanged")
-    return write_outputs(fed, done, record, logger, started,
-                         checkpoint_groups=lambda: _checkpoint_groups(fed),
-                         checkpoint_state={"client_algorithm": fed.algorithm.name,
-                                           "client_state_store": fed.store is not None,
-                                           "privacy_noise_multiplier": (
-                                               fed.privacy.noise_multiplier
-                                               if fed.privacy is not None else None)},
-                         after_checkpoint=lambda: _prune_client_states(fed))
+    elif not record["updates_applied"]:
+        logger.write(f"round {done}: no client update was applied (the model moved by the DP "
+                     "noise only)")
+    record = write_outputs(fed, done, record, logger, started,
+                           checkpoint_groups=lambda: _checkpoint_groups(fed),
+                           checkpoint_state=_checkpoint_state(fed),
+                           after_checkpoint=lambda: _prune_client_states(fed))
+    check_can_learn(fed)
+    return record
+
+
+def _checkpoint_state(fed: Federation) -> dict:
+    return {"client_algorithm": fed.algorithm.name,
+            "client_state_store": fed.store is not None,
+            "client_state_versions": ({str(c): v for c, v in sorted(fed.state_versions.items())}
+                                      if fed.store is not None else None),
+            "rejected_streak": fed.rejected_streak,
+            "privacy_noise_multiplier": (fed.privacy.noise_multiplier
+                                         if fed.privacy is not None else None)}
 
 
 def _checkpoint_groups(fed: Federation) -> dict:

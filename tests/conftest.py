@@ -19,7 +19,7 @@ TINY = [
     "model.block_out_channels=[8,16]", "model.norm_num_groups=4", "model.attention_head_dim=4",
     "optim.batch_size=4", "optim.lr=1e-3",
     "sample.num_images=4", "sample.steps=2",
-    "logging.wandb=false", "logging.progress=false", "threads=1",
+    "logging.wandb=false", "logging.progress=false",
 ]
 
 

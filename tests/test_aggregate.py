@@ -307,3 +307,58 @@ def test_exact_mode_rejects_an_update_beyond_its_range_and_needs_integer_weights
     assert torch.equal(result.mean_update, torch.full((8,), 0.5))
     with pytest.raises(ValueError, match="integer client weights"):
         RoundBuffer(8, [0], 1, exact=grids).add_client(0, global_w, global_w, 0.5, 0.1, 2)
+
+
+def test_a_segment_beyond_the_exact_range_rejects_the_client_not_the_run():
+    """At 9dcece4 a control-variate coordinate >= 128 (reference None: bound 2, headroom 2**6)
+    raised ValueError and stopped the run. Now the client is rejected, recorded as
+    'exact_range:<segment>', and nothing of it enters the sum."""
+    from fedrun.aggregate import ExactGrid, Segment
+
+    global_w = torch.ones(8)
+    grids = {"update": ExactGrid(8, global_w, weight_bound=3.0),
+             "control": ExactGrid(8, None, weight_bound=2.0)}
+    buffer = RoundBuffer(8, [0, 1], 1, exact=grids, segments=[Segment("control", 8)])
+    control = torch.zeros(8)
+    control[5] = 200.0
+    assert not buffer.add_client(0, global_w + 0.25, global_w, 1.0, loss=0.1, samples=2,
+                                 segments={"control": control})
+    assert buffer.add_client(1, global_w + 0.5, global_w, 2.0, loss=0.1, samples=2,
+                             segments={"control": torch.full((8,), 3.0)})
+    result = buffer.decode()
+    assert result.rejected_by == {0: "exact_range:control"} and result.total_weight == 2.0
+    assert torch.equal(result.mean_update, torch.full((8,), 0.5))
+    assert torch.equal(result.segments["control"], torch.full((8,), 3.0))
+
+
+def test_stochastic_rounding_is_unbiased_where_nearest_loses_small_updates():
+    """A coordinate 0.3 grid steps large rounds to 0 every time under round-to-nearest: such an
+    update is lost every round. Stochastic rounding keeps it in expectation: 1 with probability
+    0.3. Integers stay as they are; the draws come from the generator (same seed, same bits)."""
+    from fedrun.aggregate import EXACT_BLOCK, ExactGrid
+
+    n = 64 * EXACT_BLOCK
+    reference = torch.ones(n)
+    grid = ExactGrid(n, reference, weight_bound=1.0)
+    step = float(grid.grid[0])
+    values = torch.full((n,), 0.3 * step)
+    values[:4] = torch.tensor([2.0, -3.0, 0.0, -0.3]) * step
+    nearest = values.clone()
+    assert grid.quantize_(nearest) and float(nearest[4:].abs().max()) == 0.0
+    a, b = values.clone(), values.clone()
+    assert grid.quantize_(a, torch.Generator().manual_seed(5))
+    assert grid.quantize_(b, torch.Generator().manual_seed(5))
+    assert torch.equal(a, b) and set(a[4:].unique().tolist()) == {0.0, 1.0}
+    assert a[:3].tolist() == [2.0, -3.0, 0.0] and a[3].item() in (-1.0, 0.0)
+    mean = float(a[4:].double().mean())
+    assert abs(mean - 0.3) < 6 * (0.21 / (n - 4)) ** 0.5, mean  # binomial: within 6 sigma
+    # 200 rounds of the same 0.3-step update: their sum keeps ~60 steps per coordinate
+    total = torch.zeros(EXACT_BLOCK, dtype=torch.float64)
+    small = ExactGrid(EXACT_BLOCK, torch.ones(EXACT_BLOCK), 1.0)
+    for r in range(200):
+        term = torch.full((EXACT_BLOCK,), 0.3 * step)
+        assert small.quantize_(term, torch.Generator().manual_seed(r))
+        total += term.double()
+    assert abs(float(total.mean()) - 60.0) < 1.0, float(total.mean())
+    assert grid.error_bound == pytest.approx(step * n ** 0.5)
+    assert ExactGrid(n, reference, 1.0, rounding="nearest").error_bound == pytest.approx(0.5 * step * n ** 0.5)

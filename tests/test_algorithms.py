@@ -166,6 +166,26 @@ def test_client_algorithm_matches_a_hand_written_reference(tmp_path, algorithm, 
         assert record["bytes_sent_per_client"] == 2 * 4 * fed.params.numel
 
 
+@pytest.mark.parametrize("overrides, named", [
+    ([], ["optim.name=adamw", "optim.grad_clip=1.0"]),  # the defaults: AdamW, clipping
+    (["optim.name=sgd"], ["optim.momentum=0.9", "optim.grad_clip=1.0"]),
+    (["optim.name=sgd", "optim.momentum=0"], ["optim.grad_clip=1.0"]),
+    (["optim.name=sgd", "optim.grad_clip=null"], ["optim.momentum=0.9"]),
+])
+def test_scaffold_needs_plain_sgd_local_steps(overrides, named):
+    """Option II's variate (w_global - y) / (K lr) estimates the mean corrected gradient only for
+    plain SGD steps: with AdamW it is Adam's normalised step, with momentum up to 10x too large,
+    with clipping a mean of clipped gradients. Such configs are refused, naming what to set."""
+    with pytest.raises(ConfigError, match="client.algorithm") as refused:
+        load_config(None, ["client.algorithm=scaffold", *overrides])
+    message = str(refused.value)
+    assert "optim.name=sgd optim.momentum=0 optim.grad_clip=null" in message
+    assert all(item in message for item in named), message
+    cfg = load_config(None, ["client.algorithm=scaffold", "optim.name=sgd", "optim.momentum=0",
+                             "optim.grad_clip=null"])
+    assert cfg.client.algorithm == "scaffold"
+
+
 def test_fedprox_with_mu_zero_is_fedavg(tiny_config, tmp_path):
     simulator.run(tiny_config(*SHAPE, "rounds=2", "client.algorithm=fedprox", "client.prox_mu=0",
                               output_dir=tmp_path / "prox"))
@@ -174,12 +194,17 @@ def test_fedprox_with_mu_zero_is_fedavg(tiny_config, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-ALGORITHMS = ["client.algorithm=scaffold", "server.strategy=fedadam", "client.stateful_optimizer=true",
-              "optim.momentum=0.9"]
+RESUMABLE = {
+    "scaffold+fedadam": (["client.algorithm=scaffold", "server.strategy=fedadam"], {"control"}),
+    "stateful sgd+fedadam": (["client.stateful_optimizer=true", "optim.momentum=0.9",
+                              "server.strategy=fedadam"], {"optim.momentum_buffer"}),
+}
 
 
-def test_scaffold_fedadam_stateful_sgd_resumes_exactly(tiny_config, tmp_path):
-    shape = [*SHAPE, *ALGORITHMS, "num_clients=4", "clients_per_round=2", "checkpoint.keep_last=3"]
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_stateful_algorithms_with_fedadam_resume_exactly(tiny_config, tmp_path, name):
+    extra, state_keys = RESUMABLE[name]
+    shape = [*SHAPE, *extra, "num_clients=4", "clients_per_round=2", "checkpoint.keep_last=3"]
     simulator.run(tiny_config(*shape, "rounds=4", output_dir=tmp_path / "full"))
     simulator.run(tiny_config(*shape, "rounds=3", output_dir=tmp_path / "cut"))
     resume_from = tmp_path / "cut" / "checkpoints" / "round_00002"
@@ -192,7 +217,7 @@ def test_scaffold_fedadam_stateful_sgd_resumes_exactly(tiny_config, tmp_path):
         a = sorted((tmp_path / "full" / "client_state" / f"client_{client:06d}").iterdir())[-1]
         b = sorted((tmp_path / "cut" / "client_state" / f"client_{client:06d}").iterdir())[-1]
         sa, sb = load_file(str(a)), load_file(str(b))
-        assert a.name == b.name and sa.keys() == sb.keys() == {"control", "optim.momentum_buffer"}
+        assert a.name == b.name and sa.keys() == sb.keys() == state_keys
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 

@@ -260,3 +260,90 @@ def test_hung_rank_fails_the_job_with_an_error_naming_the_round(tmp_path):
         proc.stderr[-3000:]
     assert "dist_timeout_s=10" in proc.stderr
     assert [r["round"] for r in read_metrics(tmp_path / "hung")] == [1]
+
+
+# ---------------------------------------------------------------- runs that cannot learn
+
+def test_a_run_whose_every_update_is_rejected_stops_with_an_error(tmp_path, capsys):
+    """optim.lr=1000: every client update leaves the exact grid's range, every round. At
+    9dcece4 such a run ended with exit 0 and "done"; now it stops after
+    faults.max_rejected_rounds rounds (default 3) with exit code 2 and an error naming the rounds
+    and the reasons, and the metrics of those rounds say that no update was applied."""
+    from fedrun.cli import main
+
+    run_dir = tmp_path / "diverged"
+    code = main(["train", "--config", DIGITS_CONFIG, *tiny(run_dir, "optim.lr=1000", "rounds=10",
+                                                           "sample.every=0")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "every client update was rejected in 3 consecutive rounds (1-3" in err, err
+    # AdamW at lr 1000 overflows the grid's range or reaches inf/NaN (which one depends on the
+    # last bits of the arithmetic); either way all 4 clients are rejected in each of the 3 rounds
+    assert re.search(r"rejections: (exact_range|nonfinite_guard) x12\)", err), err
+    assert "faults.max_rejected_rounds=3" in err and "lower optim.lr" in err
+    assert "done:" not in err
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert r["updates_applied"] == 0 and r["model_updated"] is False
+        assert len(set(r["rejected"].values())) == 1 and len(r["rejected"]) == 4
+    assert not (run_dir / "final").exists()
+
+
+def test_rejection_streaks_reset_on_an_accepted_round_and_the_limit_can_be_lifted(tiny_config, tmp_path):
+    """Clients 0..3, all sampled; the toy transform rejects odd clients, the NaN schedule
+    corrupts the even ones in rounds 2 and 3: rounds 2 and 3 reject everything, round 4 does
+    not, so a limit of 3 never triggers; a limit of 2 stops after round 3; 0 never stops."""
+    import toy_algorithms  # noqa: F401  (registers toy_reject_odd)
+
+    schedule = "faults.nonfinite_schedule=[[2,0],[2,2],[3,0],[3,2]]"
+    shape = ["aggregation.update_transforms=[nonfinite_guard,toy_reject_odd]", schedule,
+             "rounds=5", "sample.every=0"]
+    simulator.run(tiny_config(*shape, output_dir=tmp_path / "a"))
+    applied = [r["updates_applied"] for r in read_metrics(tmp_path / "a")]
+    assert applied == [2, 0, 0, 2, 2]
+    from fedrun.errors import TrainingError
+
+    with pytest.raises(TrainingError, match=r"2 consecutive rounds \(2-3; rejections: "
+                                            r"nonfinite_guard x4, toy_reject_odd x4\)"):
+        simulator.run(tiny_config(*shape, "faults.max_rejected_rounds=2", output_dir=tmp_path / "b"))
+    simulator.run(tiny_config(*shape, "optim.lr=1000", "faults.max_rejected_rounds=0",
+                              output_dir=tmp_path / "c"))
+    assert len(read_metrics(tmp_path / "c")) == 5
+
+
+# ---------------------------------------------------------------- client state files
+
+STATEFUL = ["client.algorithm=toy_visits", "num_clients=2", "checkpoint.every=1", "sample.every=0"]
+
+
+def _corrupt_header(path):
+    path.write_bytes(b"\xff" * 8 + path.read_bytes()[8:])
+
+
+def _corrupt_data(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x55  # inside the last tensor's bytes; the header still parses
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_corrupt_header, "cannot be read"),
+    (_corrupt_data, "is corrupt: its SHA-256 differs"),
+    (lambda path: path.unlink(), "is missing"),
+])
+def test_a_damaged_client_state_file_is_an_error_naming_client_round_and_file(
+        tiny_config, tmp_path, damage, message):
+    """At 9dcece4 a corrupt state file ended in a SafetensorError traceback on resume, and a
+    missing one silently restarted the client from scratch."""
+    import toy_algorithms  # noqa: F401  (registers toy_visits)
+    from fedrun.errors import CheckpointError
+
+    run_dir = tmp_path / "run"
+    simulator.run(tiny_config(*STATEFUL, "rounds=2", output_dir=run_dir))
+    path = run_dir / "client_state" / "client_000000" / "round_00002.safetensors"
+    damage(path)
+    with pytest.raises(CheckpointError) as error:
+        simulator.run(tiny_config(*STATEFUL, "rounds=3", "resume=auto", output_dir=run_dir))
+    text = str(error.value)
+    assert "client 0 after round 2" in text and str(path) in text and message in text, text

@@ -422,7 +422,7 @@ def test_central_with_a_finetune_config_is_the_centralized_lora_baseline(assets,
 
 @pytest.mark.parametrize("extra", [
     ["client.algorithm=scaffold", "server.strategy=fedadam", "optim.name=sgd", "optim.lr=0.1",
-     "client.stateful_optimizer=true"],
+     "optim.momentum=0", "optim.grad_clip=null"],
     ["client.algorithm=fedprox", "client.prox_mu=0.1", "server.strategy=fedyogi",
      "client.stateful_optimizer=true", "finetune.lora_aggregation=ffa"],
 ])

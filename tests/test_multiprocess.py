@@ -139,3 +139,34 @@ def test_exported_pipeline_loads_in_stock_diffusers(runs):
     ema = load_file(str(runs[1]["dir"] / "checkpoints" / "round_00003" / "ema.safetensors"))
     exported = pipe.unet.state_dict()
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
+
+
+def test_default_threads_do_not_depend_on_the_world_size(monkeypatch, tiny_config, tmp_path):
+    """The claim behind test_world_size_invariance at the default settings: a CPU kernel's
+    reductions depend on its thread count (positive control: one client's local steps with 1 and
+    2 threads differ), so the default gives every CPU rank 1 thread whatever the number of ranks
+    (at 9dcece4 it gave each rank its share of the cores: 2 threads alone, 1 beside another)."""
+    from fedrun import dist, simulator
+    from fedrun.client import batch_indices, client_generator, train_client
+
+    cfg = tiny_config("sample.every=0")
+    assert cfg.threads is None
+    previous = torch.get_num_threads()
+    try:
+        for local_world in ("1", "2"):
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+            dist.init("cpu", threads=cfg.threads)
+            assert torch.get_num_threads() == 1, local_world
+        trained = []
+        for threads in (1, 2):
+            fed = simulator.setup(tiny_config("sample.every=0", f"threads={threads}",
+                                              output_dir=tmp_path / f"t{threads}"))
+            assert torch.get_num_threads() == threads
+            generator = client_generator(0, 0, 0)
+            batches = batch_indices(fed.client_indices[0], 2, 4, generator)
+            train_client(fed.model, fed.params.params, fed.task.loss, batches, generator,
+                         fed.cfg.optim, fed.device)
+            trained.append(fed.params.flat.clone())
+        assert not torch.equal(trained[0], trained[1])
+    finally:
+        torch.set_num_threads(previous)

@@ -32,17 +32,20 @@ def _weights(run_dir, done, group="model"):
 
 
 def _library_epsilon(q, sigma, rounds, delta, fixed=None):
-    """dp_accounting's epsilon, built here independently of fedrun.privacy."""
+    """dp_accounting's epsilon, built here independently of fedrun.privacy. The noise std is
+    sigma * clip; dp_accounting's noise multiplier is that std over the L2 sensitivity of the sum
+    under the event's adjacency: clip for add/remove-one (Poisson), 2 * clip for replace-one
+    (fixed-size cohorts: one clipped update swapped for another)."""
     import dp_accounting
     from dp_accounting.rdp import RdpAccountant
 
-    gaussian = dp_accounting.GaussianDpEvent(sigma)
     if fixed is None:
         accountant = RdpAccountant()
-        event = dp_accounting.PoissonSampledDpEvent(q, gaussian)
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
     else:
         accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        event = dp_accounting.SampledWithoutReplacementDpEvent(*fixed, gaussian)
+        event = dp_accounting.SampledWithoutReplacementDpEvent(
+            *fixed, dp_accounting.GaussianDpEvent(sigma / 2))
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     return accountant.get_epsilon(delta)
 
@@ -103,14 +106,32 @@ def test_reported_epsilon_equals_dp_accounting(tiny_config, tmp_path):
             assert all(len(r["clients"]) == 3 for r in records)
 
 
-def test_facts_value_and_calibration_hits_the_target():
-    # FACTS.md: q = 5/50, sigma = 1.1, 4 rounds, delta = 1e-5 -> 2.277 (Poisson, RDP)
+def test_known_value_and_calibration_hits_the_target():
+    # q = 5/50, sigma = 1.1, 4 rounds, delta = 1e-5 -> 2.277 (Poisson): dp_accounting's
+    # RdpAccountant, as _library_epsilon(0.1, 1.1, 4, 1e-5) gives it
     assert compute_epsilon(50, 5, "poisson", 1.1, 4, 1e-5) == pytest.approx(2.277, abs=1e-3)
-    assert compute_epsilon(50, 5, "fixed", 1.1, 4, 1e-5) == pytest.approx(2.773, abs=1e-3)
     for target in (1.0, 4.0, 8.0):
         sigma = calibrate_noise_multiplier(1000, 10, "poisson", 300, target, 1e-5, 20.0)
         eps = _library_epsilon(0.01, sigma, 300, 1e-5)
         assert eps <= target and eps == pytest.approx(target, rel=0.01), (target, sigma, eps)
+
+
+def test_fixed_size_cohorts_are_accounted_with_replace_one_sensitivity():
+    """K = 4 of C = 40, sigma = 1.1, delta = 1e-5: replacing one client moves the sum of clipped
+    updates by up to 2 clip, so dp_accounting's multiplier is sigma / 2: epsilon 6.68 after one
+    round and 97.2 after 200 (fedrun at 9dcece4 passed sigma and reported 1.90 and 19.1)."""
+    for rounds, expected in ((1, 6.6846), (200, 97.183)):
+        eps = compute_epsilon(40, 4, "fixed", 1.1, rounds, 1e-5)
+        assert eps == pytest.approx(_library_epsilon(None, 1.1, rounds, 1e-5, (40, 4)), rel=1e-12)
+        assert eps == pytest.approx(expected, rel=1e-4)
+    # calibration follows: the sigma found for a target meets it under replace-one accounting
+    sigma = calibrate_noise_multiplier(40, 4, "fixed", 50, 8.0, 1e-5, 50.0)
+    eps = _library_epsilon(None, sigma, 50, 1e-5, (40, 4))
+    assert eps <= 8.0 and eps == pytest.approx(8.0, rel=0.01)
+    report = privacy_spec(load_config(None, [*DP, "num_clients=40", "clients_per_round=4",
+                                             "privacy.sampling=fixed",
+                                             "privacy.noise_multiplier=1.1"])).report(1)
+    assert report["accountant_noise_multiplier"] == 0.55 and report["sensitivity"] == "2 x clip_norm"
 
 
 def test_target_epsilon_calibrates_before_round_one(tiny_config):
@@ -130,7 +151,8 @@ def test_infeasible_budget_is_refused_before_the_run_starts(tiny_config, tmp_pat
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["privacy.enabled=true", "privacy.noise_multiplier=1"], "server.weighting"),  # samples
+    (["privacy.enabled=true", "privacy.noise_multiplier=1", "server.weighting=samples"],
+     "server.weighting"),  # an explicit samples stays refused
     ([*DP], "privacy.noise_multiplier"),  # neither sigma nor target
     ([*DP, "privacy.noise_multiplier=1", "privacy.target_epsilon=2"], "privacy.noise_multiplier"),
     ([*DP, "privacy.noise_multiplier=1", "privacy.sampling=shuffle"], "privacy.sampling"),
@@ -143,6 +165,54 @@ def test_infeasible_budget_is_refused_before_the_run_starts(tiny_config, tmp_pat
 def test_bad_privacy_configs_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(None, overrides)
+
+
+def test_enabling_dp_alone_selects_uniform_weighting():
+    """privacy.enabled needs no server.weighting: unset, it resolves to uniform under DP (and to
+    samples without), and the next error is the one the user sees (an infeasible budget)."""
+    assert load_config(None, ["privacy.enabled=true", "privacy.noise_multiplier=1"]).server.weighting == "uniform"
+    assert load_config(None, []).server.weighting == "samples"
+    cfg = load_config(None, ["privacy.enabled=true", "privacy.target_epsilon=0.01", "rounds=500",
+                             "clients_per_round=4"])
+    with pytest.raises(ConfigError, match="privacy.target_epsilon.*cannot be met"):
+        privacy_spec(cfg)
+
+
+def test_clipping_bounds_the_norm_exactly_for_adversarial_norms():
+    """fp32 scaling rounds every coordinate: norm * (clip / norm) can land a few ulps above
+    clip (0.5000000005 for 0.5 at 9dcece4). The clipped update's float64 norm must be <= clip,
+    for many sizes, scales and clip values."""
+    generator = torch.Generator().manual_seed(0)
+    overshoots = 0
+    for trial in range(400):
+        size = int(torch.randint(1, 5000, (1,), generator=generator))
+        delta = torch.randn(size, generator=generator) * float(10 ** torch.empty(1).uniform_(-3, 4, generator=generator))
+        clip = [0.5, 1.0, 0.1, 3.3, 1e-3][trial % 5]
+        norm = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        naive = delta * (clip / norm)  # what 9dcece4 did
+        overshoots += float(torch.linalg.vector_norm(naive, dtype=torch.float64)) > clip
+        clip_to_norm_(delta, clip)
+        after = float(torch.linalg.vector_norm(delta, dtype=torch.float64))
+        assert after <= clip, (trial, after, clip)
+        if norm > clip:
+            assert after > clip * (1 - 1e-5)  # clipped to the bound, not far below it
+    assert overshoots > 20  # the naive scaling does overshoot on these inputs
+
+
+def test_dp_clip_leaves_room_for_the_exact_grids_rounding(tiny_config):
+    """In exact mode the rounded term, not the fp32 update, enters the sum: its norm must be
+    within clip too, whatever the stochastic rounding draws."""
+    cfg = tiny_config(*DP, "privacy.noise_multiplier=1.0", "privacy.clip_norm=0.5")
+    generator = torch.Generator().manual_seed(1)
+    glob = torch.randn(3000, generator=generator)
+    grid = ExactGrid(3000, glob, 1)
+    for client in range(20):
+        buffer = RoundBuffer(3000, [client], 1, exact={"update": grid}, transforms=[DpClip(cfg)])
+        local = glob + torch.randn(3000, generator=generator)
+        assert buffer.add_client(client, local, glob, 1.0, 0.5, 4)
+        summed = buffer.decode().update_sum.double()
+        assert float(torch.linalg.vector_norm(summed)) <= 0.5
+    assert 0 < grid.error_bound < 1e-6
 
 
 def test_enabled_inserts_the_transforms_and_central_refuses(tiny_config):

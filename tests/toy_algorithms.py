@@ -19,7 +19,7 @@ STATEFUL_OVERRIDES = ["client.algorithm=toy_visits",
 # name -> overrides (output_dir suffix _name).
 ALGORITHM_VARIANTS = {
     "scaffold": ["client.algorithm=scaffold", "server.strategy=fedadam", "optim.name=sgd",
-                 "optim.lr=0.05", "client.stateful_optimizer=true"],
+                 "optim.momentum=0", "optim.grad_clip=null", "optim.lr=0.05"],
     "fedprox": ["client.algorithm=fedprox", "client.prox_mu=0.1", "server.strategy=fedyogi",
                 "client.stateful_optimizer=true"],
 }
