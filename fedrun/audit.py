@@ -19,8 +19,12 @@ analysed (samples.npz, as `fedrun sample` writes them):
    is recomputed from the run's config).
 2. Loss-based membership inference (Yeom et al. 2018; Carlini et al. 2023 Sec. 5): the per-image
    diffusion loss at fixed timesteps with fixed (seeded) noise, averaged; members (training
-   images) should have lower loss than non-members (held-out images). Reported: ROC AUC of the
-   score -loss and the TPR at 1 % FPR.
+   images) should have lower loss than non-members (held-out images). Reported
+   (``mia_statistics``): ROC AUC of the score -loss with a 95 % stratified-bootstrap interval, and
+   the TPR at 1 % FPR with the FPR actually reached there and a 95 % Clopper-Pearson interval;
+   with fewer than 100 non-members no threshold has a false positive rate in (0, 1 %], the
+   "1 % FPR" point is the zero-false-positive point, and its TPR is biased upward, so it is
+   flagged unreliable (``tpr_at_1pct_fpr_reliable``) rather than printed.
 
 Pre-training runs: members = the run's training split, non-members = its held-out split
 (``data.heldout_fraction``), samples = the exported EMA model's DDIM samples. LoRA fine-tuning
@@ -47,6 +51,9 @@ from fedrun.rng import derived_generator
 
 AUDIT_DIR = "audit"
 MIA_TIMESTEP_FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)  # of num_train_timesteps
+MIA_TARGET_FPR = 0.01  # the operating point of "TPR at 1 % FPR"
+MIA_MIN_NONMEMBERS = 100  # fewer: no threshold reaches an FPR in (0, 1 %]; the TPR is unreliable
+MIA_BOOTSTRAP = 1000  # stratified bootstrap resamples of the AUC interval
 _CHUNK = 100  # samples per sampling call (progress bar granularity)
 
 
@@ -260,8 +267,107 @@ def mia_losses(subject: AuditSubject, images: torch.Tensor, options: AuditOption
     return (total / len(jobs)).numpy()
 
 
+def _clopper_pearson(k: int, n: int, level: float = 0.95) -> List[float]:
+    """Exact (Clopper-Pearson) binomial interval of k successes in n trials."""
+    from scipy.stats import beta
+
+    a = (1 - level) / 2
+    lower = float(beta.ppf(a, k, n - k + 1)) if k > 0 else 0.0
+    upper = float(beta.ppf(1 - a, k + 1, n - k)) if k < n else 1.0
+    return [lower, upper]
+
+
+def _bootstrap_aucs(members: np.ndarray, nonmembers: np.ndarray, resamples: int,
+                    rng: np.random.Generator, chunk: int = 100) -> np.ndarray:
+    """AUCs of ``resamples`` stratified bootstrap resamples (members and non-members resampled
+    separately, with replacement), vectorised: a resample is a count per point, and the AUC of
+    counts c (members) and d (non-members) is sum_i c_i G_d(s_i) / (n1 n0) with
+    G_d(s) = sum_j d_j ([s_j < s] + [s_j == s] / 2), read off d's cumulative sums over the sorted
+    non-member scores. O(resamples * (n1 + n0)) time, chunked memory."""
+    n1, n0 = len(members), len(nonmembers)
+    order = np.sort(nonmembers)
+    lo = np.searchsorted(order, members, side="left")  # non-members strictly below each member
+    hi = np.searchsorted(order, members, side="right")  # ... below or tied
+    out = []
+    for start in range(0, resamples, chunk):
+        b = min(chunk, resamples - start)
+        rows = np.arange(b)[:, None]
+        c = np.bincount((rows * n1 + rng.integers(0, n1, (b, n1))).ravel(),
+                        minlength=b * n1).reshape(b, n1)
+        d = np.bincount((rows * n0 + rng.integers(0, n0, (b, n0))).ravel(),
+                        minlength=b * n0).reshape(b, n0)  # counts indexed like ``order``
+        cum = np.zeros((b, n0 + 1))
+        np.cumsum(d, axis=1, out=cum[:, 1:])
+        below = cum[:, lo] + 0.5 * (cum[:, hi] - cum[:, lo])  # (b, n1): G_d at each member
+        out.append((c * below).sum(axis=1) / (n1 * n0))
+    return np.concatenate(out)
+
+
+def mia_statistics(members: np.ndarray, nonmembers: np.ndarray, seed: int = 0,
+                   resamples: int = MIA_BOOTSTRAP, target_fpr: float = MIA_TARGET_FPR) -> dict:
+    """Membership-inference statistics of attack scores (higher = "member"): pure, no model.
+
+    * ``auc``: ROC AUC (Mann-Whitney, ties count 1/2; equals sklearn's roc_auc_score).
+      ``auc_ci95``: 95 % percentile interval of a *stratified bootstrap* -- members and
+      non-members resampled separately with replacement, ``resamples`` times, from
+      ``np.random.default_rng([seed, 14])``; ``auc_se`` is the bootstrap standard deviation.
+    * ``tpr_at_1pct_fpr``: the fraction of members scoring above the lowest threshold whose false
+      positive rate is <= ``target_fpr`` (the best TPR at FPR <= 1 %, as ``tpr[fpr <= 0.01].max()``
+      of sklearn's roc_curve). ``fpr_reached``: that threshold's actual FPR -- the largest
+      achievable FPR <= 1 %, which is 0 with fewer than 100 non-members (one false positive is
+      already more than 1 %), and then the estimate is the TPR at zero false positives of a small
+      sample, biased upward. ``tpr_at_1pct_fpr_reliable``: non-members >= 100 (generally: the
+      operating point allows at least one false positive).
+      ``tpr_at_1pct_fpr_ci95``: *Clopper-Pearson* exact 95 % interval of the members above that
+      threshold (binomial in the members); it is conditional on the threshold, so it does not
+      include the uncertainty of where the threshold lies, which the non-members decide and which
+      dominates when they are few (hence the reliability flag).
+    """
+    s1 = np.asarray(members, dtype=np.float64).ravel()
+    s0 = np.asarray(nonmembers, dtype=np.float64).ravel()
+    n1, n0 = len(s1), len(s0)
+    if n1 == 0 or n0 == 0:
+        raise ValueError(f"mia_statistics needs members and non-members, got {n1} and {n0}")
+    if not (np.isfinite(s1).all() and np.isfinite(s0).all()):
+        raise ValueError("mia_statistics: scores must be finite")
+    order = np.sort(s0)
+    lo, hi = np.searchsorted(order, s1, "left"), np.searchsorted(order, s1, "right")
+    auc = float((lo + 0.5 * (hi - lo)).sum() / (n1 * n0))
+    aucs = _bootstrap_aucs(s1, s0, resamples, np.random.default_rng([seed, 14]))
+    # operating point: at most k_max false positives (k / n0 <= target, as sklearn's fpr <= target);
+    # "member" = score above the (k_max + 1)-th highest non-member score
+    k_max = int(np.flatnonzero(np.arange(n0 + 1) / n0 <= target_fpr).max())
+    cut = order[n0 - 1 - k_max] if k_max < n0 else -np.inf
+    true_positives, false_positives = int((s1 > cut).sum()), int((s0 > cut).sum())
+    return {"auc": auc,
+            "auc_ci95": [float(v) for v in np.percentile(aucs, [2.5, 97.5])],
+            "auc_se": float(aucs.std(ddof=1)) if len(aucs) > 1 else 0.0,
+            "auc_ci95_method": f"stratified bootstrap, {resamples} resamples, percentile",
+            "tpr_at_1pct_fpr": true_positives / n1,
+            "tpr_at_1pct_fpr_ci95": _clopper_pearson(true_positives, n1),
+            "tpr_at_1pct_fpr_ci95_method": "Clopper-Pearson on the members at the chosen threshold",
+            "fpr_reached": false_positives / n0,
+            "true_positives_at_1pct_fpr": true_positives,
+            "false_positives_at_1pct_fpr": false_positives,
+            # at least one false positive allowed; at 1 %: non-members >= MIA_MIN_NONMEMBERS (100)
+            "tpr_at_1pct_fpr_reliable": k_max >= 1, "target_fpr": target_fpr,
+            "members": n1, "nonmembers": n0, "bootstrap_seed": seed}
+
+
+def mia_summary(mia: dict) -> str:
+    """The audit's one-line account of ``mia_statistics``' result."""
+    lo, hi = mia["auc_ci95"]
+    line = (f"MIA AUC {mia['auc']:.3f} (95 % CI {lo:.3f}-{hi:.3f}; {mia['members']} members vs "
+            f"{mia['nonmembers']} non-members), TPR at 1 % FPR ")
+    if not mia["tpr_at_1pct_fpr_reliable"]:
+        return line + f"unreliable ({mia['nonmembers']} non-members < {MIA_MIN_NONMEMBERS})"
+    lo, hi = mia["tpr_at_1pct_fpr_ci95"]
+    return line + (f"{mia['tpr_at_1pct_fpr']:.3f} (95 % CI {lo:.3f}-{hi:.3f}, FPR reached "
+                   f"{mia['fpr_reached']:.4f})")
+
+
 def membership_inference(subject: AuditSubject, options: AuditOptions) -> dict:
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     members = subject.members[_subset(len(subject.members), options.max_members, options.seed, 13)]
     loss_in = mia_losses(subject, members, options, "MIA members")
@@ -269,9 +375,7 @@ def membership_inference(subject: AuditSubject, options: AuditOptions) -> dict:
     labels = np.r_[np.ones(len(loss_in)), np.zeros(len(loss_out))]
     scores = -np.r_[loss_in, loss_out]  # lower loss -> "member"
     fpr, tpr, _ = roc_curve(labels, scores)
-    return {"auc": float(roc_auc_score(labels, scores)),
-            "tpr_at_1pct_fpr": float(tpr[fpr <= 0.01].max()),
-            "members": len(loss_in), "nonmembers": len(loss_out),
+    return {**mia_statistics(-loss_in, -loss_out, seed=options.seed),
             "mean_loss_members": float(loss_in.mean()), "mean_loss_nonmembers": float(loss_out.mean()),
             "timestep_fractions": list(MIA_TIMESTEP_FRACTIONS), "noise_draws": options.noise_draws,
             "_roc": (fpr, tpr)}
@@ -349,8 +453,7 @@ def audit_run(run_dir, options: Optional[AuditOptions] = None, say=print) -> dic
     say(f"audit: median distance ratio {record['pixel']['median_ratio']:.3g} (pixel), "
         f"{record['feature']['median_ratio']:.3g} (features); "
         f"{100 * record['pixel']['fraction_below'][str(options.thresholds[0])]:.1f} % of samples "
-        f"below {options.thresholds[0]}; MIA AUC {mia['auc']:.3f}, TPR at 1 % FPR "
-        f"{mia['tpr_at_1pct_fpr']:.3f} -> {out / 'audit.json'}")
+        f"below {options.thresholds[0]}; {mia_summary(mia)} -> {out / 'audit.json'}")
     return record
 
 

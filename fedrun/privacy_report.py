@@ -272,7 +272,11 @@ def _row(result: dict) -> dict:
     row = {"name": result["name"], "run": result["run"],
            "epsilon": (audit["privacy"] or {}).get("epsilon"),
            "noise_multiplier": (audit["privacy"] or {}).get("noise_multiplier"),
-           "mia_auc": mia["auc"], "mia_tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
+           "mia_auc": mia["auc"], "mia_auc_ci95": mia.get("auc_ci95"),
+           "mia_tpr_at_1pct_fpr": mia["tpr_at_1pct_fpr"],
+           "mia_tpr_at_1pct_fpr_ci95": mia.get("tpr_at_1pct_fpr_ci95"),
+           "mia_tpr_at_1pct_fpr_reliable": mia.get("tpr_at_1pct_fpr_reliable"),
+           "mia_fpr_reached": mia.get("fpr_reached"),
            "mia_members": mia["members"], "mia_nonmembers": mia["nonmembers"],
            "pixel_median_ratio": pixel["median_ratio"], "pixel_fraction_below": pixel["fraction_below"],
            "feature_median_ratio": feature["median_ratio"],
@@ -286,6 +290,19 @@ def _row(result: dict) -> dict:
     if "nine_rate" in result:
         row.update({"nine_rate": result["nine_rate"], "predictions": result["predictions"]})
     return row
+
+
+def _auc(row: dict) -> str:
+    ci = row.get("mia_auc_ci95")
+    return _fmt(row["mia_auc"]) + (f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
+
+
+def _tpr(row: dict) -> str:
+    """TPR at 1 % FPR, or why it is not given: with < 100 non-members the '1 % FPR' point is the
+    zero-false-positive point, biased upward (``fedrun.audit.mia_statistics``)."""
+    if row.get("mia_tpr_at_1pct_fpr_reliable") is False:
+        return f"unreliable ({row['mia_nonmembers']} non-members)"
+    return _fmt(row["mia_tpr_at_1pct_fpr"])
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -312,14 +329,14 @@ def write_results(results: Path, report: dict, rows: List[dict]) -> None:
     lines = [f"# Privacy-utility report{' (quick)' if report['quick'] else ''}", "",
              f"Code {report['commit']}; `{report['command']}`; {report['total_s'] / 60:.1f} min with "
              f"{report['jobs']} job(s). delta = 1e-5; epsilon from dp_accounting (RDP).", "",
-             "| run | ε | σ | FID (floor) | class TV | nine-rate | MIA AUC | TPR@1%FPR | median ratio px / feat "
+             "| run | ε | σ | FID (floor) | class TV | nine-rate | MIA AUC [95 % CI] | TPR@1%FPR | median ratio px / feat "
              "| < 0.5 px | < 0.8 px |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         fid = f"{_fmt(r.get('fid'))} ({_fmt(r.get('floor_fid'))})" if "fid" in r else "–"
         lines.append(
             f"| {r['name']} | {_fmt(r['epsilon'])} | {_fmt(r['noise_multiplier'])} | {fid} | "
-            f"{_fmt(r.get('class_tv'))} | {_fmt(r.get('nine_rate'))} | {_fmt(r['mia_auc'])} | "
-            f"{_fmt(r['mia_tpr_at_1pct_fpr'])} | {_fmt(r['pixel_median_ratio'])} / "
+            f"{_fmt(r.get('class_tv'))} | {_fmt(r.get('nine_rate'))} | {_auc(r)} | "
+            f"{_tpr(r)} | {_fmt(r['pixel_median_ratio'])} / "
             f"{_fmt(r['feature_median_ratio'])} | {_fmt(r['pixel_fraction_below'].get('0.5'))} | "
             f"{_fmt(r['pixel_fraction_below'].get('0.8'))} |")
     (results / "README.md").write_text("\n".join(lines) + "\n")
