@@ -36,10 +36,11 @@ SHAPE = ["num_clients=4", "local_steps=4", "rounds=100000", "sample.every=0", "c
 
 
 def measure(repeats: int, root: Path) -> dict:
-    from fedrun import dist, simulator
+    from fedrun.engine import dist
+    from fedrun.engine import simulator
     from fedrun.config import load_config
-    from fedrun.frame import open_run
-    from fedrun.logging import code_commit
+    from fedrun.engine.run import start_logging
+    from fedrun.engine.metrics import code_commit
 
     commit = code_commit()
     with dist.session("cpu", 600, 1):
@@ -48,7 +49,7 @@ def measure(repeats: int, root: Path) -> dict:
             cfg = load_config("configs/digits_fedavg.yaml",
                               SHAPE + extra + [f"output_dir={root / name.replace(' ', '_')}"])
             feds[name] = simulator.setup(cfg)
-            loggers[name] = open_run(feds[name], "train", name)
+            loggers[name] = start_logging(feds[name].run, "train", name)
         names = list(ALGORITHMS)
         rows = {n: [] for n in names}
         for rep in range(repeats):

@@ -8,7 +8,7 @@ time of loading and saving a state per sampled client.
 
 from __future__ import annotations
 
-from fedrun.client import CLIENT_ALGORITHMS, ClientJob, ClientResult, FedAvgClient
+from fedrun.fl.clients import CLIENT_ALGORITHMS, ClientJob, ClientResult, FedAvgClient
 
 STATEFUL = "bench_stateful"
 

@@ -69,8 +69,8 @@ def machine() -> dict:
 
 
 def git_commit() -> str | None:
-    """The commit the benchmarked code is at (``fedrun.logging.code_commit``)."""
-    from fedrun.logging import code_commit
+    """The commit the benchmarked code is at (``fedrun.engine.metrics.code_commit``)."""
+    from fedrun.engine.metrics import code_commit
 
     return code_commit()
 

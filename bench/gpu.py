@@ -106,7 +106,8 @@ def _round_stats(run_dir: Path, steps_per_round: int, batch: int) -> dict:
 def worker_pretrain(dry: bool, work: Path, data: Path) -> dict:
     import torch
 
-    from fedrun import dist, simulator
+    from fedrun.engine import dist
+    from fedrun.engine import simulator
     from fedrun.config import load_config
 
     world = dist.world_size()
@@ -132,8 +133,9 @@ def _bare_steps_per_s(cfg, steps: int) -> float:
     """A bare PyTorch loop: the same U-Net, AdamW, batch and loss, no fedrun around it."""
     import torch
 
-    from fedrun.client import autocast
-    from fedrun.models import build_noise_scheduler, build_unet, diffusion_loss
+    from fedrun.fl.local import autocast
+    from fedrun.tasks.diffusion import build_noise_scheduler, diffusion_loss
+    from fedrun.tasks.ddpm.model import build_unet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unet = build_unet(cfg.model, cfg.data.image_size, 3, cfg.seed).to(device)
@@ -157,7 +159,7 @@ def _bare_steps_per_s(cfg, steps: int) -> float:
 
 
 def worker_central(dry: bool, work: Path, data: Path) -> dict:
-    from fedrun.centralized import run_central
+    from fedrun.engine.central import run_central
     from fedrun.config import load_config
 
     out = {}
@@ -179,9 +181,9 @@ def worker_lora(dry: bool) -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from fedrun.flat import FlatParameters
-    from fedrun.lora import attach_lora
-    from fedrun.models import diffusion_loss
+    from fedrun.engine.flat import FlatParameters
+    from fedrun.tasks.sd_lora.lora import attach_lora
+    from fedrun.tasks.diffusion import diffusion_loss
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtypes = {"bf16": torch.bfloat16} if dry else {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -217,7 +219,7 @@ def worker_lora(dry: bool) -> dict:
 
 
 def worker(args) -> int:
-    from fedrun import dist
+    from fedrun.engine import dist
 
     dist.init("auto", timeout_s=600, threads=1 if args.dry_run else None)
     work, data = Path(args.workdir), Path(args.data)

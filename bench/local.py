@@ -38,7 +38,8 @@ class BareLoop:
     """The textbook single-process DDPM loop fedrun's local training is compared with."""
 
     def __init__(self, cfg, dataset, device: torch.device):
-        from fedrun.models import build_noise_scheduler, build_unet
+        from fedrun.tasks.diffusion import build_noise_scheduler
+        from fedrun.tasks.ddpm.model import build_unet
 
         self.cfg, self.device = cfg, device
         self.unet = build_unet(cfg.model, dataset.image_size, dataset.num_channels, cfg.seed).to(device)
@@ -67,11 +68,11 @@ class BareLoop:
 
 
 def local_compute(quick: bool, workdir: Path) -> dict:
-    from fedrun import simulator
+    from fedrun.engine import simulator
 
     cfg = configs.load(workdir / "local", quick, "rounds=1000000")
     fed = simulator.setup(cfg)
-    bare = BareLoop(cfg, fed.dataset, fed.device)
+    bare = BareLoop(cfg, fed.run.dataset, fed.run.device)
     batch = cfg.optim.batch_size
 
     clients_per_repeat = 2  # short repeats: the two sides of a pair see the same machine load
@@ -79,11 +80,11 @@ def local_compute(quick: bool, workdir: Path) -> dict:
     def my_clients(r: int) -> tuple:
         cohort, _dropped, mine = simulator.select_clients(fed, r)
         mine = mine[:clients_per_repeat]
-        return cohort, mine, sum(simulator.client_steps(fed, c) for c in mine)
+        return cohort, mine, sum(simulator.client_steps(fed.run, c) for c in mine)
 
     def fedrun_round(r: int) -> float:
         cohort, mine, _ = my_clients(r)
-        return common.timed(lambda: simulator.train_local(fed, cohort, mine, r), fed.device)
+        return common.timed(lambda: simulator.train_local(fed, cohort, mine, r), fed.run.device)
 
     # Warm-up: allocator, first AdamW state, lazy diffusers/torch initialisation.
     fedrun_round(0)
@@ -95,9 +96,9 @@ def local_compute(quick: bool, workdir: Path) -> dict:
         steps = my_clients(r)[2]
         if rep % 2 == 0:
             t_fed = fedrun_round(r)
-            t_bare = common.timed(lambda: bare.steps(steps), fed.device)
+            t_bare = common.timed(lambda: bare.steps(steps), fed.run.device)
         else:
-            t_bare = common.timed(lambda: bare.steps(steps), fed.device)
+            t_bare = common.timed(lambda: bare.steps(steps), fed.run.device)
             t_fed = fedrun_round(r)
         samples = steps * batch
         rows.append({"samples": samples, "fedrun_s": t_fed, "bare_s": t_bare,
@@ -105,8 +106,8 @@ def local_compute(quick: bool, workdir: Path) -> dict:
                      "ratio": (samples / t_fed) / (samples / t_bare), "load": common.loadavg()})
     return {
         "what": "samples/s of simulator.train_local (2 of the round's clients per repeat) vs a bare loop",
-        "device": str(fed.device), "threads": torch.get_num_threads(),
-        "model_params": fed.params.numel, "batch_size": batch,
+        "device": str(fed.run.device), "threads": torch.get_num_threads(),
+        "model_params": fed.run.params.numel, "batch_size": batch,
         "clients_per_repeat": clients_per_repeat,
         "steps_per_repeat": rows[0]["samples"] // batch,
         "repeats": rows,
@@ -130,7 +131,7 @@ def _memory_rounds(quick: bool) -> int:
 
 def _time_store_calls(spent: dict) -> None:
     """Wrap ClientStateStore.load/save to add up their time (in a forked child only)."""
-    from fedrun.client_state import ClientStateStore
+    from fedrun.engine.client_state import ClientStateStore
 
     def wrap(name: str):
         original = getattr(ClientStateStore, name)
@@ -150,9 +151,9 @@ def _time_store_calls(spent: dict) -> None:
 
 def _memory_child(num_clients: int, algorithm: str, rounds: int, workdir: str, conn) -> None:
     try:
-        from fedrun import simulator
-        from fedrun.client_state import ClientStateStore
-        from fedrun.logging import read_metrics
+        from fedrun.engine import simulator
+        from fedrun.engine.client_state import ClientStateStore
+        from fedrun.engine.metrics import read_metrics
 
         spent = {"load_s": 0.0, "load_calls": 0, "save_s": 0.0, "save_calls": 0}
         _time_store_calls(spent)
@@ -207,11 +208,11 @@ def _import_before_fork() -> None:
     import safetensors.torch  # noqa: F401
     from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: F401
 
-    import fedrun.checkpoint  # noqa: F401
-    import fedrun.client_state  # noqa: F401
-    import fedrun.evaluate  # noqa: F401
-    import fedrun.simulator  # noqa: F401
-    from fedrun.data import datasets  # noqa: F401
+    import fedrun.engine.checkpoint  # noqa: F401
+    import fedrun.engine.client_state  # noqa: F401
+    import fedrun.eval.sampling  # noqa: F401
+    import fedrun.engine.simulator  # noqa: F401
+    import fedrun.data.digits  # noqa: F401
 
 
 def memory_vs_clients(quick: bool, workdir: Path) -> dict:
@@ -266,7 +267,8 @@ def state_store(quick: bool, workdir: Path, stateless_rows: list) -> dict:
 def _grouped_sum(groups, cohort, locals_, global_weights, weights, exact: bool):
     """Sum the clients of ``groups`` as ranks would: one RoundBuffer per group (a rank), the
     buffers added (a SUM all-reduce), the total decoded. Returns the decoded sum of n_c delta_c."""
-    from fedrun.aggregate import ExactGrid, NonFiniteGuard, RoundBuffer
+    from fedrun.fl.aggregation.buffer import ExactGrid, RoundBuffer
+    from fedrun.fl.aggregation.transforms import NonFiniteGuard
 
     numel = global_weights.numel()
     partials = []
@@ -289,8 +291,8 @@ def exact_accuracy(quick: bool) -> dict:
     digits U-Net's global weights with updates of ~1e-3; and whether the decoded sum is the same
     bits when the 5 clients are grouped as 1, 2 or 3 ranks would hold them."""
     from fedrun.config import load_config
-    from fedrun.flat import FlatParameters
-    from fedrun.models import build_unet
+    from fedrun.engine.flat import FlatParameters
+    from fedrun.tasks.ddpm.model import build_unet
 
     cfg = load_config(configs.DIGITS, configs.TINY_MODEL if quick else [])
     unet = build_unet(cfg.model, cfg.data.image_size, 1, cfg.seed)

@@ -63,7 +63,7 @@ def _tiny_pipeline(work: Path) -> tuple:
     try:
         from fedrun.tasks.sd_lora.tiny_sd import build_tiny_pipeline
     except ImportError:  # the layout before the redesign
-        from fedrun.tiny_sd import build_tiny_pipeline
+        from fedrun.tasks.sd_lora.tiny_sd import build_tiny_pipeline
     from fedrun.config import load_config
     from fedrun.data import build_datasets
 

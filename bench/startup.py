@@ -6,7 +6,8 @@
 Each repeat launches every variant once, in rotating order; a variant's time is from launching
 torchrun to the first line of its metrics.jsonl (the bare script: to its marker file), polled
 every 20 ms. The job: the default digits config, 4 clients, E = 4, 1 round, no W&B, a 4-image
-grid. Reported: per-repeat ratios, median [min-max].
+grid. Reported: per-repeat ratios and differences in seconds (e.g. fedrun - bare), each as
+median [min-max] over the repeats.
 """
 
 from __future__ import annotations
@@ -59,9 +60,9 @@ dist.destroy_process_group()
 '''
 
 
-def _launch(cmd, env, marker: Path, timeout: float = 300) -> float:
+def _launch(cmd, env, marker: Path, cwd, timeout: float = 300) -> float:
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=configs.REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     while not (marker.exists() and marker.stat().st_size > 0):
         if proc.poll() is not None and not marker.exists():
@@ -75,6 +76,17 @@ def _launch(cmd, env, marker: Path, timeout: float = 300) -> float:
     return elapsed
 
 
+def _imported_fedrun(checkout: str) -> str:
+    """The fedrun package a variant's ranks import (they run from ``checkout`` with it on
+    PYTHONPATH); refuses to time a variant that would run other code."""
+    env = common.bench_env({"PYTHONPATH": checkout})
+    found = subprocess.run([sys.executable, "-c", "import fedrun; print(fedrun.__file__)"], cwd=checkout,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    if Path(found).resolve().parent.parent != Path(checkout).resolve():
+        raise SystemExit(f"startup: from {checkout}, `import fedrun` finds {found}")
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -86,6 +98,7 @@ def main(argv=None) -> int:
     variants = {"fedrun": str(configs.REPO)}
     if args.before:
         variants["before"] = str(Path(args.before).resolve())
+    imported = {name: _imported_fedrun(path) for name, path in variants.items()}
     times = {name: [] for name in [*variants, "bare"]}
     with tempfile.TemporaryDirectory(prefix="fedrun-startup-") as tmp:
         script = Path(tmp) / "bare.py"
@@ -102,19 +115,30 @@ def main(argv=None) -> int:
                     cmd = torchrun + ["-m", "fedrun", "train", "--config", configs.DIGITS, *JOB,
                                       f"output_dir={out}"]
                     env = common.bench_env({"PYTHONPATH": variants[name]})
-                times[name].append(_launch(cmd, env, marker))
+                # cwd = the variant's checkout: `python -m fedrun` puts the working directory
+                # before PYTHONPATH, so from this checkout --before would run this code too.
+                cwd = configs.REPO if name == "bare" else variants[name]
+                times[name].append(_launch(cmd, env, marker, cwd))
             print(f"startup repeat {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
                   file=sys.stderr, flush=True)
-    ratios = {f"{a}/{b}": [x / y for x, y in zip(times[a], times[b])]
-              for a, b in [("fedrun", "bare"), ("fedrun", "before"), ("before", "bare")] if b in times and a in times}
+    pairs = [(a, b) for a, b in [("fedrun", "bare"), ("fedrun", "before"), ("before", "bare")]
+             if a in times and b in times]
+    ratios = {f"{a}/{b}": [x / y for x, y in zip(times[a], times[b])] for a, b in pairs}
+    differences = {f"{a}-{b}": [x - y for x, y in zip(times[a], times[b])] for a, b in pairs}
     result = {"command": "python -m bench.startup " + " ".join(argv or sys.argv[1:]),
               "commit": common.git_commit(), "machine": common.machine(), "load": common.loadavg(),
+              "fedrun_imported": imported,
               "seconds": times, "seconds_median": {k: common.summarize(v) for k, v in times.items()},
-              "ratios": {k: common.summarize(v) for k, v in ratios.items()}}
+              "ratios": {k: common.summarize(v) for k, v in ratios.items()},
+              "differences_s": differences,
+              "differences_s_median": {k: common.summarize(v) for k, v in differences.items()}}
     if args.out:
         common.write_json(Path(args.out), result)
     for key, stats in result["ratios"].items():
         print(f"{key}: median {stats['median']:.3f} [{stats['min']:.3f}-{stats['max']:.3f}]", file=sys.stderr)
+    for key, stats in result["differences_s_median"].items():
+        print(f"{key}: median {stats['median']:+.2f} s [{stats['min']:+.2f} to {stats['max']:+.2f}]",
+              file=sys.stderr)
     return 0
 
 

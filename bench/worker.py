@@ -6,7 +6,7 @@
 6. exact_round -- an end-to-end round of the default job, aggregation.exact=true vs false.
 4. fedcentral  -- federated (C = world size, E local steps per round) vs a bare torch DDP loop
    (same U-Net, per-rank batch, AdamW, clipping), at equal samples processed.
-5. breakdown   -- a real ``fedrun train`` (``fedrun.simulator.run``) run; shares of the round
+5. breakdown   -- a real ``fedrun train`` (``fedrun.engine.simulator.run``) run; shares of the round
    time from its metrics.jsonl.
 
     torchrun --standalone --nproc_per_node=2 -m bench.worker --out r.json --workdir /tmp/x \\
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import time
-import types
 from pathlib import Path
 from typing import Dict, List
 
@@ -25,8 +24,8 @@ import torch
 import torch.distributed as torch_dist
 
 from bench import common, configs
-from fedrun import dist
-from fedrun.aggregate import BYTES_PER_FLOAT
+from fedrun.engine import dist
+from fedrun.fl.aggregation.buffer import BYTES_PER_FLOAT
 
 
 def ring_bytes_per_rank(nbytes: int, world: int) -> float:
@@ -38,8 +37,8 @@ def ring_bytes_per_rank(nbytes: int, world: int) -> float:
 
 def _unet_shapes(model_config_path: str, image_size: int, channels: int, quick: bool) -> List[torch.Size]:
     from fedrun.config import load_config
-    from fedrun.flat import FlatParameters
-    from fedrun.models import build_unet
+    from fedrun.engine.flat import FlatParameters
+    from fedrun.tasks.ddpm.model import build_unet
 
     cfg = load_config(model_config_path, configs.TINY_MODEL if quick else [])
     unet = build_unet(cfg.model, image_size, channels, cfg.seed)
@@ -76,11 +75,11 @@ class AggregationCase:
     """The tensors of one state size, and each way of reducing it (every rank calls each method)."""
 
     def __init__(self, shapes: List[torch.Size], device: torch.device, cohort_size: int = 4):
-        from fedrun.aggregate import RoundBuffer
-        from fedrun.client import FedAvgClient
-        from fedrun.cohort import assign_to_ranks
-        from fedrun.config import Config, EMAConfig, ServerConfig
-        from fedrun.server import EMA, build_server
+        from fedrun.config import load_config
+        from fedrun.engine.cohort import assign_to_ranks
+        from fedrun.engine.ema import EMA
+        from fedrun.engine.simulator import build_seams
+        from fedrun.fl.aggregation.buffer import RoundBuffer
 
         self.device, self.world, self.rank = device, dist.world_size(), dist.rank()
         self.numel = sum(s.numel() for s in shapes)
@@ -90,14 +89,13 @@ class AggregationCase:
         self.cohort = list(range(cohort_size))
         self.mine = assign_to_ranks(self.cohort, self.world)[self.rank]
         self.weight = 100.0  # an integer, as exact mode requires (sample counts)
-        # The simulator's objects, as setup builds them: server strategy, EMA, FedAvg's client
-        # algorithm (its server_update is a no-op), no server transforms, no DP.
-        self.fed = types.SimpleNamespace(cfg=types.SimpleNamespace(seed=0),
-                                         global_weights=self.global_weights,
-                                         server=build_server(ServerConfig()), server_transforms=[],
-                                         algorithm=FedAvgClient(Config()), privacy=None,
-                                         ema=EMA(self.global_weights, EMAConfig(decay=0.999)))
-        self.lr = self.fed.server.lr
+        # The simulator's seams, built by the simulator's own function from the default config:
+        # FedAvg's server step and client algorithm, the non-finite guard, no server transforms,
+        # no DP; and an EMA of the global weights.
+        cfg = load_config(None, ["ema.decay=0.999"])
+        self.seams = build_seams(cfg)
+        self.ema = EMA(self.global_weights, cfg.ema)
+        self.lr = self.seams.server.lr
         # Sized by RoundBuffer itself: update, total weight, per-client stats, per-rank times.
         self.buffer_numel = RoundBuffer(self.numel, self.cohort, self.world, "meta").buffer.numel()
         self.bare = torch.zeros(self.buffer_numel, device=device)
@@ -117,7 +115,8 @@ class AggregationCase:
         ``simulator.new_round_buffer`` builds it (the default update transform; in exact mode a
         fresh grid from the global weights, as every round), reusing last round's storage unless
         ``reuse`` is False."""
-        from fedrun.aggregate import ExactGrid, NonFiniteGuard, RoundBuffer, UpdateInfo
+        from fedrun.fl.aggregation.buffer import ExactGrid, RoundBuffer, UpdateInfo
+        from fedrun.fl.aggregation.transforms import NonFiniteGuard
 
         grids = None
         if exact:
@@ -139,11 +138,11 @@ class AggregationCase:
             self._filled[method] = self._fill(exact=method.endswith("_exact"))
 
     def _full(self, reuse: bool = True, exact: bool = False) -> None:
-        from fedrun.simulator import server_update
+        from fedrun.engine.simulator import server_update
 
         buffer = self._fill(reuse=reuse, exact=exact)
         dist.all_reduce_sum(buffer.buffer)
-        server_update(self.fed, buffer.decode(), 0)
+        server_update(self.seams, self.global_weights, self.ema, buffer.decode(), 0, seed=0)
 
     def fedrun_full(self) -> None:
         """Buffer, client adds, ONE all-reduce, decode, server step and EMA: fedrun's whole path
@@ -257,7 +256,7 @@ class BareDDP:
     step; same U-Net, per-rank batch, AdamW, clipping; each rank draws its batches from the whole
     training set with its own generator.
 
-    fedrun's own centralized baseline (``fedrun central``, ``fedrun.centralized``) exists; this
+    fedrun's own centralized baseline (``fedrun central``, ``fedrun.engine.central``) exists; this
     benchmark keeps a bare DDP loop on purpose: it measures fedrun against plain PyTorch, not
     against another fedrun path (``fedrun compare`` compares federated and central runs for
     quality and bytes).
@@ -282,8 +281,8 @@ class BareDDP:
 
 
 def fedcentral(quick: bool, device: torch.device, workdir: Path) -> dict:
-    from fedrun import simulator
-    from fedrun.logging import RunLogger
+    from fedrun.engine import simulator
+    from fedrun.engine.metrics import RunLogger
 
     world = dist.world_size()
     steps_per_rank = 4 if quick else 16
@@ -295,7 +294,7 @@ def fedcentral(quick: bool, device: torch.device, workdir: Path) -> dict:
                            "checkpoint.every=0")
         fed = simulator.setup(cfg)
         logger = RunLogger(Path(cfg.output_dir), cfg.logging, {}, cfg.rounds, 0, enabled=False)
-        ddp = BareDDP(cfg, fed.dataset, device)
+        ddp = BareDDP(cfg, fed.run.dataset, device)
         rounds = steps_per_rank // local_steps
         next_round = 1
         simulator.run_round(fed, 0, logger)  # warm-up
@@ -305,22 +304,22 @@ def fedcentral(quick: bool, device: torch.device, workdir: Path) -> dict:
             for which in (("fed", "ddp") if rep % 2 == 0 else ("ddp", "fed")):
                 dist.barrier()
                 if which == "fed":
-                    before = fed.samples_seen
+                    before = fed.run.progress.samples_seen
                     first = next_round
                     fed_times.append(common.timed(
                         lambda: [simulator.run_round(fed, r, logger) for r in range(first, first + rounds)],
                         device))
                     next_round += rounds
-                    fed_samples.append(fed.samples_seen - before)
+                    fed_samples.append(fed.run.progress.samples_seen - before)
                 else:
                     ddp_times.append(common.timed(lambda: ddp.steps(steps_per_rank), device))
         fed_times, ddp_times = common.rank_max(fed_times, device), common.rank_max(ddp_times, device)
         # The buffer the rounds actually reduced (its layout is RoundBuffer's; exact mode -- the
         # default -- makes it float64 fixed point, padded to whole blocks).
-        buffer = fed.round_buffer.buffer
+        buffer = fed.tracking.round_buffer.buffer
         buffer_bytes = buffer.numel() * buffer.element_size()
         ddp_samples = steps_per_rank * cfg.optim.batch_size * world
-        model_params = fed.params.numel
+        model_params = fed.run.params.numel
         rows.append({
             "local_steps": local_steps, "rounds": rounds, "steps_per_rank": steps_per_rank,
             "samples": ddp_samples, "fedrun_samples_check": fed_samples[0],
@@ -330,7 +329,7 @@ def fedcentral(quick: bool, device: torch.device, workdir: Path) -> dict:
             "fedrun_buffer_bytes": buffer_bytes, "fedrun_exact": bool(cfg.aggregation.exact),
             "fedrun_ring_bytes_per_rank": rounds * ring_bytes_per_rank(buffer_bytes, world),
             "ddp_ring_bytes_per_rank": steps_per_rank * ring_bytes_per_rank(BYTES_PER_FLOAT * ddp.numel, world),
-            "fedrun_accounted_bytes": rounds * 2 * BYTES_PER_FLOAT * fed.params.numel * world,
+            "fedrun_accounted_bytes": rounds * 2 * BYTES_PER_FLOAT * fed.run.params.numel * world,
         })
         del fed, ddp
     return {"world_size": world, "model_params": model_params,
@@ -349,8 +348,8 @@ def exact_round(quick: bool, device: torch.device, workdir: Path) -> dict:
     """End-to-end round of the default job (configs/digits_fedavg.yaml: 4 clients, E = 4) with
     ``aggregation.exact=true`` vs ``false``: two Federations in the same ranks, one
     ``simulator.run_round`` of each per repeat, order alternating (ABBA)."""
-    from fedrun import simulator
-    from fedrun.logging import RunLogger
+    from fedrun.engine import simulator
+    from fedrun.engine.metrics import RunLogger
 
     repeats = 2 if quick else 16
     feds, loggers = {}, {}
@@ -378,13 +377,13 @@ def exact_round(quick: bool, device: torch.device, workdir: Path) -> dict:
     times = {m: common.rank_max(v, device) for m, v in times.items()}
     # aggregation_s as the simulator logs it (rank 0's, includes waiting for the slower rank)
     agg = {m: [r["aggregation_s"] for r in records[m][1:]] for m in feds}
-    cfg = feds["exact"].cfg
-    buffers = {m: feds[m].round_buffer.buffer for m in feds}
+    cfg = feds["exact"].run.cfg
+    buffers = {m: feds[m].tracking.round_buffer.buffer for m in feds}
     return {
         "config": "configs/digits_fedavg.yaml" + (" [quick: tiny 8x8 U-Net]" if quick else ""),
         "num_clients": cfg.num_clients, "clients_per_round": cfg.cohort_size,
         "local_steps": cfg.local_steps, "world_size": dist.world_size(),
-        "model_params": feds["exact"].params.numel, "repeats": repeats,
+        "model_params": feds["exact"].run.params.numel, "repeats": repeats,
         "round_s": {m: common.summarize(v) for m, v in times.items()},
         "raw_round_s": times,
         "ratio": common.summarize([e / f for e, f in zip(times["exact"], times["fp32"])]),
@@ -401,9 +400,9 @@ PHASES = ("local_compute_s", "aggregation_s", "server_s", "sample_s", "checkpoin
 
 
 def breakdown(quick: bool, workdir: Path) -> dict:
-    from fedrun import simulator
+    from fedrun.engine import simulator
     from fedrun.config import load_config
-    from fedrun.logging import read_metrics
+    from fedrun.engine.metrics import read_metrics
 
     run_dir = workdir / "breakdown"
     shape = (["rounds=3", "sample.every=3", "checkpoint.every=1"] if quick

@@ -34,11 +34,12 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config and exit")
 
 
-def _config_run(args: argparse.Namespace, run) -> int:
-    """Load the config of a config-driven verb; print it (--print-config) or ``run(cfg)`` it."""
+def _config_run(args: argparse.Namespace, run, task: Optional[str] = None) -> int:
+    """Load the config of a config-driven verb (``task``: the task the verb trains, if it is
+    bound to one); print it (--print-config) or ``run(cfg)`` it."""
     from fedrun.config import load_config, to_yaml
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, task=task)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
@@ -47,24 +48,22 @@ def _config_run(args: argparse.Namespace, run) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fedrun import simulator
+    from fedrun.engine import simulator
 
     return _config_run(args, simulator.run)
 
 
 def _cmd_central(args: argparse.Namespace) -> int:
-    from fedrun.centralized import run_central
-    from fedrun.task import build_task, task_name_of
+    from fedrun.engine.central import run_central
 
-    # With a fine-tuning config the baseline is centralized fine-tuning on all the images.
-    return _config_run(args, lambda cfg: run_central(cfg, build_task(task_name_of(cfg), cfg)))
+    # The config's task: with a fine-tuning config the baseline is centralized fine-tuning.
+    return _config_run(args, run_central)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from fedrun import simulator
-    from fedrun.task import build_task
+    from fedrun.engine import simulator
 
-    return _config_run(args, lambda cfg: simulator.run(cfg, build_task("finetune", cfg)))
+    return _config_run(args, simulator.run, task="sd_lora")
 
 
 # Short keys of `sample` / `evaluate` (any dotted config key is accepted too).
@@ -97,7 +96,7 @@ def _run_settings(args: argparse.Namespace, special: tuple) -> tuple:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from fedrun.evaluate import open_run, sample_run
+    from fedrun.eval.sampling import open_run, sample_run
 
     overrides, chosen = _run_settings(args, ("checkpoint", "out"))
     if not any(o.startswith("eval.num_samples=") for o in overrides):
@@ -108,7 +107,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedrun.evaluate import evaluate_run, open_run
+    from fedrun.eval.sampling import evaluate_run, open_run
 
     overrides, chosen = _run_settings(args, ("checkpoint", "samples"))
     cfg = open_run(args.run, overrides)
@@ -129,7 +128,7 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from fedrun.compare import compare
+    from fedrun.experiments.compare import compare
 
     command = "python -m fedrun compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else [])
     report = compare(args.grid, args.quick, max(1, args.jobs), args.collect, args.report,
@@ -139,7 +138,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _audit_arguments(parser: argparse.ArgumentParser) -> None:
-    from fedrun.audit import AuditOptions
+    from fedrun.eval.audit import AuditOptions
 
     defaults = AuditOptions()
     parser.add_argument("--run", required=True, help="run directory (output_dir of a run)")
@@ -159,7 +158,7 @@ def _audit_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from fedrun.audit import AuditOptions, audit_run
+    from fedrun.eval.audit import AuditOptions, audit_run
 
     if args.threads:
         import torch
@@ -173,7 +172,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {
-    "train": ("federated DDPM pre-training (FedAvg over torchrun ranks)", _config_arguments, _cmd_train),
+    "train": ("federated training of the config's task (task.name; default: DDPM pre-training) "
+              "over torchrun ranks", _config_arguments, _cmd_train),
     "central": ("centralized DDP baseline on the union of the clients' data, same budget",
                 _config_arguments, _cmd_central),
     "sample": ("samples of a run's EMA model (final/ or a checkpoint) with diffusers schedulers",
@@ -181,8 +181,8 @@ COMMANDS = {
     "evaluate": ("FID/KID of a run's samples, with the real-vs-real floor", _run_arguments, _cmd_evaluate),
     "compare": ("run or collect a grid of runs and write the comparison report", _compare_arguments,
                 _cmd_compare),
-    "finetune": ("federated LoRA fine-tuning of a Stable Diffusion-style model", _config_arguments,
-                 _cmd_finetune),
+    "finetune": ("federated LoRA fine-tuning of a Stable Diffusion-style model (task sd_lora)",
+                 _config_arguments, _cmd_finetune),
     "audit": ("what a run's model reveals about its clients' images: memorisation (nearest "
               "training vs held-out image of >= 1,000 samples) and loss-based membership inference",
               _audit_arguments, _cmd_audit),
@@ -200,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _say(message: str, every_rank: bool = False) -> None:
-    from fedrun import dist
+    from fedrun.engine import dist
 
     if every_rank and dist.world_size() > 1:
         print(f"[rank {dist.rank()}] {message}", file=sys.stderr, flush=True)

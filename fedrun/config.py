@@ -1,7 +1,18 @@
 """Typed configuration: OmegaConf structured dataclasses, YAML files and ``key=value`` overrides.
 
 Loaded once at the entry point (``load_config``); everything below receives plain dataclasses.
-Each section validates itself in ``__post_init__`` (called by ``OmegaConf.to_object``), so an
+This module holds the core sections; the rest of a config belongs to pieces (``fedrun.registry``):
+
+* a piece's own parameters sit in the section that names it, beside its name: ``server.strategy:
+  fedavgm`` with ``server.momentum``, ``partition.method: dirichlet`` with ``partition.alpha``,
+  ``data.name: image_folder`` with ``data.root``, ``client.algorithm: fedprox`` with
+  ``client.prox_mu``. They are the piece's ``Params`` dataclass, merged into the section's schema
+  for the piece the config names, so an unknown or misplaced parameter is an error naming the key
+  and the parameters that piece takes;
+* a task's sections (``model`` and ``diffusion`` for ``ddpm``, ``finetune`` for ``sd_lora``, ...)
+  are top-level keys that only the task named by ``task.name`` accepts.
+
+Every section validates itself in ``__post_init__`` (called by ``OmegaConf.to_object``), so an
 impossible value is reported with the full key name before any process group or model exists.
 """
 
@@ -10,14 +21,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedrun.errors import ConfigError
+from fedrun.registry import (CLIENT_ALGORITHMS, DATASETS, FEATURE_EXTRACTORS, PARTITIONERS, SERVER_TRANSFORMS, STRATEGIES, TASKS, UPDATE_TRANSFORMS, ParamError, Registry, load_plugins)
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -27,46 +40,28 @@ def _require(condition: bool, key: str, message: str) -> None:
 
 @dataclass
 class DataConfig:
-    """Where the images come from and how they are prepared."""
+    """Where the images come from (a registered data source) and how they are prepared."""
 
     name: str = "digits"
-    """'digits' (scikit-learn's bundled 8x8 digits, embedded), 'image_folder' or 'celeba'."""
-    root: Optional[str] = None
-    """Folder of images (searched recursively) for image_folder / celeba."""
+    """A registered data source (``fedrun.registry.DATASETS``): 'digits' (scikit-learn's bundled
+    8x8 digits, embedded), 'image_folder', 'celeba', 'hf' (a Hugging Face ``datasets`` data set);
+    its own keys (``data.root``, ...) sit beside this one."""
     image_size: int = 16
     """Side of the square training images, in pixels."""
-    grayscale: bool = False
-    """Image folders: convert to one channel (digits are always one channel)."""
-    center_crop: bool = True
-    """Image folders: crop the largest centred square before resizing (CelebA: 178x178)."""
-    labels_csv: Optional[str] = None
-    """Optional CSV (or CelebA's whitespace list_attr_celeba.txt) giving a label per file."""
-    label_column: Optional[str] = None
-    """Column of labels_csv used as the label (e.g. 'Smiling' for CelebA)."""
-    filename_column: str = "image_id"
-    """Column of labels_csv holding the file name (relative to root, or the base name)."""
     heldout_fraction: float = 0.1
     """Share of the images kept out of training, for evaluation (the FID/KID reference). The
-    split is the same for every ``seed`` (``fedrun.data.datasets.HELDOUT_SPLIT_SEED``); the shipped
+    split is the same for every ``seed`` (``fedrun.data.base.HELDOUT_SPLIT_SEED``); the shipped
     digits classifier never saw a reference image of the digits at this default or below."""
     max_samples: Optional[int] = None
     """Use only a deterministic subset of this many images (quick runs): a fixed part of the
     reference split as held-out set and a seeded choice of the other images for training."""
-    skip_corrupt: bool = False
-    """Skip unreadable image files (listed in a warning) instead of stopping with an error."""
 
     def __post_init__(self) -> None:
-        _require(self.name in ("digits", "image_folder", "celeba"), "data.name",
-                 f"must be 'digits', 'image_folder' or 'celeba', got '{self.name}'")
         _require(self.image_size >= 4, "data.image_size", f"must be >= 4, got {self.image_size}")
         _require(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction",
                  f"must be in [0, 1), got {self.heldout_fraction}")
         _require(self.max_samples is None or self.max_samples >= 1, "data.max_samples",
                  f"must be >= 1, got {self.max_samples}")
-        if self.name != "digits":
-            _require(bool(self.root), "data.root", f"is required when data.name='{self.name}'")
-        if self.labels_csv is not None:
-            _require(bool(self.label_column), "data.label_column", "is required with data.labels_csv")
 
 
 @dataclass
@@ -74,68 +69,9 @@ class PartitionConfig:
     """How the training images are split among the clients."""
 
     method: str = "iid"
-    """A registered partitioner (``fedrun.data.partition.PARTITIONERS``): 'iid', 'dirichlet'
-    (label skew, alpha), 'shards' (k classes per client), 'unbalanced'."""
-    alpha: float = 0.5
-    """Dirichlet concentration: small = each client sees few classes, large = near iid."""
-    shards_per_client: int = 2
-    """'shards': label-sorted shards per client (about that many classes each)."""
-    unbalanced_sigma: float = 1.0
-    """'unbalanced': client sizes are log-normal with this sigma (0 = equal sizes)."""
-
-    def __post_init__(self) -> None:
-        from fedrun.data.partition import PARTITIONERS  # here: fedrun.data.partition imports this module
-
-        PARTITIONERS.check(self.method)
-        _require(self.alpha > 0, "partition.alpha", f"must be > 0, got {self.alpha}")
-        _require(self.shards_per_client >= 1, "partition.shards_per_client",
-                 f"must be >= 1, got {self.shards_per_client}")
-        _require(self.unbalanced_sigma >= 0, "partition.unbalanced_sigma",
-                 f"must be >= 0, got {self.unbalanced_sigma}")
-
-
-@dataclass
-class ModelConfig:
-    """The diffusers UNet2DModel: built from these fields, or loaded from ``pretrained``."""
-
-    pretrained: Optional[str] = None
-    """Local folder or hub id of a UNet2DModel (or a DDPMPipeline folder with a 'unet/' subfolder)."""
-    block_out_channels: List[int] = field(default_factory=lambda: [32, 64])
-    layers_per_block: int = 1
-    down_block_types: List[str] = field(default_factory=lambda: ["DownBlock2D", "AttnDownBlock2D"])
-    up_block_types: List[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
-    norm_num_groups: int = 8
-    attention_head_dim: Optional[int] = 8
-
-    def __post_init__(self) -> None:
-        n = len(self.block_out_channels)
-        _require(n >= 1, "model.block_out_channels", "needs at least one entry")
-        _require(len(self.down_block_types) == n, "model.down_block_types",
-                 f"needs {n} entries (one per model.block_out_channels), got {len(self.down_block_types)}")
-        _require(len(self.up_block_types) == n, "model.up_block_types",
-                 f"needs {n} entries (one per model.block_out_channels), got {len(self.up_block_types)}")
-        for c in self.block_out_channels:
-            _require(c % self.norm_num_groups == 0, "model.block_out_channels",
-                     f"{c} is not divisible by model.norm_num_groups={self.norm_num_groups}")
-
-
-@dataclass
-class DiffusionConfig:
-    """DDPM noise schedule (paper: linear beta 1e-4 .. 0.02, T = 1000, epsilon prediction)."""
-
-    num_train_timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    prediction_type: str = "epsilon"
-
-    def __post_init__(self) -> None:
-        _require(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
-                 f"must be >= 2, got {self.num_train_timesteps}")
-        _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
-                 f"need 0 < beta_start < beta_end < 1, got {self.beta_start}, {self.beta_end}")
-        _require(self.prediction_type in ("epsilon", "v_prediction", "sample"),
-                 "diffusion.prediction_type", f"unknown '{self.prediction_type}'")
+    """A registered partitioner (``fedrun.registry.PARTITIONERS``): 'iid', 'dirichlet' (label
+    skew, ``partition.alpha``), 'shards' (``partition.shards_per_client`` classes per client),
+    'unbalanced' (``partition.unbalanced_sigma``)."""
 
 
 @dataclass
@@ -170,33 +106,19 @@ class ServerConfig:
     """The server step applied to the averaged client update."""
 
     strategy: str = "fedavg"
-    """A registered server strategy (``fedrun.server.STRATEGIES``): 'fedavg' (w += lr * mean
-    update), 'fedavgm' (server momentum), or the adaptive optimizers of Reddi et al. (2021)
-    'fedadam', 'fedyogi', 'fedadagrad'."""
+    """A registered server strategy (``fedrun.registry.STRATEGIES``): 'fedavg' (w += lr * mean
+    update), 'fedavgm' (server momentum: ``server.momentum``), or the adaptive optimizers of
+    Reddi et al. (2021) 'fedadam', 'fedyogi', 'fedadagrad' (``server.beta1``, ``beta2``,
+    ``tau``)."""
     lr: Optional[float] = None
     """Server learning rate; null = the strategy's default: 1.0 for fedavg/fedavgm (1.0 is plain
     FedAvg, the average of the client models), 0.01 for the adaptive strategies."""
-    momentum: float = 0.9
-    """'fedavgm' only."""
-    beta1: float = 0.9
-    """Adaptive strategies: decay of the first moment of the mean update (0 = none)."""
-    beta2: float = 0.99
-    """'fedadam', 'fedyogi': decay of the second moment."""
-    tau: float = 1e-3
-    """Adaptive strategies: the adaptivity floor tau in lr * m / (sqrt(v) + tau); v starts at tau^2."""
     weighting: Optional[str] = None
     """Weight of a client in the average: 'samples' (its data size, as in FedAvg) or 'uniform';
     null = 'samples', or 'uniform' under privacy.enabled (client-level DP weighs every client 1)."""
 
     def __post_init__(self) -> None:
-        from fedrun.server import STRATEGIES
-
-        STRATEGIES.check(self.strategy, "server.strategy")
         _require(self.lr is None or self.lr > 0, "server.lr", f"must be > 0 or null, got {self.lr}")
-        _require(0 <= self.momentum < 1, "server.momentum", f"must be in [0, 1), got {self.momentum}")
-        _require(0 <= self.beta1 < 1, "server.beta1", f"must be in [0, 1), got {self.beta1}")
-        _require(0 <= self.beta2 < 1, "server.beta2", f"must be in [0, 1), got {self.beta2}")
-        _require(self.tau > 0, "server.tau", f"must be > 0, got {self.tau}")
         _require(self.weighting in (None, "samples", "uniform"), "server.weighting",
                  f"must be 'samples' or 'uniform', got '{self.weighting}'")
 
@@ -206,26 +128,19 @@ class ClientConfig:
     """What a sampled client does with the global weights for its local steps."""
 
     algorithm: str = "fedavg"
-    """A registered client algorithm (``fedrun.client.CLIENT_ALGORITHMS``): 'fedavg' trains
+    """A registered client algorithm (``fedrun.registry.CLIENT_ALGORITHMS``): 'fedavg' trains
     local_steps steps of the client optimizer (optim.*) from the global weights; 'fedprox' adds
-    the proximal term prox_mu/2 ||w - w_global||^2 to the loss (Li et al. 2020); 'scaffold'
-    corrects every step with control variates (Karimireddy et al. 2020, option II)."""
-    prox_mu: float = 0.01
-    """'fedprox' only: the proximal coefficient mu."""
+    the proximal term prox_mu/2 ||w - w_global||^2 to the loss (Li et al. 2020;
+    ``client.prox_mu``); 'scaffold' corrects every step with control variates (Karimireddy et
+    al. 2020, option II; needs plain SGD)."""
     stateful_optimizer: bool = False
     """Keep each client's optimizer state (AdamW moments, SGD momentum) across its rounds, in the
     client state store; false = a fresh optimizer every round (FedAvg as published)."""
 
-    def __post_init__(self) -> None:
-        from fedrun.client import CLIENT_ALGORITHMS
-
-        CLIENT_ALGORITHMS.check(self.algorithm, "client.algorithm")
-        _require(self.prox_mu >= 0, "client.prox_mu", f"must be >= 0, got {self.prox_mu}")
-
 
 @dataclass
 class AggregationConfig:
-    """How the clients' updates are transformed and summed (``fedrun.aggregate``)."""
+    """How the clients' updates are transformed and summed (``fedrun.fl.aggregation``)."""
 
     exact: bool = True
     """Sum the round's weighted updates exactly (fixed-point integers in a float64 buffer): the
@@ -233,7 +148,7 @@ class AggregationConfig:
     bit-identical models at any clients_per_round. false: plain fp32 sums, half the bytes of
     the all-reduce, equal across world sizes only up to rounding (which Adam amplifies)."""
     update_transforms: List[str] = field(default_factory=lambda: ["nonfinite_guard"])
-    """Registered client-update transforms (``fedrun.aggregate.UPDATE_TRANSFORMS``) applied in
+    """Registered client-update transforms (``fedrun.registry.UPDATE_TRANSFORMS``) applied in
     order to each client's update (local - global) before the weighted sum; one may reject the
     update. 'nonfinite_guard' rejects updates (or losses) holding a NaN or an infinity."""
     rounding: str = "stochastic"
@@ -242,18 +157,12 @@ class AggregationConfig:
     the sum stays independent of the world size) or 'nearest' (deterministic, biased: a
     coordinate's update below half a grid step is lost every round)."""
     server_transforms: List[str] = field(default_factory=list)
-    """Registered server transforms (``fedrun.aggregate.SERVER_TRANSFORMS``) applied in order
+    """Registered server transforms (``fedrun.registry.SERVER_TRANSFORMS``) applied in order
     to the reduced sum of updates before the server step."""
 
     def __post_init__(self) -> None:
-        from fedrun.aggregate import SERVER_TRANSFORMS, UPDATE_TRANSFORMS
-
         _require(self.rounding in ("stochastic", "nearest"), "aggregation.rounding",
                  f"must be 'stochastic' or 'nearest', got '{self.rounding}'")
-        for i, name in enumerate(self.update_transforms):
-            UPDATE_TRANSFORMS.check(name, f"aggregation.update_transforms[{i}]")
-        for i, name in enumerate(self.server_transforms):
-            SERVER_TRANSFORMS.check(name, f"aggregation.server_transforms[{i}]")
 
 
 @dataclass
@@ -264,7 +173,7 @@ class EMAConfig:
     decay: float = 0.95
     """Per-round decay d; update r uses min(d, r / (r + 1)), the running mean of the rounds so far
     until it reaches d (after ceil(d / (1 - d)) rounds). The EMA's weights then have a mean age
-    of d / (1 - d) rounds (``fedrun.server.EMA``)."""
+    of d / (1 - d) rounds (``fedrun.engine.ema.EMA``)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.decay < 1, "ema.decay", f"must be in [0, 1), got {self.decay}")
@@ -349,7 +258,7 @@ class FaultsConfig:
 
 @dataclass
 class EvalConfig:
-    """FID/KID of samples from the EMA model (``fedrun.features``), during training and in
+    """FID/KID of samples from the EMA model (``fedrun.eval.features``), during training and in
     ``fedrun evaluate``; always reported with the real-vs-real floor and the sample count."""
 
     every: int = 0
@@ -357,7 +266,7 @@ class EvalConfig:
     num_samples: int = 1000
     """Generated samples per evaluation (fewer than 1000: biased FID, a warning says so)."""
     feature: str = "digits"
-    """A registered feature extractor (``fedrun.features.FEATURE_EXTRACTORS``): 'digits' (the
+    """A registered feature extractor (``fedrun.registry.FEATURE_EXTRACTORS``): 'digits' (the
     shipped digits classifier, offline) or 'inception' (torchmetrics' FID InceptionV3)."""
     inception_weights: Optional[str] = None
     """Local path of weights-inception-2015-12-05-6726825d.pth for 'inception' without internet."""
@@ -373,9 +282,6 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
         _require(self.num_samples >= 2, "eval.num_samples", f"must be >= 2, got {self.num_samples}")
-        from fedrun.features import FEATURE_EXTRACTORS  # here: fedrun.features imports torch
-
-        FEATURE_EXTRACTORS.check(self.feature)
         _require(self.scheduler in ("ddim", "ddpm"), "eval.scheduler",
                  f"must be 'ddim' or 'ddpm', got '{self.scheduler}'")
         _require(self.steps >= 1, "eval.steps", f"must be >= 1, got {self.steps}")
@@ -412,85 +318,8 @@ class CentralConfig:
 
 
 @dataclass
-class FinetuneConfig:
-    """``fedrun finetune``: a Stable Diffusion-style pipeline folder or hub id, LoRA on its U-Net.
-
-    The images are ``data.root`` (``data.name: image_folder``, every image used); their prompts are
-    ``instance_prompt`` and/or ``prompts_file``. The noise schedule is the pipeline's own
-    ``scheduler/`` (the ``diffusion`` section is not used).
-    """
-
-    pretrained: Optional[str] = None
-    """Hub id (e.g. runwayml/stable-diffusion-v1-5) or local folder with unet/, vae/,
-    text_encoder/, tokenizer/, scheduler/."""
-    mode: str = "lora"
-    """'lora' (frozen base, train LoRA on the U-Net) or 'full' (train the whole U-Net,
-    text-conditioned: the pre-training of the CPU demo); final/ is then a whole pipeline."""
-    lora_rank: int = 8
-    lora_alpha: Optional[float] = None
-    """LoRA scale is alpha / rank; null = rank (scale 1)."""
-    lora_target_modules: List[str] = field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    lora_aggregation: str = "fedavg"
-    """'fedavg' (average A and B separately) or 'ffa' (A frozen at its shared random init, only
-    B trained and averaged: exact, half the bytes)."""
-    aggregation_error_every: int = 1
-    """Log ||mean(B A) - mean(B) mean(A)|| / ||mean(B A)|| every this many rounds (0 = never).
-    It needs the clients' products B_c A_c: an extra, explicit all-reduce of U-Net-sized
-    matrices on those rounds only (a diagnostic of the simulator, not part of the protocol)."""
-    instance_prompt: Optional[str] = None
-    """Prompt of every image (DreamBooth: 'a photo of sks dog')."""
-    prompts_file: Optional[str] = None
-    """metadata.jsonl ({"file_name", "text"} per line) or CSV (file_name,text): one prompt per
-    image; relative paths are tried in the working directory, then in data.root."""
-    class_prompt: Optional[str] = None
-    """DreamBooth prior preservation: the prompt of the class images ('a photo of a dog')."""
-    class_data_dir: Optional[str] = None
-    """Folder of class images (e.g. sampled from the base model for class_prompt); every client
-    draws as many of them per step as it has subject images in its batch."""
-    class_prompts_file: Optional[str] = None
-    """Per-image prompts of the class images (metadata.jsonl or CSV, like prompts_file): prior
-    preservation over several prompts; class_prompt then covers the images it does not list."""
-    prior_loss_weight: float = 1.0
-    """Weight of the class images' loss (DreamBooth's prior-preservation loss)."""
-    prompt_dropout: float = 0.0
-    """Probability of training on the empty prompt instead (for classifier-free guidance)."""
-    validation_prompts: List[str] = field(default_factory=list)
-    """Prompts of the sample grids (base model and during/after training); empty = the
-    instance prompt."""
-    guidance_scale: float = 7.5
-    """Classifier-free guidance of the sample grids."""
-    base_dtype: str = "float32"
-    """dtype of the frozen base (unet, vae, text encoder): 'float32', 'float16', 'bfloat16'.
-    Trainable parameters are always float32."""
-
-    def __post_init__(self) -> None:
-        _require(self.mode in ("lora", "full"), "finetune.mode",
-                 f"must be 'lora' or 'full', got '{self.mode}'")
-        _require(self.lora_rank >= 1, "finetune.lora_rank", f"must be >= 1, got {self.lora_rank}")
-        _require(self.lora_alpha is None or self.lora_alpha > 0, "finetune.lora_alpha",
-                 f"must be > 0 or null, got {self.lora_alpha}")
-        _require(bool(self.lora_target_modules), "finetune.lora_target_modules", "must not be empty")
-        _require(self.lora_aggregation in ("fedavg", "ffa"), "finetune.lora_aggregation",
-                 f"must be 'fedavg' or 'ffa', got '{self.lora_aggregation}'")
-        _require(self.aggregation_error_every >= 0, "finetune.aggregation_error_every",
-                 f"must be >= 0, got {self.aggregation_error_every}")
-        _require(bool(self.class_prompt or self.class_prompts_file) == bool(self.class_data_dir),
-                 "finetune.class_data_dir", "goes with finetune.class_prompt or "
-                 "finetune.class_prompts_file (both or neither)")
-        _require(self.prior_loss_weight >= 0, "finetune.prior_loss_weight",
-                 f"must be >= 0, got {self.prior_loss_weight}")
-        _require(0.0 <= self.prompt_dropout < 1.0, "finetune.prompt_dropout",
-                 f"must be in [0, 1), got {self.prompt_dropout}")
-        _require(self.guidance_scale >= 0, "finetune.guidance_scale",
-                 f"must be >= 0, got {self.guidance_scale}")
-        _require(self.base_dtype in ("float32", "float16", "bfloat16"), "finetune.base_dtype",
-                 f"must be 'float32', 'float16' or 'bfloat16', got '{self.base_dtype}'")
-
-
-@dataclass
 class PrivacyConfig:
-    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018; ``fedrun.privacy``):
+    """Client-level differential privacy, DP-FedAvg (McMahan et al. 2018; ``fedrun.fl.privacy``):
     each client's whole update is clipped to L2 norm ``clip_norm`` (update transform 'dp_clip'),
     Gaussian noise N(0, (noise_multiplier * clip_norm)^2) is added once to the round's sum
     (server transform 'dp_noise', seeded by (seed, round): the same on every rank), the sum is
@@ -535,8 +364,21 @@ class PrivacyConfig:
 
 
 @dataclass
+class TaskConfig:
+    """What is trained: a registered task (``fedrun.registry.TASKS``, one folder of
+    ``fedrun/tasks/``)."""
+
+    name: str = "ddpm"
+    """'ddpm' (unconditional DDPM pre-training; sections ``model``, ``diffusion``), 'sd_lora'
+    (LoRA fine-tuning of a Stable Diffusion pipeline, ``fedrun finetune``; section ``finetune``),
+    'dit' (class-conditional DiT; sections ``dit``, ``diffusion``), or a task of your own. Unset,
+    a config that sets ``finetune.pretrained`` (written before tasks were named) is 'sd_lora'."""
+
+
+@dataclass
 class Config:
-    """One federated (or centralized) diffusion training run."""
+    """One federated (or centralized) diffusion training run: the core sections; the task's
+    sections are added by ``load_config`` for the task the config names."""
 
     seed: int = 0
     output_dir: str = "runs/default"
@@ -560,6 +402,11 @@ class Config:
     """Compute precision of local training and of the centralized baseline: 'fp32', 'bf16'
     (autocast; also on CPU) or 'fp16' (autocast + gradient scaler; GPU only). The federated
     vector, the server step, the EMA and the optimizer state stay fp32."""
+    plugins: List[str] = field(default_factory=list)
+    """Modules to import before the config is validated: your own pieces (strategies, client
+    algorithms, transforms, partitioners, data sources, tasks) registering themselves with
+    ``fedrun.registry`` (installed plugins in the ``fedrun.plugins`` entry-point group load
+    without being listed)."""
 
     num_clients: int = 4
     """C: the number of (virtual) clients; may exceed the number of ranks."""
@@ -572,10 +419,9 @@ class Config:
     rounds: int = 10
     """T: global rounds."""
 
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
@@ -587,8 +433,6 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     central: CentralConfig = field(default_factory=CentralConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    """``fedrun finetune`` only."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
@@ -611,21 +455,10 @@ class Config:
         if self.server.weighting is None:  # resolved here, so config.yaml shows what runs
             self.server.weighting = "uniform" if self.privacy.enabled else "samples"
         self._check_privacy()
-        self._check_scaffold()
         for key in ("dropout_schedule", "nonfinite_schedule"):
             for _, client in getattr(self.faults, key):
                 _require(client < self.num_clients, f"faults.{key}",
                          f"client {client} does not exist (num_clients={self.num_clients})")
-        # A U-Net of n blocks halves the image n - 1 times and concatenates the skip connections
-        # on the way up: a side that is odd before any halving breaks that concat deep in diffusers.
-        # A pretrained U-Net (or the pipeline of `fedrun finetune`) is not built from model.*.
-        if not (self.model.pretrained or self.finetune.pretrained):
-            factor = 2 ** (len(self.model.block_out_channels) - 1)
-            _require(self.data.image_size % factor == 0, "data.image_size",
-                     f"{self.data.image_size} is not divisible by {factor}: the U-Net's "
-                     f"{len(self.model.block_out_channels)} blocks (model.block_out_channels) halve "
-                     f"the image {factor.bit_length() - 1} time(s); use a multiple of {factor} "
-                     f"(e.g. {(self.data.image_size // factor + 1) * factor})")
 
     def _check_privacy(self) -> None:
         """DP-FedAvg's requirements; with privacy.enabled its transforms are inserted here, so the
@@ -652,21 +485,6 @@ class Config:
                  "privacy.delta", f"{p.delta} is not below 1 / num_clients = "
                  f"{1.0 / self.num_clients:.3g}: such a guarantee allows publishing a client's data")
 
-    def _check_scaffold(self) -> None:
-        """SCAFFOLD's option II variate (w_global - y) / (K lr) is the mean corrected gradient only
-        when the K local steps are plain SGD steps of size lr: AdamW makes it the mean normalised
-        step (about +-1 per coordinate), momentum scales it by up to 1 / (1 - momentum), and
-        gradient clipping turns it into a mean of clipped gradients."""
-        if self.client.algorithm != "scaffold":
-            return
-        bad = [f"optim.{key}={value}" for key, value, wanted in (
-            ("name", self.optim.name, "sgd"), ("momentum", self.optim.momentum, 0.0),
-            ("grad_clip", self.optim.grad_clip, None)) if value != wanted]
-        _require(not bad, "client.algorithm",
-                 "'scaffold' (option II control variates) needs plain SGD local steps: set "
-                 "optim.name=sgd optim.momentum=0 optim.grad_clip=null (got " + ", ".join(bad)
-                 + "); its variate (w_global - y) / (K lr) estimates the mean gradient only then")
-
     @property
     def cohort_size(self) -> int:
         return self.clients_per_round or self.num_clients
@@ -678,11 +496,78 @@ _DIGEST_EXEMPT = {"output_dir", "resume", "overwrite", "device", "dist_timeout_s
                   "sample", "checkpoint", "logging", "eval", "faults.max_rejected_rounds"}
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
-                schema: type = Config) -> Any:
-    """Merge defaults <- YAML file <- ``key=value`` overrides, validate, return the dataclass."""
-    base = OmegaConf.structured(schema)
-    layers = [base]
+#: The sections whose named piece brings parameters of its own: section -> (the key naming the
+#: piece, its registry). The piece's ``Params`` fields become keys of the section.
+PIECE_SECTIONS: Dict[str, Tuple[str, Registry]] = {
+    "data": ("name", DATASETS),
+    "partition": ("method", PARTITIONERS),
+    "server": ("strategy", STRATEGIES),
+    "client": ("algorithm", CLIENT_ALGORITHMS),
+}
+#: The sections holding lists of pieces; a listed piece with parameters gets a sub-section of
+#: its name (``aggregation.<transform>.<parameter>``).
+PIECE_LISTS: Dict[str, Tuple[Tuple[str, Registry], ...]] = {
+    "aggregation": (("update_transforms", UPDATE_TRANSFORMS),
+                    ("server_transforms", SERVER_TRANSFORMS)),
+}
+
+#: Keys that were fixed parts of the piece sections before pieces had parameters of their own,
+#: with their defaults of that time (fedrun 9dcece4), and the task sections of that time with
+#: theirs. A config written then (a run directory's config.yaml lists every key) keeps loading:
+#: such a key that the named piece (or task) does not take is dropped while it holds its old
+#: default, and refused, naming what takes it, otherwise.
+LEGACY_KEYS: Dict[str, Dict[str, Any]] = {
+    "data": {"root": None, "grayscale": False, "center_crop": True, "labels_csv": None,
+             "label_column": None, "filename_column": "image_id", "skip_corrupt": False},
+    "partition": {"alpha": 0.5, "shards_per_client": 2, "unbalanced_sigma": 1.0},
+    "server": {"momentum": 0.9, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+    "client": {"prox_mu": 0.01},
+}
+LEGACY_SECTIONS: Dict[str, Dict[str, Any]] = {
+    "model": {"pretrained": None, "block_out_channels": [32, 64], "layers_per_block": 1,
+              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+              "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8,
+              "attention_head_dim": 8},
+    "diffusion": {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
+                  "beta_schedule": "linear", "prediction_type": "epsilon"},
+    "finetune": {"pretrained": None, "mode": "lora", "lora_rank": 8, "lora_alpha": None,
+                 "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"],
+                 "lora_aggregation": "fedavg", "aggregation_error_every": 1,
+                 "instance_prompt": None, "prompts_file": None, "class_prompt": None,
+                 "class_data_dir": None, "class_prompts_file": None, "prior_loss_weight": 1.0,
+                 "prompt_dropout": 0.0, "validation_prompts": [], "guidance_scale": 7.5,
+                 "base_dtype": "float32"},
+}
+#: Which task took a legacy section (for messages).
+LEGACY_SECTION_TASKS = {"model": "ddpm", "diffusion": "ddpm", "finetune": "sd_lora"}
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None, *,
+                task: Optional[str] = None) -> Any:
+    """Merge defaults <- YAML file <- ``key=value`` overrides, validate, return the dataclass.
+
+    ``task``: the task a command trains (``fedrun finetune``: 'sd_lora'); a config naming
+    another is refused. Otherwise ``task.name`` decides (default 'ddpm'). The modules under
+    ``plugins`` are imported first, so their pieces can be named."""
+    raw = _read(path, overrides)
+    load_plugins(raw.get("plugins") or [])
+    task_cls = TASKS.get(_task_name(raw, task), "task.name")
+    raw.setdefault("task", {})["name"] = task_cls.name
+    _drop_legacy(raw, task_cls)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(config_schema(task_cls, raw)), raw)
+        cfg = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    _check_pieces(cfg, task_cls)
+    return cfg
+
+
+def _read(path: Optional[str], overrides: Optional[List[str]]) -> dict:
+    """The YAML file and the overrides merged, as plain containers (validated later)."""
+    layers = []
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -702,12 +587,183 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}': {_first_line(exc)}") from None
     try:
-        merged = OmegaConf.merge(*layers)
-        return OmegaConf.to_object(merged)
+        merged = OmegaConf.to_container(OmegaConf.merge(*layers)) if layers else {}
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from None
+    if not isinstance(merged, dict):
+        raise ConfigError(f"config file '{path}' does not hold a mapping of keys")
+    for section in (*PIECE_SECTIONS, *PIECE_LISTS, "task"):
+        if merged.get(section) is not None and not isinstance(merged[section], dict):
+            raise ConfigError(f"config key '{section}': must be a section of keys, got "
+                              f"{merged[section]!r}")
+    return merged
+
+
+def _task_name(raw: dict, required: Optional[str]) -> str:
+    named = (raw.get("task") or {}).get("name")
+    if required is not None:
+        if named is not None and named != required:
+            raise ConfigError(f"config key 'task.name': this command trains task '{required}', "
+                              f"the config names '{named}' (use `fedrun train` for it)")
+        return required
+    if named is not None:
+        return str(named)
+    # configs written before tasks were named: a fine-tuning config sets finetune.pretrained
+    return "sd_lora" if (raw.get("finetune") or {}).get("pretrained") else "ddpm"
+
+
+def _selected(raw: dict, section: str, key: str, base: type) -> Any:
+    value = (raw.get(section) or {}).get(key)
+    return value if value is not None else _defaults(base)[key]
+
+
+def _defaults(cls: type) -> Dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            out[f.name] = f.default_factory()  # type: ignore[misc]
+    return out
+
+
+def _core_types() -> Dict[str, type]:
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _drop_legacy(raw: dict, task_cls: type) -> None:
+    """Old keys that the named pieces and task do not take: dropped at their old defaults,
+    refused with what takes them otherwise."""
+    types = _core_types()
+    for section, (key, registry) in PIECE_SECTIONS.items():
+        values = raw.get(section)
+        if not values:
+            continue
+        name = _selected(raw, section, key, types[section])
+        registry.check(name, f"{section}.{key}")
+        params = registry.params_of(name)
+        taken = {f.name for f in dataclasses.fields(types[section])}
+        taken |= {f.name for f in dataclasses.fields(params)} if params else set()
+        for item in [k for k in values if k not in taken]:
+            if item in LEGACY_KEYS.get(section, {}) and values[item] == LEGACY_KEYS[section][item]:
+                del values[item]
+                continue
+            takers = registry.taking(item)
+            raise ConfigError(
+                f"config key '{section}.{item}': not a parameter of {registry.kind} '{name}' "
+                + (f"(it belongs to {', '.join(repr(t) for t in takers)}); " if takers else "; ")
+                + f"'{name}' takes: {', '.join(sorted(taken - {key})) or 'nothing else'}")
+    for section, legacy in LEGACY_SECTIONS.items():
+        if section in raw and section not in task_cls.config_sections:
+            values = raw[section] or {}
+            if all(k in legacy and v == legacy[k] for k, v in values.items()):
+                del raw[section]
+                continue
+            owner = LEGACY_SECTION_TASKS[section]
+            raise ConfigError(f"config section '{section}' belongs to task '{owner}', and this "
+                              f"config trains task '{task_cls.name}': set task.name={owner}"
+                              + (" (or use `fedrun finetune`)" if owner == "sd_lora" else "")
+                              + f", or remove the section")
+
+
+def config_schema(task_cls: type, raw: dict) -> type:
+    """The Config dataclass of ``raw``: the core sections, each piece section extended with the
+    named piece's parameters, and the task's sections."""
+    types = _core_types()
+    fields = []
+    for section, (key, registry) in PIECE_SECTIONS.items():
+        name = _selected(raw, section, key, types[section])
+        registry.check(name, f"{section}.{key}")
+        params = registry.params_of(name)
+        if params is not None:
+            fields.append(_section_field(section, _extended(types[section], params,
+                                                           f"{registry.kind} '{name}'")))
+    for section, lists in PIECE_LISTS.items():
+        nested = []
+        for key, registry in lists:
+            names = _selected(raw, section, key, types[section]) or []
+            for i, name in enumerate(names):
+                registry.check(name, f"{section}.{key}[{i}]")
+                params = registry.params_of(name)
+                if params is not None:
+                    nested.append(_section_field(name, params))
+        if nested:
+            fields.append(_section_field(section, dataclasses.make_dataclass(
+                types[section].__name__, nested, bases=(types[section],))))
+    for section, cls in task_cls.config_sections.items():
+        if section in types:
+            raise TypeError(f"task '{task_cls.name}': its section '{section}' is a core section")
+        fields.append(_section_field(section, cls))
+    return dataclasses.make_dataclass("Config", fields, bases=(Config,))
+
+
+def _section_field(name: str, cls: type) -> tuple:
+    return (name, cls, field(default_factory=cls))
+
+
+def _extended(base: type, params: type, owner: str) -> type:
+    """``base`` with the fields of ``params`` added (their types resolved in their module)."""
+    hints = typing.get_type_hints(params)
+    clash = {f.name for f in dataclasses.fields(base)} & {f.name for f in dataclasses.fields(params)}
+    if clash:
+        raise TypeError(f"{owner}: parameters {sorted(clash)} clash with the section's own keys")
+    extra = []
+    for f in dataclasses.fields(params):
+        if f.default is not dataclasses.MISSING:
+            spec = field(default=f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            spec = field(default_factory=f.default_factory)  # type: ignore[misc]
+        else:
+            spec = field(default=MISSING)
+        extra.append((f.name, hints[f.name], spec))
+    return dataclasses.make_dataclass(base.__name__, extra, bases=(base,))
+
+
+def _check_pieces(cfg: Any, task_cls: type) -> None:
+    """The named pieces' parameters (their ``Params.__post_init__``) and whole-config checks."""
+    for section, (key, registry) in PIECE_SECTIONS.items():
+        values = getattr(cfg, section)
+        name = getattr(values, key)
+        _build_params(registry, name, values, section)
+        check = getattr(registry.get(name), "check_config", None)
+        if callable(check):
+            check(cfg)
+    for section, lists in PIECE_LISTS.items():
+        values = getattr(cfg, section)
+        for key, registry in lists:
+            for name in getattr(values, key):
+                if registry.params_of(name) is not None:
+                    _build_params(registry, name, getattr(values, name), f"{section}.{name}")
+    FEATURE_EXTRACTORS.check(cfg.eval.feature)
+    task_cls.check_config(cfg)
+
+
+def _build_params(registry: Registry, name: str, values: Any, where: str) -> Any:
+    try:
+        return registry.build_params(name, values)
+    except ParamError as exc:
+        raise ConfigError(f"config key '{where}.{exc.field}': {exc}") from None
+
+
+def make_section(section: str, **values: Any) -> Any:
+    """One piece section built in code, with the named piece's parameters and the same
+    validation as in a config: ``make_section("partition", method="dirichlet", alpha=0.3)``,
+    ``make_section("data", name="image_folder", root="photos")``."""
+    load_plugins()
+    key, registry = PIECE_SECTIONS[section]
+    base = _core_types()[section]
+    name = values.get(key, _defaults(base)[key])
+    registry.check(name, f"{section}.{key}")
+    params = registry.params_of(name)
+    schema = _extended(base, params, f"{registry.kind} '{name}'") if params is not None else base
+    try:
+        built = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(f"{section}: {_describe(exc)}") from None
+    _build_params(registry, name, built, section)
+    return built
 
 
 def _first_line(exc: Exception) -> str:

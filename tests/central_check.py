@@ -9,10 +9,10 @@
 import sys
 from pathlib import Path
 
-from fedrun import dist
-from fedrun.centralized import run_central
+from fedrun.engine import dist
+from fedrun.engine.central import run_central
 from fedrun.config import load_config
-from fedrun.evaluate import open_run, sample_run
+from fedrun.eval.sampling import open_run, sample_run
 
 
 def main() -> int:

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import torch
 
-from fedrun import dist, simulator
-from fedrun.aggregate import RoundBuffer, weighted_mean
-from fedrun.cohort import assign_to_ranks
+from fedrun.engine import dist
+from fedrun.engine import simulator
+from fedrun.fl.aggregation.buffer import RoundBuffer, weighted_mean
+from fedrun.engine.cohort import assign_to_ranks
 from fedrun.config import load_config
 from toy_algorithms import ALGORITHM_VARIANTS, STATEFUL_OVERRIDES
 

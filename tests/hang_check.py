@@ -11,7 +11,8 @@ expires. The test checks that the job then fails with an error that names the ro
 import sys
 import time
 
-from fedrun import dist, simulator
+from fedrun.engine import dist
+from fedrun.engine import simulator
 from fedrun.config import load_config
 from fedrun.errors import FedrunError
 
@@ -20,7 +21,7 @@ _train_local = simulator.train_local
 
 
 def train_local_or_hang(fed, cohort, mine, global_round):
-    if fed.rank == HUNG_RANK and global_round + 1 == HUNG_ROUND:
+    if fed.run.rank == HUNG_RANK and global_round + 1 == HUNG_ROUND:
         time.sleep(3600)  # torchrun ends this process once rank 0 has failed
     return _train_local(fed, cohort, mine, global_round)
 

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from fedrun.aggregate import RoundBuffer, client_weight, weighted_loss, weighted_mean
-from fedrun.cohort import assign_to_ranks, sample_cohort
-from fedrun.config import EMAConfig, ServerConfig
-from fedrun.server import EMA, FedAvg, FedAvgM
+from fedrun.fl.aggregation.buffer import RoundBuffer, client_weight, weighted_loss, weighted_mean
+from fedrun.engine.cohort import assign_to_ranks, sample_cohort
+from fedrun.config import EMAConfig
+from fedrun.engine.ema import EMA
+from fedrun.fl.strategies import FedAvg, FedAvgM
 
 
 def test_weighted_mean_matches_hand_computation():
@@ -83,18 +84,18 @@ def test_fedavg_server_step_is_the_weighted_average_of_client_models():
     buffer = RoundBuffer(2, [0, 1], 1)
     for c, (w_c, n) in enumerate(zip(clients, weights)):
         buffer.add_client(c, w_c, global_w, n, 0.0, 1)
-    FedAvg(ServerConfig(lr=1.0)).step(global_w, buffer.decode().mean_update)
+    FedAvg(lr=1.0).step(global_w, buffer.decode().mean_update)
     assert torch.allclose(global_w, weighted_mean(clients, weights))  # [1.5, 0.5]
     assert torch.allclose(global_w, torch.tensor([1.5, 0.5]))
 
 
 def test_fedavgm_momentum_hand_computed():
     w = torch.zeros(1)
-    server = FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5))
+    server = FedAvgM(lr=1.0, params=FedAvgM.Params(momentum=0.5))
     server.step(w, torch.tensor([1.0]))  # v = 1, w = 1
     server.step(w, torch.tensor([1.0]))  # v = 1.5, w = 2.5
     assert w.item() == pytest.approx(2.5)
-    restored = FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5))
+    restored = FedAvgM(lr=1.0, params=FedAvgM.Params(momentum=0.5))
     restored.load_state_dict(server.state_dict())
     restored.step(w, torch.tensor([0.0]))  # v = 0.75, w = 3.25
     assert w.item() == pytest.approx(3.25)
@@ -229,10 +230,10 @@ def test_server_step_folds_the_division_into_its_pass():
     update_sum, total = torch.tensor([3.0, -6.0, 1.5]), 3.0
     mean = update_sum / total
     a, b = torch.ones(3), torch.ones(3)
-    FedAvg(ServerConfig(lr=0.5)).step(a, update_sum, total)
-    FedAvg(ServerConfig(lr=0.5)).step(b, mean)
+    FedAvg(lr=0.5).step(a, update_sum, total)
+    FedAvg(lr=0.5).step(b, mean)
     assert torch.allclose(a, torch.tensor([1.5, 0.0, 1.25]), atol=1e-6) and torch.allclose(a, b, atol=1e-6)
-    m1, m2 = FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5)), FedAvgM(ServerConfig(strategy='fedavgm', lr=1.0, momentum=0.5))
+    m1, m2 = FedAvgM(lr=1.0, params=FedAvgM.Params(momentum=0.5)), FedAvgM(lr=1.0, params=FedAvgM.Params(momentum=0.5))
     for _ in range(2):
         m1.step(a, update_sum, total)
         m2.step(b, mean)
@@ -241,7 +242,7 @@ def test_server_step_folds_the_division_into_its_pass():
 
 def _grouped_sum(groups, locals_, weights, global_w, exact):
     """Each group is one rank's buffer; adding the buffers is what all_reduce(SUM) does."""
-    from fedrun.aggregate import ExactGrid
+    from fedrun.fl.aggregation.buffer import ExactGrid
 
     total = None
     cohort = list(range(len(locals_)))
@@ -278,7 +279,7 @@ def test_exact_sum_does_not_depend_on_how_clients_are_grouped():
 def test_exact_grid_hand_computed():
     """Block bound 2**e from the reference (here max 3.0 -> e = 2), F = 53 - ceil(log2 W) - 6:
     W = 8 -> F = 44, so a term is rounded to multiples of 2**(2 - 44)."""
-    from fedrun.aggregate import ExactGrid
+    from fedrun.fl.aggregation.buffer import ExactGrid
 
     grid = ExactGrid(3, torch.tensor([3.0, -1.0, 0.5]), weight_bound=8.0)
     assert grid.fraction_bits == 44 and grid.limit == 2.0 ** 50
@@ -293,7 +294,7 @@ def test_exact_grid_hand_computed():
 
 
 def test_exact_mode_rejects_an_update_beyond_its_range_and_needs_integer_weights():
-    from fedrun.aggregate import ExactGrid
+    from fedrun.fl.aggregation.buffer import ExactGrid
 
     global_w = torch.ones(8)
     grids = {"update": ExactGrid(8, global_w, weight_bound=3.0)}
@@ -313,7 +314,7 @@ def test_a_segment_beyond_the_exact_range_rejects_the_client_not_the_run():
     """At 9dcece4 a control-variate coordinate >= 128 (reference None: bound 2, headroom 2**6)
     raised ValueError and stopped the run. Now the client is rejected, recorded as
     'exact_range:<segment>', and nothing of it enters the sum."""
-    from fedrun.aggregate import ExactGrid, Segment
+    from fedrun.fl.aggregation.buffer import ExactGrid, Segment
 
     global_w = torch.ones(8)
     grids = {"update": ExactGrid(8, global_w, weight_bound=3.0),
@@ -335,7 +336,7 @@ def test_stochastic_rounding_is_unbiased_where_nearest_loses_small_updates():
     """A coordinate 0.3 grid steps large rounds to 0 every time under round-to-nearest: such an
     update is lost every round. Stochastic rounding keeps it in expectation: 1 with probability
     0.3. Integers stay as they are; the draws come from the generator (same seed, same bits)."""
-    from fedrun.aggregate import EXACT_BLOCK, ExactGrid
+    from fedrun.fl.aggregation.buffer import EXACT_BLOCK, ExactGrid
 
     n = 64 * EXACT_BLOCK
     reference = torch.ones(n)

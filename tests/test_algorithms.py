@@ -15,11 +15,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedrun import simulator
-from fedrun.client import batch_indices, client_generator
-from fedrun.config import ServerConfig, load_config
+from fedrun.engine import simulator
+from fedrun.fl.local import batch_indices, client_generator
+from fedrun.config import load_config, make_section
 from fedrun.errors import ConfigError
-from fedrun.server import FedAdagrad, FedAdam, FedYogi, build_server
+from fedrun.fl.strategies import FedAdagrad, FedAdam, FedYogi, build_server
 
 from conftest import tiny
 
@@ -48,8 +48,8 @@ def _reference(kind, updates, lr, beta1, beta2, tau):
 @pytest.mark.parametrize("cls, kind", [(FedAdam, "fedadam"), (FedYogi, "fedyogi"),
                                        (FedAdagrad, "fedadagrad")])
 def test_adaptive_strategies_follow_the_paper_over_three_rounds(cls, kind):
-    cfg = ServerConfig(strategy=kind, lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3)
-    server = cls(cfg)
+    params = cls.Params(beta1=0.9, tau=1e-3, **({} if kind == "fedadagrad" else {"beta2": 0.99}))
+    server = cls(0.05, params)
     weights = torch.zeros(3)
     for update in ROUNDS:
         # the round's sum of n_c * delta_c with total weight 4: the mean update is ``update``
@@ -57,7 +57,7 @@ def test_adaptive_strategies_follow_the_paper_over_three_rounds(cls, kind):
     expected = _reference(kind, ROUNDS, 0.05, 0.9, 0.99, 1e-3)
     assert weights.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-9)
     # state survives a state_dict round trip
-    restored = cls(cfg)
+    restored = cls(0.05, params)
     restored.load_state_dict({k: v.clone() for k, v in server.state_dict().items()})
     a, b = weights.clone(), weights.clone()
     server.step(a, ROUNDS[0], 1.0)
@@ -68,7 +68,7 @@ def test_adaptive_strategies_follow_the_paper_over_three_rounds(cls, kind):
 def test_fedadam_first_round_by_hand():
     """Round 1 of FedAdam on d = 0.1, by hand: m = 0.01, v = 0.99e-6 + 1e-4 = 1.0099e-4,
     w = 0.01 * 0.01 / (sqrt(1.0099e-4) + 1e-3) = 9.0501e-3."""
-    server = build_server(ServerConfig(strategy="fedadam"))  # default lr 0.01, tau 1e-3
+    server = build_server(make_section("server", strategy="fedadam"))  # default lr 0.01, tau 1e-3
     weights = torch.zeros(1)
     server.step(weights, torch.tensor([0.1]), 1.0)
     assert weights.item() == pytest.approx(0.01 * 0.01 / (math.sqrt(1.0099e-4) + 1e-3), rel=1e-6)
@@ -76,14 +76,16 @@ def test_fedadam_first_round_by_hand():
 
 
 def test_server_lr_defaults_per_strategy_and_bad_values_are_named():
-    assert build_server(ServerConfig()).lr == 1.0
-    assert build_server(ServerConfig(strategy="fedavgm")).lr == 1.0
-    assert build_server(ServerConfig(strategy="fedyogi")).lr == 0.01
-    assert build_server(ServerConfig(strategy="fedadam", lr=0.3)).lr == 0.3
-    for key, value in [("server.tau", "0"), ("server.beta2", "1.0"), ("server.beta1", "-0.1"),
-                       ("client.prox_mu", "-1"), ("optim.name", "adam"), ("optim.momentum", "1.5")]:
+    assert build_server(make_section("server")).lr == 1.0
+    assert build_server(make_section("server", strategy="fedavgm")).lr == 1.0
+    assert build_server(make_section("server", strategy="fedyogi")).lr == 0.01
+    assert build_server(make_section("server", strategy="fedadam", lr=0.3)).lr == 0.3
+    adam, prox = ["server.strategy=fedadam"], ["client.algorithm=fedprox"]
+    for key, value, extra in [("server.tau", "0", adam), ("server.beta2", "1.0", adam),
+                              ("server.beta1", "-0.1", adam), ("client.prox_mu", "-1", prox),
+                              ("optim.name", "adam", []), ("optim.momentum", "1.5", [])]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(None, [f"{key}={value}"])
+            load_config(None, [*extra, f"{key}={value}"])
 
 
 # ---------------------------------------------------------------- FedProx and SCAFFOLD
@@ -101,17 +103,17 @@ def _hand_reference(cfg, algorithm, rounds=2, mu=0.0):
     """FedAvg / FedProx / SCAFFOLD (option II) with SGD written out by hand: returns the global
     vector after ``rounds`` rounds, the server variate and the client variates."""
     fed = simulator.setup(cfg)
-    model, params, task = fed.model, fed.params.params, fed.task
-    w = fed.global_weights.clone()
+    model, params, task = fed.run.model, fed.run.params.params, fed.run.task
+    w = fed.run.global_weights.clone()
     c = torch.zeros_like(w)
     c_i = {k: torch.zeros_like(w) for k in range(cfg.num_clients)}
     lr, steps = cfg.optim.lr, cfg.local_steps
     for r in range(rounds):
         deltas, weights, new_controls = [], [], {}
         for k in range(cfg.num_clients):
-            fed.params.load_(w)
+            fed.run.params.load_(w)
             gen = client_generator(cfg.seed, k, r)
-            batches = batch_indices(fed.client_indices[k], steps, cfg.optim.batch_size, gen)
+            batches = batch_indices(fed.run.client_indices[k], steps, cfg.optim.batch_size, gen)
             for indices in batches:
                 model.zero_grad(set_to_none=True)
                 task.loss(model, indices, gen).backward()
@@ -124,9 +126,9 @@ def _hand_reference(cfg, algorithm, rounds=2, mu=0.0):
                         if algorithm == "scaffold":
                             g = g - ck + cs
                         p -= lr * g
-            y = fed.params.flat.clone()
+            y = fed.run.params.flat.clone()
             deltas.append(y - w)
-            weights.append(len(fed.client_indices[k]))
+            weights.append(len(fed.run.client_indices[k]))
             new_controls[k] = c_i[k] - c + (w - y) / (steps * lr)
         w = w + sum(n * d for n, d in zip(weights, deltas)) / sum(weights)
         if algorithm == "scaffold":
@@ -140,7 +142,7 @@ def _final(run_dir, done, group="model"):
 
 
 def _vector(fed, state):
-    return fed.params.vector_from(state)
+    return fed.run.params.vector_from(state)
 
 
 @pytest.mark.parametrize("algorithm, extra", [("scaffold", []), ("fedprox", ["client.prox_mu=0.5"])])
@@ -151,7 +153,7 @@ def test_client_algorithm_matches_a_hand_written_reference(tmp_path, algorithm, 
     ref_cfg = load_config(None, tiny(tmp_path / "ref", *SHAPE, "rounds=2"))
     fed, w, c, c_i = _hand_reference(ref_cfg, algorithm, mu=0.5)
     got = _vector(fed, _final(tmp_path / "run", 2))
-    init = fed.params.vector_from(fed.params.state_dict(fed.global_weights))
+    init = fed.run.params.vector_from(fed.run.params.state_dict(fed.run.global_weights))
     assert float((w - init).abs().max()) > 1e-3  # the reference trained
     torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-6)
     if algorithm == "scaffold":
@@ -163,7 +165,7 @@ def test_client_algorithm_matches_a_hand_written_reference(tmp_path, algorithm, 
             torch.testing.assert_close(stored["control"], c_i[k], rtol=1e-5, atol=1e-6)
         record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
         # the control-variate delta travels with the update: 2P floats each way
-        assert record["bytes_sent_per_client"] == 2 * 4 * fed.params.numel
+        assert record["bytes_sent_per_client"] == 2 * 4 * fed.run.params.numel
 
 
 @pytest.mark.parametrize("overrides, named", [

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import tiny
-from fedrun import simulator
-from fedrun.audit import AuditOptions, audit_run, distance_ratios
+from fedrun.engine import simulator
+from fedrun.eval.audit import AuditOptions, audit_run, distance_ratios
 from fedrun.config import load_config
 from fedrun.errors import ConfigError
 
@@ -80,7 +80,7 @@ def test_finetune_audit_needs_heldout_and_runs_with_it(tmp_path):
 
     from fedrun.config import DataConfig
     from fedrun.data import build_datasets
-    from fedrun.tiny_sd import build_tiny_pipeline
+    from fedrun.tasks.sd_lora.tiny_sd import build_tiny_pipeline
     from test_finetune import finetune_overrides
 
     pipeline = build_tiny_pipeline(tmp_path / "tiny_sd", block_out_channels=(16, 32), image_size=8)
@@ -94,14 +94,14 @@ def test_finetune_audit_needs_heldout_and_runs_with_it(tmp_path):
     run_dir = tmp_path / "lora"
     simulator_cfg = load_config(None, finetune_overrides(pipeline, tmp_path / "subject", run_dir,
                                                          "finetune.aggregation_error_every=0"))
-    from fedrun.finetune import FinetuneTask
+    from fedrun.tasks.sd_lora.task import FinetuneTask
 
     simulator.run(simulator_cfg, FinetuneTask(simulator_cfg))
     with pytest.raises(ConfigError, match="--heldout"):
         audit_run(run_dir, AuditOptions(num_samples=4))
     record = audit_run(run_dir, AuditOptions(num_samples=8, noise_draws=1,
                                              heldout=str(tmp_path / "heldout")))
-    assert record["task"] == "finetune"
+    assert record["task"] == "sd_lora"
     assert record["membership_inference"]["members"] == 8
     assert record["membership_inference"]["nonmembers"] == 8
     assert 0.0 <= record["pixel"]["median_ratio"] and record["num_samples"] == 8
@@ -115,7 +115,7 @@ def test_mia_statistics_hand_values():
     (0.5, 0.2, 0.1), 0.4 and 0.3 beat 2 each: AUC = 11/16. At FPR 0 the threshold sits above the
     top non-member 0.7: one member (0.9) -> TPR 1/4; allowing one false positive (FPR <= 1/4) it
     sits above 0.5: 0.9, 0.6 -> TPR 2/4 at FPR 1/4; allowing two: above 0.2 -> all 4 at 2/4."""
-    from fedrun.audit import mia_statistics
+    from fedrun.eval.audit import mia_statistics
 
     members, nonmembers = [0.9, 0.6, 0.4, 0.3], [0.7, 0.5, 0.2, 0.1]
     m = mia_statistics(members, nonmembers, resamples=200)
@@ -136,7 +136,7 @@ def test_mia_statistics_hand_values():
 def test_mia_statistics_ties_count_half():
     """Member 0.5 tied with non-member 0.5 counts 1/2: AUC = (2 + 1.5) / 4. A tie is not above
     the threshold: at FPR 0 only the member 1.0 counts."""
-    from fedrun.audit import mia_statistics
+    from fedrun.eval.audit import mia_statistics
 
     m = mia_statistics([1.0, 0.5], [0.5, 0.0], resamples=10)
     assert m["auc"] == pytest.approx(0.875)
@@ -152,7 +152,7 @@ def test_mia_statistics_matches_sklearn_and_the_old_keys():
     tpr[fpr <= 0.01].max() of roc_curve), also with ties and with >= 100 non-members."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from fedrun.audit import mia_statistics
+    from fedrun.eval.audit import mia_statistics
 
     rng = np.random.default_rng(0)
     for n1, n0 in ((16, 16), (300, 100), (50, 250), (1000, 180)):
@@ -170,7 +170,7 @@ def test_mia_bootstrap_is_the_stratified_bootstrap():
     recomputing the AUC with sklearn, draw for draw."""
     from sklearn.metrics import roc_auc_score
 
-    from fedrun.audit import _bootstrap_aucs
+    from fedrun.eval.audit import _bootstrap_aucs
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(0.3, 1, 12).round(1), rng.normal(0, 1, 9).round(1)
@@ -184,7 +184,7 @@ def test_mia_bootstrap_is_the_stratified_bootstrap():
 
 
 def test_mia_reliability_flag_and_fpr_reached():
-    from fedrun.audit import mia_statistics, mia_summary
+    from fedrun.eval.audit import mia_statistics, mia_summary
 
     rng = np.random.default_rng(1)
     for n0 in (16, 24, 99):
@@ -204,7 +204,7 @@ def test_mia_reliability_flag_and_fpr_reached():
 
 
 def test_mia_auc_interval_contains_auc_and_shrinks():
-    from fedrun.audit import mia_statistics
+    from fedrun.eval.audit import mia_statistics
 
     rng = np.random.default_rng(2)
     widths = []
@@ -231,7 +231,7 @@ def test_old_tpr_at_1pct_fpr_is_biased_with_24_nonmembers_and_now_flagged():
     from scipy.stats import norm
     from sklearn.metrics import roc_curve
 
-    from fedrun.audit import mia_statistics
+    from fedrun.eval.audit import mia_statistics
 
     true_tpr = 0.034
     mu = norm.ppf(0.99) - norm.ppf(1 - true_tpr)
@@ -254,7 +254,7 @@ def test_old_tpr_at_1pct_fpr_is_biased_with_24_nonmembers_and_now_flagged():
 
 def _score_subject(loss_members, loss_nonmembers):
     """An AuditSubject whose per-image loss is the image's single pixel: no model."""
-    from fedrun.audit import AuditSubject
+    from fedrun.eval.audit import AuditSubject
 
     as_images = lambda v: torch.tensor(v, dtype=torch.float64).view(-1, 1, 1, 1)  # noqa: E731
     return AuditSubject("train", as_images(loss_members), np.zeros(len(loss_members), dtype=int),
@@ -265,7 +265,7 @@ def _score_subject(loss_members, loss_nonmembers):
 def test_membership_inference_record_has_the_new_keys():
     """What goes into audit.json: the old keys with their old meaning plus the intervals, the FPR
     reached and the reliability flag (the old record had none of these)."""
-    from fedrun.audit import membership_inference
+    from fedrun.eval.audit import membership_inference
 
     rng = np.random.default_rng(6)
     losses_in, losses_out = rng.normal(-0.5, 1, 16), rng.normal(0, 1, 16)
@@ -281,7 +281,7 @@ def test_membership_inference_record_has_the_new_keys():
     assert mia["tpr_at_1pct_fpr_reliable"] is False and mia["fpr_reached"] == 0.0
     assert mia["mean_loss_members"] == pytest.approx(losses_in.mean())
     # score = -loss: the member with the lowest loss ranks first
-    from fedrun.audit import mia_statistics
+    from fedrun.eval.audit import mia_statistics
 
     expected = mia_statistics(-losses_in, -losses_out, seed=3)
     assert mia["auc"] == expected["auc"] and mia["auc_ci95"] == expected["auc_ci95"]

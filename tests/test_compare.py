@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrun import compare
+from fedrun.experiments import compare
 
 GRIDS = sorted((Path(__file__).resolve().parents[1] / "configs" / "grids").glob("*.yaml"))
 

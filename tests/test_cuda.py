@@ -32,7 +32,7 @@ def test_ranks_sharing_one_gpu_give_the_one_process_weights(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_trains_on_gpu(tiny_config, tmp_path, precision):
-    from fedrun import simulator
+    from fedrun.engine import simulator
 
     simulator.run(tiny_config(*SHAPE, f"precision={precision}", output_dir=tmp_path / precision))
     final = _final(tmp_path / precision)
@@ -40,7 +40,7 @@ def test_mixed_precision_trains_on_gpu(tiny_config, tmp_path, precision):
 
 
 def test_central_through_accelerate_on_gpu(tiny_config, tmp_path):
-    from fedrun.centralized import run_central
+    from fedrun.engine.central import run_central
 
     run_central(tiny_config(*SHAPE, "precision=bf16", output_dir=tmp_path / "central"))
     assert (tmp_path / "central" / "final" / "model_index.json").is_file()

@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from fedrun.config import DataConfig
+from fedrun.config import DataConfig, make_section
 from fedrun.data import ImageDataset, build_datasets
-from fedrun.data.datasets import ImageLoader
+from fedrun.data.base import ImageLoader
 from fedrun.errors import DataError
 
 
@@ -102,8 +102,8 @@ def folder(tmp_path) -> Path:
     return root
 
 
-def _folder_cfg(root, **kw) -> DataConfig:
-    return DataConfig(name="image_folder", root=str(root), heldout_fraction=0.0, **kw)
+def _folder_cfg(root, **kw):
+    return make_section("data", name="image_folder", root=str(root), heldout_fraction=0.0, **kw)
 
 
 def test_folder_shapes_and_range(folder):
@@ -219,7 +219,7 @@ def test_celeba_layout(tmp_path):
         Image.new("RGB", (178, 218), (40 * i, 0, 0)).save(root / "img_align_celeba" / f"{i + 1:06d}.jpg")
         lines.append(f"{i + 1:06d}.jpg,{1 if i % 2 else -1},{-1 if i < 3 else 1}")
     (root / "list_attr_celeba.csv").write_text("image_id,Smiling,Young\n" + "\n".join(lines) + "\n")
-    cfg = DataConfig(name="celeba", root=str(root), image_size=8, label_column="Smiling",
+    cfg = make_section("data", name="celeba", root=str(root), image_size=8, label_column="Smiling",
                      heldout_fraction=0.5)
     train, heldout = build_datasets(cfg, seed=0)
     assert (len(train), len(heldout)) == (3, 3)
@@ -229,7 +229,7 @@ def test_celeba_layout(tmp_path):
         _, other = build_datasets(cfg, seed=seed)
         assert torch.equal(other.get_batch(range(3)), heldout.get_batch(range(3)))
     # The image folder itself as root works too (the attribute list is found beside it).
-    direct, _ = build_datasets(DataConfig(name="celeba", root=str(root / "img_align_celeba"),
+    direct, _ = build_datasets(make_section("data", name="celeba", root=str(root / "img_align_celeba"),
                                           image_size=8, label_column="Young"), seed=0)
     assert len(direct) == 5 and "2 classes" in direct.describe()
 
@@ -254,7 +254,7 @@ def test_image_size_the_unet_cannot_halve_is_a_config_error(size, blocks):
 @pytest.mark.parametrize("size, blocks", [(6, []), (8, []), (12, []), (12, THREE_BLOCKS)])
 def test_image_size_the_config_accepts_runs_through_the_unet(size, blocks):
     from fedrun.config import load_config
-    from fedrun.models import build_unet
+    from fedrun.tasks.ddpm.model import build_unet
 
     cfg = load_config(None, [f"data.image_size={size}", *blocks])
     unet = build_unet(cfg.model, cfg.data.image_size, 1, cfg.seed)

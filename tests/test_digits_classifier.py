@@ -5,8 +5,7 @@ import torch
 
 from fedrun.config import DataConfig
 from fedrun.data import build_datasets
-from fedrun.digits_classifier import (DigitsClassifier, heldout_accuracy, load_digits_classifier,
-                                      training_split)
+from fedrun.eval.classifier import (DigitsClassifier, heldout_accuracy, load_digits_classifier, training_split)
 
 
 def test_shipped_weights_reach_97_percent_on_heldout_digits():

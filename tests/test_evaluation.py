@@ -22,7 +22,7 @@ CENTRAL = ["num_clients=4", "local_steps=2", "rounds=3", "checkpoint.every=1", "
 @pytest.fixture(scope="module")
 def digits_evaluator():
     from fedrun.data import build_datasets
-    from fedrun.features import build_evaluator
+    from fedrun.eval.features import build_evaluator
 
     cfg = load_config(None, ["data.image_size=8"])
     train, heldout = build_datasets(cfg.data, cfg.seed)
@@ -61,7 +61,7 @@ class _PixelClassifier(torch.nn.Module):
 
 
 def test_class_mix_tv_and_rarest_class_against_hand_computation():
-    from fedrun.features import Evaluator
+    from fedrun.eval.features import Evaluator
 
     def images(classes):  # first pixel = class, the others vary so the features have a covariance
         out = torch.rand((len(classes), 1, 2, 2), generator=torch.Generator().manual_seed(len(classes)))
@@ -86,7 +86,7 @@ def test_class_mix_tv_and_rarest_class_against_hand_computation():
 
 
 def test_unknown_and_unavailable_feature_extractors_are_clear_errors():
-    from fedrun.features import build_feature_extractor
+    from fedrun.eval.features import build_feature_extractor
 
     with pytest.raises(ConfigError, match="eval.feature.*unknown feature extractor 'clip'"):
         load_config(None, ["eval.feature=clip"])
@@ -123,8 +123,8 @@ def test_bad_run_directories_are_clear_errors(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def central_runs(tmp_path_factory):
     """The same central config in this process (world size 1) and under torchrun with 2 ranks."""
-    from fedrun.centralized import run_central
-    from fedrun.evaluate import open_run, sample_run
+    from fedrun.engine.central import run_central
+    from fedrun.eval.sampling import open_run, sample_run
 
     root = tmp_path_factory.mktemp("central")
     run_central(load_config(None, tiny(root / "ws1", *CENTRAL)))
@@ -142,7 +142,7 @@ def test_central_world_size_1_and_2_give_the_same_weights(central_runs):
     diff = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
     print(f"central world size 1 vs 2: max abs weight difference {diff:.3g}")
     assert diff == 0.0  # same micro-batches on 1 and 2 ranks: bit-identical (see centralized.py)
-    from fedrun.models import build_unet
+    from fedrun.tasks.ddpm.model import build_unet
 
     cfg = load_config(None, tiny(central_runs / "ws1", *CENTRAL))
     init = build_unet(cfg.model, 8, 1, cfg.seed).state_dict()
@@ -241,7 +241,7 @@ def test_compare_rejects_a_budget_that_does_not_divide_into_rounds(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("seeds: [0]\nsamples: 100\neval_every_samples: 50\n"
                     "runs:\n  - {name: a, overrides: [num_clients=4, local_steps=2]}\n")
-    from fedrun.compare import load_grid, plan_runs
+    from fedrun.experiments.compare import load_grid, plan_runs
 
     with pytest.raises(ConfigError, match="grid run 'a': samples \\(100\\) is not a multiple .*128"):
         plan_runs(load_grid(str(grid)))
@@ -249,7 +249,7 @@ def test_compare_rejects_a_budget_that_does_not_divide_into_rounds(tmp_path):
 
 def test_resumed_central_run_equals_uninterrupted_run(tmp_path):
     """The AdamW state is part of the central checkpoint: resuming continues exactly."""
-    from fedrun.centralized import run_central
+    from fedrun.engine.central import run_central
 
     shape = ["num_clients=2", "local_steps=2", "checkpoint.every=1"]
     run_central(load_config(None, tiny(tmp_path / "full", *shape, "rounds=4")))

@@ -21,12 +21,13 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DIGITS_CONFIG, FAULT_SHAPE, REPO, run_cli, tiny
-from fedrun import simulator
-from fedrun.aggregate import NonFiniteGuard, RoundBuffer, weighted_loss
-from fedrun.cohort import dropped_clients
+from fedrun.engine import simulator
+from fedrun.fl.aggregation.transforms import NonFiniteGuard
+from fedrun.fl.aggregation.buffer import RoundBuffer, weighted_loss
+from fedrun.engine.cohort import dropped_clients
 from fedrun.config import load_config
 from fedrun.errors import ConfigError
-from fedrun.logging import read_metrics
+from fedrun.engine.metrics import read_metrics
 
 
 def _weights(run_dir, round_, group="model"):

@@ -38,7 +38,7 @@ def assets(tmp_path_factory):
 
     from fedrun.config import DataConfig
     from fedrun.data import build_datasets
-    from fedrun.tiny_sd import build_tiny_pipeline
+    from fedrun.tasks.sd_lora.tiny_sd import build_tiny_pipeline
 
     root = tmp_path_factory.mktemp("finetune")
     pipeline = build_tiny_pipeline(root / "tiny_sd", block_out_channels=(16, 32), image_size=8)
@@ -57,14 +57,14 @@ class RecordingTask:
 
     @staticmethod
     def make(cfg):
-        from fedrun.finetune import FinetuneTask
+        from fedrun.tasks.sd_lora.task import FinetuneTask
 
         class Recording(FinetuneTask):
-            def observe_client(self, fed, client, weight, global_round):
-                self.names = list(fed.params.names)  # the order of the flat vector
+            def observe_client(self, run, client, weight, global_round):
+                self.names = list(run.params.names)  # the order of the flat vector
                 self.trained.setdefault(global_round, []).append(
-                    (fed.params.flat.detach().clone(), weight))
-                super().observe_client(fed, client, weight, global_round)
+                    (run.params.flat.detach().clone(), weight))
+                super().observe_client(run, client, weight, global_round)
 
         task = Recording(cfg)
         task.trained = {}
@@ -72,7 +72,7 @@ class RecordingTask:
 
 
 def _run(pipeline, subject, output_dir, *extra):
-    from fedrun import simulator
+    from fedrun.engine import simulator
     from fedrun.config import load_config
 
     cfg = load_config(None, finetune_overrides(pipeline, subject, output_dir, *extra))
@@ -112,7 +112,7 @@ def _expected_lora_count(unet, rank, with_a=True):
 def test_tiny_pipeline_loads_through_from_pretrained(assets):
     from diffusers import StableDiffusionPipeline
 
-    from fedrun.lora import load_text_to_image
+    from fedrun.tasks.sd_lora.lora import load_text_to_image
 
     pipeline, _ = assets
     assert all((pipeline / part / "config.json").is_file() for part in ("unet", "vae", "text_encoder"))
@@ -130,7 +130,7 @@ def test_tiny_pipeline_loads_through_from_pretrained(assets):
 
 
 def test_attach_lora_counts_and_ffa_freezes_a(assets):
-    from fedrun.lora import attach_lora, load_text_to_image
+    from fedrun.tasks.sd_lora.lora import attach_lora, load_text_to_image
 
     pipeline, _ = assets
     unet = load_text_to_image(str(pipeline), torch.device("cpu")).unet
@@ -152,7 +152,7 @@ def test_attach_lora_counts_and_ffa_freezes_a(assets):
 
 
 def test_aggregation_error_hand_computed():
-    from fedrun.lora import aggregation_error
+    from fedrun.tasks.sd_lora.lora import aggregation_error
 
     # Two equally weighted clients with 1x1 factors: B1 = A1 = 1, B2 = A2 = 3.
     # mean(BA) = (1 + 9) / 2 = 5; mean(B) mean(A) = 2 * 2 = 4; error = |5 - 4| / 5 = 0.2
@@ -163,7 +163,7 @@ def test_aggregation_error_hand_computed():
 
 
 def test_only_lora_weights_travel_and_the_base_is_untouched(assets, fedavg_run):
-    from fedrun.lora import load_text_to_image
+    from fedrun.tasks.sd_lora.lora import load_text_to_image
 
     run_dir, task = fedavg_run
     base_unet = load_text_to_image(str(assets[0]), torch.device("cpu")).unet
@@ -237,13 +237,13 @@ def test_ffa_is_exact_and_sends_only_b(assets, ffa_run):
     record = _metrics(run_dir)[0]
     weights = _checkpoint(run_dir, 1)
     assert weights and all(".lora_B." in n for n in weights)
-    from fedrun.lora import load_text_to_image
+    from fedrun.tasks.sd_lora.lora import load_text_to_image
 
     base_unet = load_text_to_image(str(assets[0]), torch.device("cpu")).unet
     assert record["bytes_sent_per_client"] == 4 * _expected_lora_count(base_unet, 4, with_a=False)
     assert record["lora_aggregation_error"] < 1e-6
     # by hand: mean over clients of B_c A equals the aggregated B times the shared A
-    from fedrun.lora import lora_modules
+    from fedrun.tasks.sd_lora.lora import lora_modules
 
     a_of = {name + ".lora_B.default.weight": a.detach().double() for name, a, _ in lora_modules(task.parts.unet)}
     clients = task.trained[0]
@@ -347,9 +347,9 @@ def test_bad_inputs_are_clear_errors(assets, tmp_path, capsys):
 def test_resumed_ffa_run_equals_an_uninterrupted_one(assets, tmp_path):
     """ffa's frozen A is not in the checkpoint: it is re-derived from the seed on resume."""
     _run(*assets, tmp_path / "resumed", "finetune.lora_aggregation=ffa", "rounds=1")
-    from fedrun import simulator
+    from fedrun.engine import simulator
     from fedrun.config import load_config
-    from fedrun.finetune import FinetuneTask
+    from fedrun.tasks.sd_lora.task import FinetuneTask
 
     full = tmp_path / "full"
     _run(*assets, full, "finetune.lora_aggregation=ffa", "rounds=2")
@@ -417,7 +417,7 @@ def test_central_with_a_finetune_config_is_the_centralized_lora_baseline(assets,
     for verb in ("sample", "evaluate"):
         assert main([verb, "--run", str(run_dir)]) == 2
         err = capsys.readouterr().err
-        assert f"run '{run_dir}' is a 'finetune' run" in err and "load_lora_weights" in err, verb
+        assert f"run '{run_dir}' is a 'sd_lora' run" in err and "load_lora_weights" in err, verb
 
 
 @pytest.mark.parametrize("extra", [

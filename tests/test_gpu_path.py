@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedrun import simulator
-from fedrun.dist import plan_devices
+from fedrun.engine import simulator
+from fedrun.engine.dist import plan_devices
 from fedrun.errors import ConfigError
 
 
@@ -63,7 +63,7 @@ def test_fp16_needs_a_gpu_and_bad_precision_is_refused(tiny_config, tmp_path):
 
 
 def test_central_runs_through_accelerate_with_bf16(tiny_config, tmp_path):
-    from fedrun.centralized import run_central
+    from fedrun.engine.central import run_central
 
     shape = ["num_clients=2", "local_steps=2", "rounds=2", "checkpoint.every=1", "sample.every=0",
              "central.micro_batch=2"]

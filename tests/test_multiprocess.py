@@ -68,7 +68,7 @@ def test_world_size_invariance(runs, world):
     assert diff == 0.0 and all(torch.equal(reference[k], other[k]) for k in reference)
     # The training really moved the weights (a comparison of two untrained models proves nothing).
     from fedrun.config import load_config
-    from fedrun.models import build_unet
+    from fedrun.tasks.ddpm.model import build_unet
 
     cfg = load_config(None, tiny(runs[1]["dir"], *SHAPE))
     init = build_unet(cfg.model, 8, 1, cfg.seed).state_dict()
@@ -146,8 +146,10 @@ def test_default_threads_do_not_depend_on_the_world_size(monkeypatch, tiny_confi
     reductions depend on its thread count (positive control: one client's local steps with 1 and
     2 threads differ), so the default gives every CPU rank 1 thread whatever the number of ranks
     (at 9dcece4 it gave each rank its share of the cores: 2 threads alone, 1 beside another)."""
-    from fedrun import dist, simulator
-    from fedrun.client import batch_indices, client_generator, train_client
+    from fedrun.engine import dist
+    from fedrun.engine import simulator
+    from fedrun.fl.local import batch_indices, client_generator
+    from fedrun.fl.clients import train_client
 
     cfg = tiny_config("sample.every=0")
     assert cfg.threads is None
@@ -163,10 +165,10 @@ def test_default_threads_do_not_depend_on_the_world_size(monkeypatch, tiny_confi
                                               output_dir=tmp_path / f"t{threads}"))
             assert torch.get_num_threads() == threads
             generator = client_generator(0, 0, 0)
-            batches = batch_indices(fed.client_indices[0], 2, 4, generator)
-            train_client(fed.model, fed.params.params, fed.task.loss, batches, generator,
-                         fed.cfg.optim, fed.device)
-            trained.append(fed.params.flat.clone())
+            batches = batch_indices(fed.run.client_indices[0], 2, 4, generator)
+            train_client(fed.run.model, fed.run.params.params, fed.run.task.loss, batches, generator,
+                         fed.run.cfg.optim, fed.run.device)
+            trained.append(fed.run.params.flat.clone())
         assert not torch.equal(trained[0], trained[1])
     finally:
         torch.set_num_threads(previous)

@@ -11,13 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, tiny
-from fedrun import simulator
-from fedrun.aggregate import ExactGrid, RoundBuffer, RoundInfo
-from fedrun.cohort import sample_cohort
+from fedrun.engine import simulator
+from fedrun.fl.aggregation.buffer import ExactGrid, RoundBuffer
+from fedrun.fl.aggregation.transforms import RoundInfo
+from fedrun.engine.cohort import sample_cohort
 from fedrun.config import load_config
 from fedrun.errors import CheckpointError, ConfigError
-from fedrun.privacy import (DpClip, DpNoise, calibrate_noise_multiplier, clip_to_norm_,
-                            compute_epsilon, privacy_spec)
+from fedrun.fl.privacy.transforms import DpClip, DpNoise, clip_to_norm_
+from fedrun.fl.privacy.accountant import calibrate_noise_multiplier, compute_epsilon, privacy_spec
 
 DP = ["privacy.enabled=true", "server.weighting=uniform"]
 SHAPE = ["num_clients=12", "clients_per_round=3", "local_steps=2", "sample.every=0"]
@@ -219,7 +220,7 @@ def test_enabled_inserts_the_transforms_and_central_refuses(tiny_config):
     cfg = tiny_config(*DP, "privacy.noise_multiplier=1")
     assert cfg.aggregation.update_transforms == ["nonfinite_guard", "dp_clip"]
     assert cfg.aggregation.server_transforms == ["dp_noise"]
-    from fedrun.centralized import run_central
+    from fedrun.engine.central import run_central
 
     with pytest.raises(ConfigError, match="privacy.enabled"):
         run_central(cfg)
@@ -250,10 +251,10 @@ def test_empty_poisson_round_releases_noise_with_the_fixed_denominator(tiny_conf
     record = _records(run_dir)[0]
     assert record["clients"] == [] and record["model_updated"] and record["epsilon"] > 0
     cfg = load_config(None, tiny(run_dir, *SHAPE, "clients_per_round=1"))
-    from fedrun.flat import FlatParameters
-    from fedrun.models import build_unet
+    from fedrun.engine.flat import FlatParameters
+    from fedrun.tasks.ddpm.model import build_unet
     from fedrun.rng import derived_generator
-    from fedrun.aggregate import _SERVER_STREAM
+    from fedrun.fl.aggregation.transforms import _SERVER_STREAM
 
     unet = build_unet(cfg.model, 8, 1, cfg.seed)
     flat = FlatParameters(unet)
@@ -302,7 +303,7 @@ def test_dp_one_vs_two_processes_bit_identical(tmp_path):
         a, b = _weights(outputs[1], 3, group), _weights(outputs[2], 3, group)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
     init_cfg = load_config(None, tiny(outputs[1], *shape))
-    from fedrun.models import build_unet
+    from fedrun.tasks.ddpm.model import build_unet
 
     init = build_unet(init_cfg.model, 8, 1, init_cfg.seed).state_dict()
     a = _weights(outputs[1], 3)

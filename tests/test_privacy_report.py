@@ -2,7 +2,7 @@
 
 import json
 
-from fedrun.privacy_report import main
+from scripts.privacy_report import main
 
 
 def test_quick_report_writes_table_json_and_plots(tmp_path):

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 import toy_algorithms
-from fedrun import simulator
-from fedrun.cohort import sample_cohort
+from fedrun.engine import simulator
+from fedrun.engine.cohort import sample_cohort
 from fedrun.config import load_config
 from fedrun.errors import ConfigError
 

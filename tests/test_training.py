@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from fedrun import simulator
+from fedrun.engine import simulator
 from fedrun.config import load_config
 from fedrun.errors import CheckpointError, ConfigError, DataError
 
@@ -30,9 +30,9 @@ def test_one_client_one_round_equals_a_hand_written_adamw_loop(tiny_config, tmp_
     clipping or the gradient's scale.)"""
     from diffusers import UNet2DModel
 
-    from fedrun.client import batch_indices, client_generator
+    from fedrun.fl.local import batch_indices, client_generator
     from fedrun.data import partition_indices
-    from fedrun.pretrain import PretrainTask
+    from fedrun.tasks.ddpm.task import DDPMTask
 
     # aggregation.exact=false: exact mode rounds the update to a fixed-point grid, so the global
     # model would be w + round_to_grid(delta), not w + delta. Uniform weighting: the update is
@@ -44,7 +44,7 @@ def test_one_client_one_round_equals_a_hand_written_adamw_loop(tiny_config, tmp_
     simulator.run(cfg)
     federated = _weights(cfg.output_dir, 1)
 
-    task = PretrainTask(cfg)
+    task = DDPMTask(cfg)
     built = task.build(torch.device("cpu"))
     torch.manual_seed(cfg.seed)
     unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,

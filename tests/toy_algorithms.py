@@ -6,9 +6,10 @@ that the multi-process world-size test covers every seam with randomness and per
 
 import torch
 
-from fedrun.aggregate import SERVER_TRANSFORMS, UPDATE_TRANSFORMS, Segment, ServerTransform, UpdateTransform
-from fedrun.client import CLIENT_ALGORITHMS, ClientAlgorithm, train_client
-from fedrun.server import STRATEGIES, ServerStrategy
+from fedrun.fl.aggregation.transforms import SERVER_TRANSFORMS, UPDATE_TRANSFORMS, ServerTransform
+from fedrun.fl.aggregation.buffer import Segment, UpdateTransform
+from fedrun.fl.clients import CLIENT_ALGORITHMS, ClientAlgorithm, train_client
+from fedrun.fl.strategies import STRATEGIES, ServerStrategy
 
 STATEFUL_OVERRIDES = ["client.algorithm=toy_visits",
                       "aggregation.update_transforms=[nonfinite_guard,toy_jitter]",
@@ -29,8 +30,8 @@ ALGORITHM_VARIANTS = {
 class HalfStep(ServerStrategy):
     """w <- w + 0.5 * mean update, and it counts its steps (server state to checkpoint)."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, lr=None, params=None):
+        super().__init__(lr, params)
         self.steps = torch.zeros(1)
 
     def step(self, weights, update_sum, total_weight=1.0):
@@ -52,8 +53,8 @@ class Visits(ClientAlgorithm):
 
     stateful = True
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def __init__(self, cfg, params=None):
+        super().__init__(cfg, params)
         self.total_visits = torch.zeros(1)
 
     def segments(self, params):

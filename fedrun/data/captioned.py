@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from fedrun.data.datasets import ImageLoader, list_image_files
+from fedrun.data.base import ImageLoader, list_image_files
 from fedrun.errors import DataError
 
 

@@ -1,30 +1,28 @@
 """Split the training set among the virtual clients (iid, Dirichlet label skew, shards, unbalanced).
 
-Every method is a pure function of (labels, num_samples, num_clients, cfg, seed), registered in
-``PARTITIONERS`` under its ``partition.method`` name: all ranks compute the same partition without
-communicating. Randomness comes from ``np.random.default_rng([seed, k])`` with a different ``k``
-per method, never from global RNG state.
+Every method is a pure function of (labels, num_samples, num_clients, params, seed), registered
+in ``fedrun.registry.PARTITIONERS`` under its ``partition.method`` name with its own parameters
+(``partition.alpha``, ...): all ranks compute the same partition without communicating.
+Randomness comes from ``np.random.default_rng([seed, k])`` with a different ``k`` per method,
+never from global RNG state.
 """
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
-from fedrun.config import PartitionConfig
 from fedrun.errors import DataError
-from fedrun.registry import Registry
-
-# name -> method(labels, num_samples, num_clients, cfg, seed) -> the clients' index arrays
-PARTITIONERS: Registry[Callable[..., List[np.ndarray]]] = Registry("partition method", "partition.method")
+from fedrun.registry import PARTITIONERS, require
 
 # Bounded retries for the Dirichlet split before the deterministic fix-up of empty clients.
 _DIRICHLET_TRIES = 100
 
 
 def partition_indices(labels: Optional[np.ndarray], num_samples: int, num_clients: int,
-                      cfg: PartitionConfig, seed: int) -> List[np.ndarray]:
+                      cfg: Any, seed: int) -> List[np.ndarray]:
     """Client c's sample indices (sorted int64 arrays).
 
     Every index in ``range(num_samples)`` belongs to exactly one client, every client has at
@@ -35,7 +33,7 @@ def partition_indices(labels: Optional[np.ndarray], num_samples: int, num_client
     if getattr(method, "needs_labels", False) and labels is None:
         raise DataError(f"partition.method='{cfg.method}' needs labels, but the data set has none "
                         "(digits have them; for image folders set data.labels_csv/data.label_column)")
-    parts = method(labels, num_samples, num_clients, cfg, seed)
+    parts = method(labels, num_samples, num_clients, PARTITIONERS.build_params(cfg.method, cfg), seed)
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
@@ -79,21 +77,30 @@ def _needs_labels(method: Callable) -> Callable:
 
 
 @PARTITIONERS.register("iid")
-def _iid(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
+def _iid(labels, num_samples: int, num_clients: int, params: None, seed: int):
     perm = np.random.default_rng([seed, 1]).permutation(num_samples)
     return np.array_split(perm, num_clients)
 
 
-@PARTITIONERS.register("dirichlet")
+@dataclass
+class DirichletParams:
+    alpha: float = 0.5
+    """Dirichlet concentration: small = each client sees few classes, large = near iid."""
+
+    def __post_init__(self) -> None:
+        require(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+
+
+@PARTITIONERS.register("dirichlet", params=DirichletParams)
 @_needs_labels
-def _dirichlet(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
+def _dirichlet(labels, num_samples: int, num_clients: int, params: DirichletParams, seed: int):
     """Per class, client shares ~ Dir(alpha); retried until no client is empty, then fixed up."""
     rng = np.random.default_rng([seed, 2])
     labels = np.asarray(labels)
     by_class = [np.flatnonzero(labels == k) for k in np.unique(labels)]
     parts: List[np.ndarray] = []
     for _ in range(_DIRICHLET_TRIES):
-        parts = _dirichlet_once(by_class, num_clients, cfg.alpha, rng)
+        parts = _dirichlet_once(by_class, num_clients, params.alpha, rng)
         if all(len(p) for p in parts):
             return parts
     # Tiny alpha with many clients rarely covers everyone; move single samples instead of failing.
@@ -115,15 +122,25 @@ def _dirichlet_once(by_class: List[np.ndarray], num_clients: int, alpha: float,
     return [np.concatenate(c) if c else np.empty(0, np.int64) for c in chunks]
 
 
-@PARTITIONERS.register("shards")
+@dataclass
+class ShardsParams:
+    shards_per_client: int = 2
+    """Label-sorted shards per client (about that many classes each)."""
+
+    def __post_init__(self) -> None:
+        require(self.shards_per_client >= 1, "shards_per_client",
+                f"must be >= 1, got {self.shards_per_client}")
+
+
+@PARTITIONERS.register("shards", params=ShardsParams)
 @_needs_labels
-def _shards(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
+def _shards(labels, num_samples: int, num_clients: int, params: ShardsParams, seed: int):
     """Label-sorted contiguous shards, ``shards_per_client`` dealt to each client at random."""
     rng = np.random.default_rng([seed, 3])
     perm = rng.permutation(num_samples)
     # Shuffle first so ties within a class are broken randomly, then a stable sort by label.
     order = perm[np.argsort(np.asarray(labels)[perm], kind="stable")]
-    per_client = cfg.shards_per_client
+    per_client = params.shards_per_client
     shards = np.array_split(order, num_clients * per_client)
     deal = rng.permutation(len(shards))
     parts = [np.concatenate([shards[s] for s in deal[c * per_client:(c + 1) * per_client]])
@@ -132,11 +149,21 @@ def _shards(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, se
     return _fill_empty(parts)
 
 
-@PARTITIONERS.register("unbalanced")
-def _unbalanced(labels, num_samples: int, num_clients: int, cfg: PartitionConfig, seed: int):
+@dataclass
+class UnbalancedParams:
+    unbalanced_sigma: float = 1.0
+    """Client sizes are log-normal with this sigma (0 = equal sizes)."""
+
+    def __post_init__(self) -> None:
+        require(self.unbalanced_sigma >= 0, "unbalanced_sigma",
+                f"must be >= 0, got {self.unbalanced_sigma}")
+
+
+@PARTITIONERS.register("unbalanced", params=UnbalancedParams)
+def _unbalanced(labels, num_samples: int, num_clients: int, params: UnbalancedParams, seed: int):
     """iid content, client sizes proportional to log-normal draws (each client >= 1)."""
     rng = np.random.default_rng([seed, 4])
-    weights = rng.lognormal(0.0, cfg.unbalanced_sigma, num_clients)
+    weights = rng.lognormal(0.0, params.unbalanced_sigma, num_clients)
     sizes = _round_sizes(weights, num_samples)
     perm = rng.permutation(num_samples)
     return np.split(perm, np.cumsum(sizes)[:-1])

@@ -1,0 +1,426 @@
+"""The federated round loop over torchrun ranks, written as numbered steps.
+
+    Step 1  cohort: the sampled clients of this round (same on every rank), minus those that
+            drop out (faults.dropout), dealt to ranks
+    Step 2  local training: each rank runs the client algorithm for each of its clients from the
+            global weights; each update (local - global) passes the update transforms and is
+            added, weighted, to the round buffer (exactly, with aggregation.exact)
+    Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, algorithm segments, sum n_c,
+            stats]; a rank that hangs makes it fail after dist_timeout_s with an error naming
+            the round
+    Step 4  server transforms on the reduced sum, then the server strategy's step and the client
+            algorithm's server-side update (every rank, identically), EMA update
+    Step 5  rank 0: log, sample grid, evaluation (FID/KID every eval.every rounds), checkpoint;
+            every rank: stop if every update was rejected for faults.max_rejected_rounds rounds
+
+The seams (client algorithm, update transforms, server transforms, server strategy) are found
+through their registries (``fedrun.registry``); the task (what is trained) too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+from fedrun.config import Config
+from fedrun.engine import dist
+from fedrun.engine.checkpoint import list_checkpoints, load_checkpoint
+from fedrun.engine.client_state import ClientStateStore
+from fedrun.engine.cohort import assign_to_ranks, dropped_clients, sample_cohort
+from fedrun.engine.ema import EMA
+from fedrun.engine.metrics import RunLogger
+from fedrun.engine.run import (Run, device_memory, drive, open_run, restore_run, start_logging,
+                               write_outputs)
+from fedrun.errors import CheckpointError, ConfigError, DistributedError, TrainingError
+from fedrun.fl.aggregation.buffer import (BYTES_PER_FLOAT, RoundBuffer, RoundResult, client_weight,
+                                          weighted_loss)
+from fedrun.fl.aggregation.exact import ExactGrid
+from fedrun.fl.aggregation.transforms import (RoundInfo, ServerTransform, UpdateInfo,
+                                              UpdateTransform, build_server_transforms,
+                                              build_update_transforms)
+from fedrun.fl.clients import ClientAlgorithm, build_client_algorithm
+from fedrun.fl.local import ClientJob, batch_indices, client_generator, num_local_steps
+from fedrun.fl.privacy.accountant import PrivacySpec, privacy_spec, write_privacy_file
+from fedrun.fl.strategies import ServerStrategy, build_server
+from fedrun.tasks.base import Task, build_task
+
+
+@dataclass(frozen=True)
+class Seams:
+    """The pluggable pieces of a federated round, built from the config (the same on every
+    rank)."""
+
+    server: ServerStrategy
+    algorithm: ClientAlgorithm
+    update_transforms: List[UpdateTransform]
+    server_transforms: List[ServerTransform]
+    privacy: Optional[PrivacySpec] = None  # DP-FedAvg's parameters (privacy.enabled)
+
+
+def build_seams(cfg: Config) -> Seams:
+    """Every seam of ``cfg``; DP's sigma is calibrated (or an unreachable budget refused) here,
+    before anything is built."""
+    return Seams(server=build_server(cfg.server), algorithm=build_client_algorithm(cfg),
+                 update_transforms=build_update_transforms(cfg),
+                 server_transforms=build_server_transforms(cfg),
+                 privacy=privacy_spec(cfg) if cfg.privacy.enabled else None)
+
+
+@dataclass
+class Tracking:
+    """What the federation tracks between rounds besides the model (every rank alike)."""
+
+    #: client -> the round (1-based) whose state it stored last: every rank knows it from the
+    #: reduced rounds, so a missing state file is an error, not a silent fresh start
+    state_versions: Dict[int, int] = field(default_factory=dict)
+    #: the consecutive rounds, up to now, in which every client update was rejected:
+    #: [[round, {client: reason}], ...] (faults.max_rejected_rounds stops the run)
+    rejected_streak: List[list] = field(default_factory=list)
+    round_buffer: Optional[RoundBuffer] = None  # reused every round (no per-round allocation)
+
+
+@dataclass(frozen=True)
+class Federation:
+    """A federated run: the run, its seams, the client state store (stateful algorithms only)
+    and what is tracked between rounds."""
+
+    run: Run
+    seams: Seams
+    store: Optional[ClientStateStore] = None
+    tracking: Tracking = field(default_factory=Tracking)
+
+
+# ---------------------------------------------------------------- set-up
+
+def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
+    """Run directory, data, partition, model and the seams: ready for round 0 (or resumed).
+    ``task`` defaults to the config's (``task.name``)."""
+    task = task or build_task(cfg)
+    seams = build_seams(cfg)
+    run = open_run(cfg, task)
+    if seams.privacy is not None and seams.algorithm.segments(run.params):
+        raise ConfigError(f"config key 'client.algorithm': '{seams.algorithm.name}' sends buffer "
+                          "segments besides the update, which DP-FedAvg (privacy.enabled) does "
+                          "not privatize")
+    store = ClientStateStore(Path(cfg.output_dir)) if seams.algorithm.stateful else None
+    fed = Federation(run, seams, store)
+    if run.resume_from is not None:
+        restore(fed, load_checkpoint(run.resume_from))
+    return fed
+
+
+def restore(fed: Federation, ckpt) -> None:
+    """The run's state plus the server's, the client algorithm's and what is tracked."""
+    run, seams = fed.run, fed.seams
+    restore_run(run, ckpt)
+    saved_sigma = ckpt.state.get("privacy_noise_multiplier")
+    sigma = seams.privacy.noise_multiplier if seams.privacy is not None else None
+    if saved_sigma != sigma:
+        raise CheckpointError(
+            f"checkpoint '{ckpt.path}' was trained with noise multiplier {saved_sigma}, this config "
+            f"gives {sigma}: privacy.target_epsilon calibrates sigma for 'rounds', so a DP run "
+            "resumes only with the 'rounds' it was calibrated for (its past rounds would otherwise "
+            "be accounted with the wrong sigma)")
+    if fed.store is not None and ckpt.path.resolve().parent.parent != Path(run.cfg.output_dir).resolve():
+        raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to another run directory, and "
+                              f"client algorithm '{seams.algorithm.name}' keeps per-client state "
+                              "in the run directory: copy that whole run and resume it there")
+    if fed.store is not None:
+        saved = ckpt.state.get("client_state_versions")
+        fed.tracking.state_versions = ({int(c): int(v) for c, v in saved.items()} if saved is not None
+                                       else fed.store.newest_versions(ckpt.round))  # older checkpoints
+    fed.tracking.rejected_streak = [list(item) for item in ckpt.state.get("rejected_streak", [])]
+    seams.server.load_state_dict({k: v.to(run.device) for k, v in ckpt.groups.get("server", {}).items()})
+    seams.algorithm.load_state_dict({k: v.to(run.device)
+                                     for k, v in ckpt.groups.get("client_algorithm", {}).items()})
+
+
+# ---------------------------------------------------------------- one round
+
+def select_clients(fed: Federation, global_round: int) -> tuple[list, list, list]:
+    """Step 1: the cohort (same on every rank), the clients of it that drop out of this round,
+    and the surviving clients this rank trains."""
+    run, cfg = fed.run, fed.run.cfg
+    sampling = cfg.privacy.sampling if cfg.privacy.enabled else "fixed"
+    cohort = sample_cohort(cfg.num_clients, cfg.cohort_size, cfg.seed, global_round, sampling)
+    dropped = dropped_clients(cohort, cfg.faults.dropout, cfg.faults.dropout_schedule, cfg.seed,
+                              global_round)
+    survivors = [c for c in cohort if c not in dropped]
+    costs = [client_steps(run, c) for c in survivors]
+    return cohort, dropped, assign_to_ranks(survivors, run.world_size, costs)[run.rank]
+
+
+def client_steps(run: Run, client: int) -> int:
+    """Local optimizer steps of ``client`` per round (local_steps, or from local_epochs)."""
+    cfg = run.cfg
+    return num_local_steps(len(run.client_indices[client]), cfg.optim.batch_size,
+                           cfg.local_steps, cfg.local_epochs)
+
+
+def _weight(run: Run, client: int) -> float:
+    return client_weight(len(run.client_indices[client]), run.cfg.server.weighting)
+
+
+def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
+    """This round's buffer (last round's storage reused), with exact grids when asked for: the
+    update's grid follows the global weights, a segment's its reference; the weight bound is the
+    cohort's total weight. Every input is the same on every rank."""
+    run, cfg = fed.run, fed.run.cfg
+    segments = fed.seams.algorithm.segments(run.params)
+    exact = None
+    if cfg.aggregation.exact:
+        bound = sum(_weight(run, c) for c in cohort)
+        rounding = cfg.aggregation.rounding
+        exact = {"update": ExactGrid(run.params.numel, run.global_weights, bound, run.device,
+                                     rounding)}
+        exact.update({s.name: ExactGrid(s.numel, s.reference, len(cohort), run.device, rounding)
+                      for s in segments})
+    buffer = RoundBuffer(run.params.numel, cohort, run.world_size, run.device,
+                         reuse=fed.tracking.round_buffer, segments=segments, exact=exact,
+                         transforms=fed.seams.update_transforms)
+    fed.tracking.round_buffer = buffer
+    return buffer
+
+
+def train_local(fed: Federation, cohort: list, mine: list, global_round: int) -> RoundBuffer:
+    """Step 2: run the client algorithm for this rank's clients, each from the global weights,
+    into the round buffer."""
+    run, cfg, algorithm, store = fed.run, fed.run.cfg, fed.seams.algorithm, fed.store
+    buffer = new_round_buffer(fed, cohort)
+    started = time.perf_counter()
+    for client in mine:
+        run.params.load_(run.global_weights)
+        generator = client_generator(cfg.seed, client, global_round)
+        batches = batch_indices(run.client_indices[client], client_steps(run, client),
+                                cfg.optim.batch_size, generator)
+        state = (store.load(client, global_round, fed.tracking.state_versions.get(client))
+                 if store is not None else None)
+        result = algorithm.train(ClientJob(
+            client, global_round, run.model, run.params, run.global_weights, batches, generator,
+            run.task.loss, cfg.optim, run.device, cfg.precision, state))
+        if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
+            run.params.flat[0] = float("nan")
+        weight = _weight(run, client)
+        info = UpdateInfo(client, global_round, cfg.seed, weight, result.mean_loss)
+        if buffer.add_client(client, run.params.flat, run.global_weights, weight, result.mean_loss,
+                             result.samples, info=info, segments=result.segments):
+            if store is not None and result.state is not None:
+                store.save(client, global_round + 1, result.state)
+                if cfg.checkpoint.every == 0:
+                    # no periodic checkpoint can need an older version (the final one reads the
+                    # newest): keep one per client, so the disk holds C x state, not
+                    # rounds x K x state. With periodic checkpoints, rank 0 prunes after each
+                    # (``_prune_client_states``): a rule that reads the checkpoint folder here
+                    # would depend on how far rank 0 has got, and differ between ranks.
+                    store.prune(global_round + 1, clients=[client])
+            run.task.observe_client(run, client, weight, global_round)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    buffer.set_compute_time(run.rank, time.perf_counter() - started)
+    return buffer
+
+
+def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
+    """Step 3: ONE all-reduce of the flat buffer, decoded; a failure names the round."""
+    try:
+        dist.all_reduce_sum(buffer.buffer)
+    except DistributedError as exc:
+        raise DistributedError(f"round {global_round + 1}: {exc}") from exc
+    return buffer.decode()
+
+
+def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundResult,
+                  global_round: int, seed: int) -> tuple[bool, dict]:
+    """Step 4: server transforms, the server step, the client algorithm's server-side update and
+    the EMA (a round where no weight arrived keeps the model). Returns (updated, metrics)."""
+    # Under DP every round releases noise (also one whose Poisson cohort is empty) and the sum is
+    # divided by the expected cohort size, not by the data-dependent count (``fedrun.fl.privacy``).
+    if result.total_weight <= 0 and seams.privacy is None:
+        return False, {}
+    info = RoundInfo(global_round, seed, result.total_weight,
+                     accepted=sum(1 for w in result.client_weight.values() if w > 0))
+    metrics: dict = {}
+    for transform in seams.server_transforms:
+        metrics.update(transform(result.update_sum, info))
+    denominator = seams.privacy.clients_per_round if seams.privacy is not None else result.total_weight
+    seams.server.step(weights, result.update_sum, denominator)
+    seams.algorithm.server_update(result)
+    ema.update(weights)
+    return True, metrics
+
+
+def track_states_and_rejections(fed: Federation, result: RoundResult, global_round: int) -> None:
+    """After the all-reduce, on every rank: which clients now have a newer stored state, and
+    whether this round extends a run of rounds in which every update was rejected."""
+    accepted = [c for c, w in result.client_weight.items() if w > 0]
+    tracking = fed.tracking
+    if fed.store is not None:
+        tracking.state_versions.update({c: global_round + 1 for c in accepted})
+    if accepted:
+        tracking.rejected_streak = []
+    elif result.rejected:  # clients sent updates and none was taken
+        tracking.rejected_streak.append([global_round + 1, dict(result.rejected_by)])
+
+
+_REJECTION_HINTS = {
+    "exact_range": "The updates are far larger than the weights (a diverging client): lower "
+                   "optim.lr, or check the data.",
+    "nonfinite_guard": "The local training produced NaN or infinity: lower optim.lr, set "
+                       "optim.grad_clip, or check the data.",
+}
+
+
+def check_can_learn(fed: Federation) -> None:
+    """Stop (on every rank: they all saw the same reduced rounds) once every client update has
+    been rejected for faults.max_rejected_rounds consecutive rounds."""
+    limit = fed.run.cfg.faults.max_rejected_rounds
+    streak = fed.tracking.rejected_streak
+    if limit <= 0 or len(streak) < limit:
+        return
+    rounds = [r for r, _ in streak]
+    reasons: Dict[str, int] = {}
+    for _, rejected in streak:
+        for why in rejected.values():
+            reasons[why] = reasons.get(why, 0) + 1
+    raise TrainingError(
+        f"every client update was rejected in {len(rounds)} consecutive rounds "
+        f"({rounds[0]}-{rounds[-1]}; rejections: "
+        + ", ".join(f"{why} x{n}" for why, n in sorted(reasons.items()))
+        + f"), so the model cannot learn (faults.max_rejected_rounds={limit}). "
+        + _REJECTION_HINTS.get(max(reasons, key=reasons.get).split(":")[0], ""))
+
+
+def account(fed: Federation, result: RoundResult) -> dict:
+    """Samples and bytes of the round (every rank keeps the totals: they are checkpointed).
+
+    Bytes are the protocol's: each participating client receives the global vector (and the
+    algorithm's segments, e.g. SCAFFOLD's server variate) and sends its fp32 update (and its
+    segments). How the simulator sums them (exact mode: float64 fixed point) is not counted;
+    ``buffer_bytes`` is the simulator's all-reduce payload per rank."""
+    run, progress = fed.run, fed.run.progress
+    floats = run.params.numel + sum(s.numel() for s in result.segments.values())
+    update_bytes = floats * BYTES_PER_FLOAT
+    trained = [c for c, w in result.client_weight.items() if w > 0]
+    round_samples = sum(result.client_samples.values())
+    # a rejected update was sent, then refused: the bytes below count it, updates_applied not
+    sent = len(trained) + len(result.rejected)
+    round_bytes = 2 * update_bytes * sent
+    progress.samples_seen += round_samples
+    progress.bytes_total += round_bytes
+    buffer = fed.tracking.round_buffer.buffer
+    return {
+        "samples": progress.samples_seen,
+        "round_samples": round_samples,
+        "train_loss": weighted_loss(result),
+        "clients": trained,
+        "client_loss": {c: result.client_loss[c] for c in trained},
+        "client_samples": {c: result.client_samples[c] for c in trained},
+        "rejected_nonfinite": [c for c, why in result.rejected_by.items() if why == "nonfinite_guard"],
+        "rejected": result.rejected_by,
+        "updates_applied": len(trained),
+        "bytes_sent_per_client": update_bytes,
+        "bytes_received_per_client": update_bytes,
+        "bytes_round": round_bytes,
+        "bytes_total": progress.bytes_total,
+        "buffer_bytes": buffer.numel() * buffer.element_size(),
+        "local_compute_s": max(result.rank_compute_s),
+        "local_compute_s_per_rank": result.rank_compute_s,
+        **device_memory(run.device),
+    }
+
+
+def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
+    """One round; returns its metrics record (complete on rank 0)."""
+    run = fed.run
+    started = time.perf_counter()
+    # Step 1: cohort, minus the clients that dropped out
+    cohort, dropped, mine = select_clients(fed, global_round)
+    # Step 2: local training
+    buffer = train_local(fed, cohort, mine, global_round)
+    # Step 3: one all-reduce of the flat buffer
+    reduce_started = time.perf_counter()
+    result = reduce_round(buffer, global_round)
+    aggregation_s = time.perf_counter() - reduce_started
+    # the task's metrics of the reduced round, before the server step (may be collective)
+    task_metrics = run.task.round_metrics(run, global_round, result)
+    # Step 4: server step
+    server_started = time.perf_counter()
+    updated, server_metrics = server_update(fed.seams, run.global_weights, run.ema, result,
+                                            global_round, run.cfg.seed)
+    track_states_and_rejections(fed, result, global_round)
+    done = global_round + 1
+    record = {"round": done, **account(fed, result), **task_metrics, **server_metrics,
+              "dropped": dropped, "model_updated": updated, "aggregation_s": aggregation_s,
+              "server_s": time.perf_counter() - server_started}
+    # Step 5: log / sample / evaluate / checkpoint (rank 0); stop if the run cannot learn
+    if run.rank != 0:
+        check_can_learn(fed)
+        return record
+    if result.rejected:
+        logger.write(f"round {done}: rejected the update of "
+                     + ", ".join(f"client {c} ({why})" for c, why in result.rejected_by.items()))
+    if not updated:
+        logger.write(f"round {done}: no client update arrived; the global model is unchanged")
+    elif not record["updates_applied"]:
+        logger.write(f"round {done}: no client update was applied (the model moved by the DP "
+                     "noise only)")
+    record = write_outputs(run, done, record, logger, started,
+                           checkpoint_groups=lambda: _checkpoint_groups(fed),
+                           checkpoint_state=_checkpoint_state(fed),
+                           after_checkpoint=lambda: _prune_client_states(fed))
+    check_can_learn(fed)
+    return record
+
+
+def _checkpoint_groups(fed: Federation) -> dict:
+    return {"server": fed.seams.server.state_dict(),
+            "client_algorithm": fed.seams.algorithm.state_dict()}
+
+
+def _checkpoint_state(fed: Federation) -> dict:
+    seams, tracking = fed.seams, fed.tracking
+    return {"client_algorithm": seams.algorithm.name,
+            "client_state_store": fed.store is not None,
+            "client_state_versions": ({str(c): v for c, v in sorted(tracking.state_versions.items())}
+                                      if fed.store is not None else None),
+            "rejected_streak": tracking.rejected_streak,
+            "privacy_noise_multiplier": (seams.privacy.noise_multiplier
+                                         if seams.privacy is not None else None)}
+
+
+def _prune_client_states(fed: Federation) -> None:
+    kept = list_checkpoints(Path(fed.run.cfg.output_dir))
+    if fed.store is not None and kept:
+        fed.store.prune(kept[0][0])
+
+
+# ---------------------------------------------------------------- the loop
+
+def run(cfg: Config, task: Optional[Task] = None) -> Path:
+    """Train ``cfg.rounds`` federated rounds of ``task`` (default: the config's); returns the
+    run directory. Joins (and afterwards leaves) the torchrun process group if there is one."""
+    task = task or build_task(cfg)
+    with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads):
+        fed = setup(cfg, task)
+        exact = "exact" if cfg.aggregation.exact else "fp32"
+        logger = start_logging(fed.run, "train",
+                               f"task {task.name}: {task.describe(fed.run)}, {cfg.num_clients} clients "
+                               f"({cfg.cohort_size} per round), {fed.run.params.numel:,} federated "
+                               f"parameters, client algorithm {fed.seams.algorithm.name}, server "
+                               f"{cfg.server.strategy}, {exact} aggregation")
+        return drive(fed.run, logger, lambda global_round: run_round(fed, global_round, logger),
+                     finalize=lambda: _finalize_privacy(fed))
+
+
+def _finalize_privacy(fed: Federation) -> dict:
+    """final/privacy.json and the summary's guarantee (rank 0, after the export)."""
+    spec = fed.seams.privacy
+    if spec is None:
+        return {}
+    report = write_privacy_file(spec, fed.run.cfg.rounds, Path(fed.run.cfg.output_dir) / "final")
+    return {"epsilon": report["epsilon"], "dp_delta": report["delta"],
+            "dp_noise_multiplier": report["noise_multiplier"], "dp_clip_norm": report["clip_norm"]}

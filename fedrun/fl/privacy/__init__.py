@@ -1,0 +1,1 @@
+"""Client-level differential privacy: DP-FedAvg's transforms and its accountant."""

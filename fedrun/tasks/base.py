@@ -1,0 +1,148 @@
+"""The task contract: what the engine, the centralized baseline, ``sample``, ``evaluate`` and
+``audit`` need from a kind of training.
+
+A task (DDPM pre-training, LoRA fine-tuning of Stable Diffusion, a class-conditional DiT, ...) is
+a folder ``fedrun/tasks/<name>/`` whose ``__init__`` registers a ``Task`` subclass with
+``@TASKS.register("<name>")``; ``task.name: <name>`` in a config selects it, and the engine finds
+it through the registry (torchtitan's TrainSpec: a model is a folder). The task owns its config
+sections (``config_sections``: top-level keys such as ``model`` or ``finetune``, validated and
+documented like the core ones), its data and model, its loss, its samples, its export, how a
+finished run is loaded for ``fedrun sample`` / ``evaluate`` and what ``fedrun audit`` examines.
+Optional hooks have no-op defaults, so a task implements the five abstract methods and overrides
+only what it needs. The federated state is always the trainable parameters of ``Built.model``.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Protocol
+
+import numpy as np
+import torch
+
+from fedrun.errors import EvaluationError
+
+if TYPE_CHECKING:  # for annotations only: the engine imports this module, not the reverse
+    from fedrun.config import Config
+    from fedrun.engine.metrics import RunLogger
+    from fedrun.engine.run import Run
+    from fedrun.eval.audit import AuditOptions, AuditSubject
+    from fedrun.eval.sampling import RunSampler
+    from fedrun.fl.aggregation.buffer import RoundResult
+
+
+class TrainingData(Protocol):
+    """What the engine needs of a data set: its size, batches by index, labels (or None)."""
+
+    labels: Optional[np.ndarray]
+
+    def __len__(self) -> int: ...
+
+    def get_batch(self, indices: np.ndarray) -> Any: ...
+
+
+@dataclass
+class Built:
+    """What a task builds for the engine."""
+
+    dataset: TrainingData
+    model: torch.nn.Module  # its trainable parameters are the federated state
+    noise_scheduler: Any  # a diffusers scheduler (the training noise schedule)
+
+
+class Task(abc.ABC):
+    """Base class of every task; ``name`` is set by ``@TASKS.register``."""
+
+    name: str = "task"
+    #: The config sections this task owns: top-level key -> dataclass (docstrings per field,
+    #: validation in __post_init__). Only the selected task's sections are valid in a config.
+    config_sections: ClassVar[Dict[str, type]] = {}
+    #: Whether the engine scores the EMA model during training (``eval.every``) and
+    #: ``fedrun sample`` / ``evaluate`` can score a finished run (``load_sampler``).
+    supports_evaluation: ClassVar[bool] = False
+
+    def __init__(self, cfg: "Config"):
+        self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg: "Config") -> None:
+        """Refuse a config this task cannot run (a ConfigError naming the key); called by the
+        config loader once the whole config is validated."""
+
+    # ------------------------------------------------------------ required
+    @abc.abstractmethod
+    def build(self, device: torch.device) -> Built:
+        """Data, model (trainable parameters = federated state) and noise schedule, on ``device``.
+        Every rank builds the same model from the same seed: no broadcast is needed."""
+
+    @abc.abstractmethod
+    def loss(self, model: torch.nn.Module, indices: np.ndarray,
+             generator: torch.Generator) -> torch.Tensor:
+        """Mean loss of the samples ``indices`` through ``model`` (the replica, or its DDP wrapper
+        in the centralized baseline); all randomness (noise, timesteps, dropout) from
+        ``generator``."""
+
+    @abc.abstractmethod
+    def describe(self, run: "Run") -> str:
+        """One line for the start of the log: data and model."""
+
+    @abc.abstractmethod
+    def write_samples(self, run: "Run", done_rounds: int, logger: "RunLogger") -> None:
+        """samples/round_NNNNN.png of the EMA model (rank 0)."""
+
+    @abc.abstractmethod
+    def export(self, run: "Run", out_dir: Path) -> None:
+        """final/: a folder stock diffusers loads (a pipeline, or LoRA weights)."""
+
+    # ------------------------------------------------------------ optional hooks
+    def prepare(self, run: "Run") -> None:
+        """Called once the run exists (before any round or restore)."""
+
+    def observe_client(self, run: "Run", client: int, weight: float, global_round: int) -> None:
+        """After a client's accepted update, with the client's weights still in the replica."""
+
+    def round_metrics(self, run: "Run", global_round: int, result: "RoundResult") -> Dict[str, Any]:
+        """Extra metrics of a reduced federated round, before the server step. Called on every
+        rank (it may run a collective, the same on every rank)."""
+        return {}
+
+    def summary(self, run: "Run") -> Dict[str, Any]:
+        """Extra keys for the run summary (rank 0, at the end)."""
+        return {}
+
+    def evaluate(self, run: "Run", done_rounds: int, logger: "RunLogger") -> Dict[str, Any]:
+        """Scores of the EMA model during training (rank 0); only if ``supports_evaluation``."""
+        raise NotImplementedError(f"task '{self.name}' does not evaluate")
+
+    # ------------------------------------------------------------ finished runs
+    def load_sampler(self, run_dir: Path, checkpoint: Optional[str]) -> "RunSampler":
+        """The model of a finished run, for ``fedrun sample`` and ``evaluate`` (final/ by
+        default, or ``checkpoint``: 'final', 'latest', a round number or a folder)."""
+        raise EvaluationError(self.not_scorable(run_dir))
+
+    def not_scorable(self, run_dir: Path) -> str:
+        """Why ``fedrun sample`` / ``evaluate`` cannot score this task's runs, and what to do."""
+        return (f"run '{run_dir}' is a '{self.name}' run, which `fedrun sample` and `fedrun "
+                "evaluate` cannot score; its samples are in samples/ and its model in final/")
+
+    def score_samples(self, images: np.ndarray, labels: Optional[np.ndarray],
+                      evaluator: Any) -> Dict[str, Any]:
+        """The scores of samples of this task's model: FID/KID with the floor (the evaluator's
+        report); a conditional task adds what its conditioning asked for (``labels``)."""
+        from fedrun.eval.features import to_model_range
+
+        return evaluator.report(to_model_range(images))
+
+    def audit_subject(self, run_dir: Path, options: "AuditOptions") -> "AuditSubject":
+        """What ``fedrun audit`` examines: members, non-members, samples, per-image loss."""
+        raise EvaluationError(f"fedrun audit: run '{run_dir}' is a '{self.name}' run, which the "
+                              "audit does not cover")
+
+
+def build_task(cfg: "Config") -> Task:
+    """The task ``cfg.task.name`` names (its folder is imported on first use)."""
+    from fedrun.registry import TASKS
+
+    return TASKS.get(cfg.task.name, "task.name")(cfg)
