@@ -4,7 +4,7 @@
     python -m bench.gpu --dry-run    # every part at toy size on CPU (in the tests): runs/bench-gpu-dry/
 
 Parts (each isolated: a failing part is recorded and the others still run):
-  cuda_tests   pytest -m cuda (tests/test_cuda.py; all skipped without CUDA)
+  cuda_tests   pytest -m cuda (tests/integration/test_cuda.py; all skipped without CUDA)
   pretrain     the paper's 64x64 U-Net (configs/celeba_fedavg.yaml, 25 M parameters) on generated
                64x64 images: 1 rank, and 4 ranks sharing the GPU (gloo, buffer staged through
                pinned CPU memory), fp32 and bf16: local steps/s, round breakdown, peak GPU memory
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                "steps": {}}
     results["steps"]["cuda_tests"] = _launch(
-        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/test_cuda.py"],
+        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "tests/integration/test_cuda.py"],
         work / "cuda_tests.log", 300)
     results["cuda_tests_summary"] = (work / "cuda_tests.log").read_text().strip().splitlines()[-1:]
     shared = 2 if dry else 4  # ranks sharing the one GPU

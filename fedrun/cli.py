@@ -17,6 +17,8 @@ Overrides are dotted config keys (``data.image_size=32``, ``logging.wandb=false`
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import os
 import sys
 from typing import List, Optional
@@ -34,15 +36,37 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the resolved config and exit")
 
 
+@contextlib.contextmanager
+def _start_up():
+    """Import what a run needs with CPython's cyclic collector paused, then freeze it.
+
+    torch and diffusers' model stack (with what diffusers pulls in when installed: transformers,
+    peft, scipy) create about 700,000 long-lived objects, and every full collection while they
+    load re-scans all of them: 1.1-1.7 s of each rank's start-up, for a few thousand objects
+    freed. Frozen after the imports, later collections skip them; the collector resumes as usual
+    for the run itself (docs/benchmarks/startup). The model stack is imported only once the
+    config is valid, so a bad config is still reported at once."""
+    gc.disable()
+    try:
+        yield
+        with contextlib.suppress(ImportError):  # the run itself reports what is missing
+            import torch  # noqa: F401
+            from diffusers import UNet2DModel  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
 def _config_run(args: argparse.Namespace, run, task: Optional[str] = None) -> int:
     """Load the config of a config-driven verb (``task``: the task the verb trains, if it is
     bound to one); print it (--print-config) or ``run(cfg)`` it."""
     from fedrun.config import load_config, to_yaml
 
-    cfg = load_config(args.config, args.overrides, task=task)
     if args.print_config:
-        print(to_yaml(cfg), end="")
+        print(to_yaml(load_config(args.config, args.overrides, task=task)), end="")
         return 0
+    with _start_up():
+        cfg = load_config(args.config, args.overrides, task=task)
     _say(f"done: {run(cfg)}")
     return 0
 
@@ -72,7 +96,9 @@ _RUN_KEYS = {"n": "eval.num_samples", "scheduler": "eval.scheduler", "steps": "e
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", required=True, help="run directory (output_dir of a run)")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help="run directory (output_dir of a run); under torchrun use --run-dir "
+                             "(torchrun reads --run as its own --run-path)")
     parser.add_argument("settings", nargs="*", metavar="key=value",
                         help="n=, scheduler=ddim|ddpm, steps=, seed=, checkpoint=final|latest|ROUND|PATH, "
                              "out= (sample), samples= (evaluate: a samples.npz), feature=digits|inception, "
@@ -101,7 +127,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     overrides, chosen = _run_settings(args, ("checkpoint", "out"))
     if not any(o.startswith("eval.num_samples=") for o in overrides):
         overrides.append("eval.num_samples=64")
-    cfg = open_run(args.run, overrides)
+    with _start_up():
+        cfg = open_run(args.run, overrides)
     sample_run(args.run, cfg, chosen.get("checkpoint"), chosen.get("out"), say=_say)
     return 0
 
@@ -110,7 +137,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fedrun.eval.sampling import evaluate_run, open_run
 
     overrides, chosen = _run_settings(args, ("checkpoint", "samples"))
-    cfg = open_run(args.run, overrides)
+    with _start_up():
+        cfg = open_run(args.run, overrides)
     evaluate_run(args.run, cfg, chosen.get("checkpoint"), chosen.get("samples"), say=_say)
     return 0
 
@@ -120,7 +148,11 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
                         help="grid YAML (default: the paper's grid, configs/grids/paper.yaml)")
     parser.add_argument("--quick", action="store_true", help="the grid's tiny 'quick' variant")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="runs in parallel as separate processes (1: one after the other, in this process)")
+                        help="runs at once (1: one after the other, in this process)")
+    parser.add_argument("--backend", choices=["inline", "processes", "slurm"],
+                        help="where the runs run: in this process, as separate processes, or as "
+                             "Slurm job arrays of launch/slurm/sweep_array.sbatch (default: inline "
+                             "for --jobs 1, processes otherwise)")
     parser.add_argument("--collect", action="store_true", help="only collect finished runs, train nothing")
     parser.add_argument("--out", help="folder of the runs (default: the grid's output_dir)")
     parser.add_argument("--report", help="report folder (default: <output_dir>/report)")
@@ -132,16 +164,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     command = "python -m fedrun compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else [])
     report = compare(args.grid, args.quick, max(1, args.jobs), args.collect, args.report,
-                     args.overrides, command=command.strip(), say=_say, output_dir=args.out)
-    _say(f"report: {report}")
-    return 0
+                     args.overrides, command=command.strip(), say=_say, output_dir=args.out,
+                     backend=args.backend)
+    _say(f"report: {report.readme}" + (f" ({len(report.failures)} runs without results, marked in it)"
+                                      if report.failures else ""))
+    return 1 if report.failures else 0
 
 
 def _audit_arguments(parser: argparse.ArgumentParser) -> None:
     from fedrun.eval.audit import AuditOptions
 
     defaults = AuditOptions()
-    parser.add_argument("--run", required=True, help="run directory (output_dir of a run)")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True,
+                        help="run directory (output_dir of a run); under torchrun use --run-dir "
+                             "(torchrun reads --run as its own --run-path)")
     parser.add_argument("--num-samples", type=int, default=defaults.num_samples,
                         help=f"generated samples to compare with the data (default {defaults.num_samples})")
     parser.add_argument("--heldout", help="fine-tuning runs: folder of held-out images of the "

@@ -653,6 +653,14 @@ def _drop_legacy(raw: dict, task_cls: type) -> None:
                 f"config key '{section}.{item}': not a parameter of {registry.kind} '{name}' "
                 + (f"(it belongs to {', '.join(repr(t) for t in takers)}); " if takers else "; ")
                 + f"'{name}' takes: {', '.join(sorted(taken - {key})) or 'nothing else'}")
+    for section in [k for k in raw if k not in types and k not in task_cls.config_sections
+                    and k not in LEGACY_SECTIONS]:
+        owners = [name for name in TASKS.names()
+                  if section in getattr(TASKS.get(name), "config_sections", {})]
+        if owners:  # another task's section (only looked up on this error path)
+            raise ConfigError(f"config section '{section}' belongs to task "
+                              f"{' / '.join(repr(o) for o in owners)}, and this config trains task "
+                              f"'{task_cls.name}': set task.name={owners[0]}, or remove the section")
     for section, legacy in LEGACY_SECTIONS.items():
         if section in raw and section not in task_cls.config_sections:
             values = raw[section] or {}
@@ -663,7 +671,7 @@ def _drop_legacy(raw: dict, task_cls: type) -> None:
             raise ConfigError(f"config section '{section}' belongs to task '{owner}', and this "
                               f"config trains task '{task_cls.name}': set task.name={owner}"
                               + (" (or use `fedrun finetune`)" if owner == "sd_lora" else "")
-                              + f", or remove the section")
+                              + ", or remove the section")
 
 
 def config_schema(task_cls: type, raw: dict) -> type:

@@ -156,6 +156,7 @@ BUILTIN_MODULES = (
     "fedrun.fl.privacy.transforms",
     "fedrun.data.digits",
     "fedrun.data.folder",
+    "fedrun.data.hf",
     "fedrun.data.partition",
     "fedrun.eval.features",
 )

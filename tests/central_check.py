@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_evaluation.py (one launch, several checks: start-up is slow).
+"""Run under torchrun by tests/integration/test_evaluation.py (one launch, several checks: start-up is slow).
 
     torchrun --nproc_per_node=N tests/central_check.py RUN_DIR SAMPLES_DIR [central overrides...]
 

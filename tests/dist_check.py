@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_multiprocess.py (one launch does several checks: start-up
+"""Run under torchrun by tests/integration/test_multiprocess.py (one launch does several checks: start-up
 costs ~15-30 s per launch).
 
     torchrun --nproc_per_node=N tests/dist_check.py OUT_DIR [train overrides...]

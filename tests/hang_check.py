@@ -1,4 +1,4 @@
-"""Run under torchrun by tests/test_faults.py: ``fedrun train`` in which rank 1 hangs in round 2.
+"""Run under torchrun by tests/integration/test_faults.py: ``fedrun train`` in which rank 1 hangs in round 2.
 
     torchrun --nproc_per_node=2 tests/hang_check.py [train overrides...]
 

@@ -1,6 +1,6 @@
 """Toy pieces for each seam, defined outside fedrun and registered the way a user's would be.
 
-Imported by tests/test_seams.py (in-process runs) and tests/dist_check.py (torchrun runs), so
+Imported by tests/integration/test_seams.py (in-process runs) and tests/dist_check.py (torchrun runs), so
 that the multi-process world-size test covers every seam with randomness and per-client state.
 """
 

@@ -6,8 +6,6 @@ every rank builds the same data set without communicating.
 
 from __future__ import annotations
 
-import csv
-import functools
 import os
 import threading
 import warnings

@@ -41,13 +41,14 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from fedrun.errors import ConfigError, EvaluationError
 from fedrun.rng import derived_generator
+from fedrun.tasks.base import AuditSubject
 
 AUDIT_DIR = "audit"
 MIA_TIMESTEP_FRACTIONS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.5)  # of num_train_timesteps
@@ -84,20 +85,6 @@ class AuditOptions:
             raise ConfigError(f"audit --num-samples: must be >= 2, got {self.num_samples}")
         if self.noise_draws < 1:
             raise ConfigError(f"audit --noise-draws: must be >= 1, got {self.noise_draws}")
-
-
-@dataclass
-class AuditSubject:
-    """What the analysis needs of a run, whatever its task."""
-
-    kind: str  # the run's task
-    members: torch.Tensor  # (M, C, H, W) in [-1, 1]: the training images
-    member_clients: np.ndarray  # (M,) the client holding each
-    nonmembers: torch.Tensor  # (H, C, H, W): never trained on
-    generate: Callable[[int, int], np.ndarray]  # (n, chunk index) -> (n, H, W, C) in [0, 1]
-    per_image_loss: Callable[[torch.Tensor, torch.Generator, int], torch.Tensor]  # (images, gen, t)
-    num_train_timesteps: int
-    description: str
 
 
 # ---------------------------------------------------------------- subjects
@@ -308,7 +295,7 @@ def audit_run(run_dir, options: Optional[AuditOptions] = None, say=print) -> dic
     started = time.perf_counter()
     task = build_task(cfg)
     kind = task.name
-    subject = task.audit_subject(run_dir, options)
+    subject = task.audit_subject(run_dir, options.heldout)
     say(f"audit of {run_dir}: {subject.description}")
     # 1. samples and their nearest neighbours, in pixel and feature space
     images = generate_samples(subject, options)

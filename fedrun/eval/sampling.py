@@ -9,31 +9,22 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from fedrun.errors import CheckpointError, EvaluationError
 from fedrun.eval.features import build_evaluator, warn_if_few
 from fedrun.eval.images import save_grid
+from fedrun.tasks.base import Draw, RunSampler
 
 #: samples per chunk: chunk i is drawn from a generator seeded by (seed, i), so the samples do
 #: not depend on how many ranks share the chunks
 CHUNK = 250
 
-#: ``draw(n, index)``: chunk ``index`` of n samples: images (n, H, W, C) in [0, 1] and the labels
-#: the model was asked for (a conditional task) or None
-Draw = Callable[[int, int], Tuple[np.ndarray, Optional[np.ndarray]]]
-
-
-@dataclass
-class RunSampler:
-    """The model of a finished run, ready to draw samples (``Task.load_sampler``)."""
-
-    label: str  # 'final' or the checkpoint folder's name
-    draw: Draw
+__all__ = ["CHUNK", "Draw", "RunSampler", "draw_all", "draw_chunks", "evaluate_run",
+           "load_samples", "open_run", "sample_run", "save_samples"]
 
 
 def open_run(run_dir, overrides: Optional[List[str]] = None):

@@ -17,19 +17,16 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from fedrun.errors import EvaluationError
 
-if TYPE_CHECKING:  # for annotations only: the engine imports this module, not the reverse
+if TYPE_CHECKING:  # for annotations only
     from fedrun.config import Config
     from fedrun.engine.metrics import RunLogger
-    from fedrun.engine.run import Run
-    from fedrun.eval.audit import AuditOptions, AuditSubject
-    from fedrun.eval.sampling import RunSampler
     from fedrun.fl.aggregation.buffer import RoundResult
 
 
@@ -41,6 +38,50 @@ class TrainingData(Protocol):
     def __len__(self) -> int: ...
 
     def get_batch(self, indices: np.ndarray) -> Any: ...
+
+
+class RunView(Protocol):
+    """What a task's hooks see of a run: ``fedrun.engine.run.Run`` provides it (the contract
+    names what it uses, so that it does not import the engine that imports it)."""
+
+    cfg: "Config"
+    device: torch.device
+    rank: int
+    world_size: int
+    dataset: TrainingData
+    client_indices: Sequence[np.ndarray]
+    model: torch.nn.Module  # the training replica
+    params: Any  # fedrun.engine.flat.FlatParameters: the trainable parameters, one vector
+    noise_scheduler: Any
+    global_weights: torch.Tensor
+    ema: Any  # fedrun.engine.ema.EMA: ``.shadow`` holds the averaged weights
+
+
+#: ``draw(n, chunk_index)``: chunk ``chunk_index`` of n samples: images (n, H, W, C) in [0, 1]
+#: and the labels the model was asked for (a conditional task) or None
+Draw = Callable[[int, int], Tuple[np.ndarray, Optional[np.ndarray]]]
+
+
+@dataclass
+class RunSampler:
+    """The model of a finished run, ready to draw samples (``Task.load_sampler``)."""
+
+    label: str  # 'final' or the checkpoint folder's name
+    draw: Draw
+
+
+@dataclass
+class AuditSubject:
+    """What ``fedrun audit`` needs of a run, whatever its task (``Task.audit_subject``)."""
+
+    kind: str  # the run's task
+    members: torch.Tensor  # (M, C, H, W) in [-1, 1]: the training images
+    member_clients: np.ndarray  # (M,) the client holding each
+    nonmembers: torch.Tensor  # (H, C, H, W): never trained on
+    generate: Callable[[int, int], np.ndarray]  # (n, chunk index) -> (n, H, W, C) in [0, 1]
+    per_image_loss: Callable[[torch.Tensor, torch.Generator, int], torch.Tensor]  # (images, gen, t)
+    num_train_timesteps: int
+    description: str
 
 
 @dataclass
@@ -85,39 +126,39 @@ class Task(abc.ABC):
         ``generator``."""
 
     @abc.abstractmethod
-    def describe(self, run: "Run") -> str:
+    def describe(self, run: RunView) -> str:
         """One line for the start of the log: data and model."""
 
     @abc.abstractmethod
-    def write_samples(self, run: "Run", done_rounds: int, logger: "RunLogger") -> None:
+    def write_samples(self, run: RunView, done_rounds: int, logger: "RunLogger") -> None:
         """samples/round_NNNNN.png of the EMA model (rank 0)."""
 
     @abc.abstractmethod
-    def export(self, run: "Run", out_dir: Path) -> None:
+    def export(self, run: RunView, out_dir: Path) -> None:
         """final/: a folder stock diffusers loads (a pipeline, or LoRA weights)."""
 
     # ------------------------------------------------------------ optional hooks
-    def prepare(self, run: "Run") -> None:
+    def prepare(self, run: RunView) -> None:
         """Called once the run exists (before any round or restore)."""
 
-    def observe_client(self, run: "Run", client: int, weight: float, global_round: int) -> None:
+    def observe_client(self, run: RunView, client: int, weight: float, global_round: int) -> None:
         """After a client's accepted update, with the client's weights still in the replica."""
 
-    def round_metrics(self, run: "Run", global_round: int, result: "RoundResult") -> Dict[str, Any]:
+    def round_metrics(self, run: RunView, global_round: int, result: "RoundResult") -> Dict[str, Any]:
         """Extra metrics of a reduced federated round, before the server step. Called on every
         rank (it may run a collective, the same on every rank)."""
         return {}
 
-    def summary(self, run: "Run") -> Dict[str, Any]:
+    def summary(self, run: RunView) -> Dict[str, Any]:
         """Extra keys for the run summary (rank 0, at the end)."""
         return {}
 
-    def evaluate(self, run: "Run", done_rounds: int, logger: "RunLogger") -> Dict[str, Any]:
+    def evaluate(self, run: RunView, done_rounds: int, logger: "RunLogger") -> Dict[str, Any]:
         """Scores of the EMA model during training (rank 0); only if ``supports_evaluation``."""
         raise NotImplementedError(f"task '{self.name}' does not evaluate")
 
     # ------------------------------------------------------------ finished runs
-    def load_sampler(self, run_dir: Path, checkpoint: Optional[str]) -> "RunSampler":
+    def load_sampler(self, run_dir: Path, checkpoint: Optional[str]) -> RunSampler:
         """The model of a finished run, for ``fedrun sample`` and ``evaluate`` (final/ by
         default, or ``checkpoint``: 'final', 'latest', a round number or a folder)."""
         raise EvaluationError(self.not_scorable(run_dir))
@@ -135,8 +176,9 @@ class Task(abc.ABC):
 
         return evaluator.report(to_model_range(images))
 
-    def audit_subject(self, run_dir: Path, options: "AuditOptions") -> "AuditSubject":
-        """What ``fedrun audit`` examines: members, non-members, samples, per-image loss."""
+    def audit_subject(self, run_dir: Path, heldout: Optional[str]) -> AuditSubject:
+        """What ``fedrun audit`` examines: members, non-members, samples, per-image loss
+        (``heldout``: the audit's ``--heldout`` folder of non-members, if given)."""
         raise EvaluationError(f"fedrun audit: run '{run_dir}' is a '{self.name}' run, which the "
                               "audit does not cover")
 

@@ -1,12 +1,16 @@
 """The benchmark suite runs end to end in its --quick form (no timing assertions: benchmarks are
 not timed tests). One `python -m bench.run --quick` = one single-process step + one 2-rank torchrun."""
 
+import pytest
 import json
 import os
 import subprocess
 import sys
 
 from conftest import REPO
+
+
+pytestmark = pytest.mark.slow  # benchmarks: launches torchrun jobs and times them
 
 
 def test_bench_quick_runs_and_writes_results(tmp_path):

@@ -211,6 +211,7 @@ quick:
 """
 
 
+@pytest.mark.slow
 def test_quick_compare_writes_table_plots_and_findings(tmp_path, capsys):
     overrides = json.dumps([x for x in tiny(tmp_path) if not x.startswith("output_dir")])
     grid = tmp_path / "grid.yaml"

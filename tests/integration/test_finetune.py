@@ -291,6 +291,7 @@ def test_saved_lora_loads_with_stock_load_lora_weights_and_changes_the_output(as
         assert torch.equal(match[0].detach().float(), tensor)
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_give_the_same_lora(assets, tmp_path):
     # Three clients: world size 1 sums c0 + c1 + c2, world size 2 sums (c0 + c2) + c1. Exact
     # aggregation (the default) makes the sum independent of the grouping: bit-identical LoRA.

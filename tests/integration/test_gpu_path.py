@@ -76,6 +76,7 @@ def test_central_runs_through_accelerate_with_bf16(tiny_config, tmp_path):
     assert optimizer["exp_avg"].dtype == torch.float32 and float(optimizer["step"][0]) == 8.0
 
 
+@pytest.mark.slow
 def test_prepared_device_check_dry_run(tmp_path):
     """`python -m bench.gpu --dry-run` runs every part of the device check at toy size on CPU."""
     import subprocess

@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from conftest import run_cli, tiny
 from toy_algorithms import ALGORITHM_VARIANTS
 
+pytestmark = pytest.mark.slow  # four torchrun launches (world sizes 1-4) in one fixture
+
 SHAPE = ["num_clients=6", "clients_per_round=5", "partition.method=dirichlet", "partition.alpha=0.3",
          "rounds=3", "local_steps=2", "checkpoint.every=1", "sample.every=0"]
 WORLDS = (1, 2, 3, 4)
@@ -139,36 +141,3 @@ def test_exported_pipeline_loads_in_stock_diffusers(runs):
     ema = load_file(str(runs[1]["dir"] / "checkpoints" / "round_00003" / "ema.safetensors"))
     exported = pipe.unet.state_dict()
     assert all(torch.equal(exported[k], ema[k]) for k in ema)
-
-
-def test_default_threads_do_not_depend_on_the_world_size(monkeypatch, tiny_config, tmp_path):
-    """The claim behind test_world_size_invariance at the default settings: a CPU kernel's
-    reductions depend on its thread count (positive control: one client's local steps with 1 and
-    2 threads differ), so the default gives every CPU rank 1 thread whatever the number of ranks
-    (at 9dcece4 it gave each rank its share of the cores: 2 threads alone, 1 beside another)."""
-    from fedrun.engine import dist
-    from fedrun.engine import simulator
-    from fedrun.fl.local import batch_indices, client_generator
-    from fedrun.fl.clients import train_client
-
-    cfg = tiny_config("sample.every=0")
-    assert cfg.threads is None
-    previous = torch.get_num_threads()
-    try:
-        for local_world in ("1", "2"):
-            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
-            dist.init("cpu", threads=cfg.threads)
-            assert torch.get_num_threads() == 1, local_world
-        trained = []
-        for threads in (1, 2):
-            fed = simulator.setup(tiny_config("sample.every=0", f"threads={threads}",
-                                              output_dir=tmp_path / f"t{threads}"))
-            assert torch.get_num_threads() == threads
-            generator = client_generator(0, 0, 0)
-            batches = batch_indices(fed.run.client_indices[0], 2, 4, generator)
-            train_client(fed.run.model, fed.run.params.params, fed.run.task.loss, batches, generator,
-                         fed.run.cfg.optim, fed.run.device)
-            trained.append(fed.run.params.flat.clone())
-        assert not torch.equal(trained[0], trained[1])
-    finally:
-        torch.set_num_threads(previous)

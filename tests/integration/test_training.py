@@ -164,7 +164,7 @@ def test_bad_config_values_name_the_key():
 
 
 def test_every_shipped_config_loads():
-    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    configs = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
     assert configs
     for path in configs:
         load_config(str(path), [])
@@ -197,6 +197,7 @@ def test_image_folder_run_with_a_corrupt_file(tiny_config, tmp_path):
     assert _weights(run_dir, 1)["conv_in.weight"].shape[1] == 3
 
 
+@pytest.mark.slow
 def test_cli_reports_errors_in_one_line(tmp_path):
     proc = run_cli(["train", "num_clients=2", "clients_per_round=3", f"output_dir={tmp_path}"])
     assert proc.returncode == 2
@@ -204,3 +205,36 @@ def test_cli_reports_errors_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run_cli(["train", "bogus.key=1"])
     assert proc.returncode == 2 and "unknown config key 'bogus'" in proc.stderr
+
+
+def test_default_threads_do_not_depend_on_the_world_size(monkeypatch, tiny_config, tmp_path):
+    """The claim behind test_world_size_invariance at the default settings: a CPU kernel's
+    reductions depend on its thread count (positive control: one client's local steps with 1 and
+    2 threads differ), so the default gives every CPU rank 1 thread whatever the number of ranks
+    (at 9dcece4 it gave each rank its share of the cores: 2 threads alone, 1 beside another)."""
+    from fedrun.engine import dist
+    from fedrun.engine import simulator
+    from fedrun.fl.local import batch_indices, client_generator
+    from fedrun.fl.clients import train_client
+
+    cfg = tiny_config("sample.every=0")
+    assert cfg.threads is None
+    previous = torch.get_num_threads()
+    try:
+        for local_world in ("1", "2"):
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+            dist.init("cpu", threads=cfg.threads)
+            assert torch.get_num_threads() == 1, local_world
+        trained = []
+        for threads in (1, 2):
+            fed = simulator.setup(tiny_config("sample.every=0", f"threads={threads}",
+                                              output_dir=tmp_path / f"t{threads}"))
+            assert torch.get_num_threads() == threads
+            generator = client_generator(0, 0, 0)
+            batches = batch_indices(fed.run.client_indices[0], 2, 4, generator)
+            train_client(fed.run.model, fed.run.params.params, fed.run.task.loss, batches, generator,
+                         fed.run.cfg.optim, fed.run.device)
+            trained.append(fed.run.params.flat.clone())
+        assert not torch.equal(trained[0], trained[1])
+    finally:
+        torch.set_num_threads(previous)

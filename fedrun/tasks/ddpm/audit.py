@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from fedrun.errors import EvaluationError
-from fedrun.eval.audit import AUDIT_CHUNK, AuditSubject
+from fedrun.eval.audit import AUDIT_CHUNK
+from fedrun.tasks.base import AuditSubject
 
 
 def ddpm_subject(task, run_dir: Path) -> AuditSubject:

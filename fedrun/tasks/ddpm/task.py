@@ -155,7 +155,7 @@ class DDPMTask(Task):
 
         return RunSampler(label, draw)
 
-    def audit_subject(self, run_dir: Path, options):
+    def audit_subject(self, run_dir: Path, heldout: Optional[str]):
         from fedrun.tasks.ddpm.audit import ddpm_subject
 
         return ddpm_subject(self, Path(run_dir))

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from fedrun.errors import ConfigError, EvaluationError
-from fedrun.eval.audit import AuditSubject
+from fedrun.tasks.base import AuditSubject
 
 
 def sd_lora_subject(task, run_dir: Path, heldout: Optional[str]) -> AuditSubject:

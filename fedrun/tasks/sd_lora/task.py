@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from fedrun.engine.run import is_due
-from fedrun.errors import ConfigError, EvaluationError
+from fedrun.errors import ConfigError
 from fedrun.fl.aggregation.buffer import BYTES_PER_FLOAT
 from fedrun.registry import TASKS
 from fedrun.tasks.base import Built, Task
@@ -108,10 +108,10 @@ class FinetuneTask(Task):
                 "stock diffusers: pipe = StableDiffusionPipeline.from_pretrained(BASE); "
                 "pipe.load_lora_weights(final/); its per-prompt sample grids are in samples/")
 
-    def audit_subject(self, run_dir: Path, options):
+    def audit_subject(self, run_dir: Path, heldout: Optional[str]):
         from fedrun.tasks.sd_lora.audit import sd_lora_subject
 
-        return sd_lora_subject(self, Path(run_dir), options.heldout)
+        return sd_lora_subject(self, Path(run_dir), heldout)
 
     def __init__(self, cfg):
         super().__init__(cfg)
