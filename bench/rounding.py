@@ -3,8 +3,9 @@
     python -m bench.rounding [--rounds 400] [--out docs/benchmarks/rounding] [--quick]
 
 Trains the default job (configs/digits_fedavg.yaml: 4 clients, E = 4, 16x16 U-Net) twice, once
-per ``aggregation.rounding``, as two single-process runs side by side (one thread each, started
-together, so both see the same machine load), with FID at the end (eval.every = rounds). Writes
+per ``aggregation.rounding``, as two single-process runs side by side (the experiment runner's
+processes backend with 2 jobs: one thread each, started together, so both see the same machine
+load; each run's log beside its directory), with FID at the end (eval.every = rounds). Writes
 results.json: per run the train loss of every round, the final FID / KID with the floor, and the
 round times; the round-time ratio stochastic / nearest is per round (both runs' round r), median
 [min-max]. The loss comparison is the mean train loss over windows of rounds: the two runs draw
@@ -16,25 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench import common, configs
+from fedrun.experiments.runner import execute
+from fedrun.experiments.steps import RunSpec
 
 MODES = ("stochastic", "nearest")
 
 
-def _launch(mode: str, out: Path, rounds: int, quick: bool) -> subprocess.Popen:
+def _run_spec(mode: str, out: Path, rounds: int, quick: bool) -> RunSpec:
     args = configs.overrides(out / mode, quick, f"rounds={rounds}", f"aggregation.rounding={mode}",
                              f"eval.every={rounds}", "sample.every=0", "checkpoint.every=0")
     if quick:
         args += ["data.max_samples=240", "eval.num_samples=32", "eval.steps=2",
                  "eval.kid_subset_size=16"]
-    return subprocess.Popen([sys.executable, "-m", "fedrun", "train", "--config", configs.DIGITS,
-                             *args], cwd=configs.REPO, env=common.bench_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return RunSpec(mode, "train", out / mode, config=configs.DIGITS, outputs=("final",), metric="fid",
+                   overrides=[a for a in args if not a.startswith(("output_dir=", "overwrite="))])
 
 
 def _windows(losses, size):
@@ -50,11 +51,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     started = time.perf_counter()
-    procs = {mode: _launch(mode, out, args.rounds, args.quick) for mode in MODES}
-    for mode, proc in procs.items():
-        _, err = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"bench.rounding: the '{mode}' run failed:\n{err[-3000:]}")
+    runs = [_run_spec(mode, out, args.rounds, args.quick) for mode in MODES]
+    # every time anew (rerun): a benchmark measures, it does not resume
+    outcomes = execute(runs, jobs=2, backend="processes", rerun=True, say=lambda m: None)
+    for outcome in outcomes.values():
+        if not outcome.ok:
+            raise SystemExit(f"bench.rounding: the '{outcome.spec.name}' run failed: {outcome.error} "
+                             f"(log: {outcome.log})")
     runs = {}
     for mode in MODES:
         records = [json.loads(line) for line in (out / mode / "metrics.jsonl").read_text().splitlines()]

@@ -242,10 +242,10 @@ def test_compare_rejects_a_budget_that_does_not_divide_into_rounds(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("seeds: [0]\nsamples: 100\neval_every_samples: 50\n"
                     "runs:\n  - {name: a, overrides: [num_clients=4, local_steps=2]}\n")
-    from fedrun.experiments.compare import load_grid, plan_runs
+    from fedrun.experiments.grid import load_grid, plan
 
     with pytest.raises(ConfigError, match="grid run 'a': samples \\(100\\) is not a multiple .*128"):
-        plan_runs(load_grid(str(grid)))
+        plan(load_grid(str(grid)))
 
 
 def test_resumed_central_run_equals_uninterrupted_run(tmp_path):

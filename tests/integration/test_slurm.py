@@ -8,7 +8,9 @@ once, for the tiny 2-rank job of ``conftest.FAULT_SHAPE``:
 * ``single_node.sbatch``: one task, ``torchrun --standalone --nproc_per_node=2``;
 * ``multi_node.sbatch`` with two tasks on the one node (``--nodes=1 --ntasks-per-node=2``): two
   torchrun agents of one rank each meet at a c10d rendezvous, as two nodes would;
-* ``sweep_array.sbatch`` as a one-element job array picking line 1 of a sweep file.
+* ``sweep_array.sbatch`` as a one-element job array picking line 1 of a sweep file;
+* ``fedrun compare --backend slurm`` (``fedrun.experiments.slurm``): a tiny grid of a
+  centralized and a federated run, plus one that fails, as one job array.
 
 The jobs are awaited by polling ``scontrol show job`` (``sbatch --wait`` polls every 2-32 s) and
 their run directories are compared with the same config run directly by torchrun. Only the
@@ -17,6 +19,7 @@ asked (CI=true or FEDRUN_INSTALL_SLURM=1, and root): otherwise, or without root,
 skipped with the reason; with FEDRUN_REQUIRE_SLURM=1 (CI) it fails instead.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -31,6 +34,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FAULT_SHAPE, REPO, TINY
+
+pytestmark = pytest.mark.slow  # a real one-node Slurm cluster and sbatch jobs
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel"]
@@ -194,12 +199,16 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
                 return states
             time.sleep(0.5)
 
-    def stop(self, job_ids=()):
-        """Cancel what is left of our jobs, then stop the daemons started here (only those)."""
+    def cancel(self, job_ids):
+        """Cancel what is left of these jobs and wait for them to end."""
         for job in job_ids:
             self.run("scancel", job, check=False)
         if job_ids:
             self.wait(job_ids, timeout=30)
+
+    def stop(self):
+        """Cancel every job left on this cluster, then stop the daemons started here (only those)."""
+        self.run("scancel", "--user", str(os.getuid()), check=False)
         for daemon in reversed(self.daemons):
             daemon.terminate()
             try:
@@ -211,21 +220,32 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
 
 
 @pytest.fixture(scope="module")
-def slurm_jobs(tmp_path_factory, request):
+def slurm_cluster():
+    """The one-node cluster of this module's tests (started once, stopped after them)."""
     _ensure_slurm_installed()
+    cluster = LocalSlurm()
+    try:
+        started = time.monotonic()
+        cluster.start()
+        print(f"\nreal Slurm: cluster up in {time.monotonic() - started:.1f} s")
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_jobs(tmp_path_factory, request, slurm_cluster):
     # Only now (a skipped test must not pay for it): the same config run directly by torchrun.
     reference = request.getfixturevalue("torchrun_reference")
     work = tmp_path_factory.mktemp("slurm")
     sweep = work / "sweep.txt"
     sweep.write_text("# the sweep of this test: index 1 is the second run line\nrounds=1\n\nrounds=2\n")
-    cluster = LocalSlurm()
+    cluster = slurm_cluster
     env = {"PYTHON": sys.executable, "PYTHONPATH": str(REPO), "RUN_ROOT": str(work / "runs"),
            "HF_HUB_OFFLINE": "1", "SWEEP": str(sweep), "RDZV_PORT": str(_free_port())}
     jobs = {}
     try:
         started = time.monotonic()
-        cluster.start()
-        up_s = time.monotonic() - started
         overrides = TINY + FAULT_SHAPE
         jobs["single"] = cluster.submit("launch/slurm/single_node.sbatch", [f"--output={work}/slurm-%j.out"],
                                         overrides, dict(env, NPROC_PER_NODE="2"))
@@ -238,14 +258,14 @@ def slurm_jobs(tmp_path_factory, request):
                                        dict(env, NPROC_PER_NODE="1"))
         states = cluster.wait(list(jobs.values()), timeout=JOB_TIMEOUT_S)
         elapsed = time.monotonic() - started
-        print(f"\nreal Slurm: cluster up in {up_s:.1f} s; 3 jobs ({', '.join(f'{k}={v}' for k, v in jobs.items())}) "
+        print(f"\nreal Slurm: 3 jobs ({', '.join(f'{k}={v}' for k, v in jobs.items())}) "
               f"done in {elapsed:.1f} s in all: {states}")
         logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(work.glob("slurm-*.out")))
         failed = {k: states[v] for k, v in jobs.items() if states[v] != ["COMPLETED"]}
         assert not failed, f"jobs not completed: {failed}\n{logs}\n{cluster.logs()}"
         yield {"runs": work / "runs", "jobs": jobs, "logs": logs, "reference": reference}
     finally:
-        cluster.stop(list(jobs.values()))
+        cluster.cancel(list(jobs.values()))
 
 
 def _same_weights(run_a, run_b, round_):
@@ -281,3 +301,61 @@ def test_sweep_array_index_runs_its_line(slurm_jobs):
     assert checkpoints == ["round_00001", "round_00002"]  # line 1 says rounds=2
     # One rank here, two in the reference: with two clients the sums are the same floats.
     _same_weights(run_dir, slurm_jobs["reference"], 2)
+
+
+# A centralized and a federated run of the test suite's tiny model (one FID from 24 samples at
+# the end), and one that fails when it starts: no such data folder.
+SLURM_GRID = """
+base_config: {config}
+seeds: [0]
+samples: 32
+eval_every_samples: 32
+ema_horizon_samples: 16
+overrides: {overrides}
+runs:
+  - {{name: central, kind: central, overrides: [num_clients=2, local_steps=1]}}
+  - {{name: fed, overrides: [num_clients=2, local_steps=1]}}
+  - {{name: broken, overrides: [num_clients=2, local_steps=1, data.name=image_folder, data.root=/no/such/folder]}}
+"""
+
+
+def test_compare_slurm_backend_runs_a_grid_as_a_job_array(slurm_cluster, tmp_path, monkeypatch):
+    """``fedrun compare --backend slurm --jobs 2``: the grid's runs as one array (a central line
+    starts with its verb); the failed task is reported with its log; every run records the
+    commit and its Slurm run time; a second call finds the finished runs and submits only the
+    failed one again."""
+    from fedrun.cli import main as fedrun_main
+    from fedrun.engine.metrics import code_commit
+
+    overrides = [o for o in TINY if not o.startswith("output_dir")] + [
+        "eval.num_samples=24", "eval.steps=2", "eval.kid_subset_size=8", "sample.every=0",
+        "checkpoint.every=0", "threads=1"]
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(SLURM_GRID.format(config=REPO / "configs" / "digits_fedavg.yaml",
+                                      overrides=json.dumps(overrides)))
+    for key, value in slurm_cluster.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PATH", SEARCH_PATH)
+    args = ["compare", "--grid", str(grid), "--out", str(tmp_path / "grid"), "--jobs", "2", "--backend", "slurm"]
+    started = time.monotonic()
+    assert fedrun_main(args) == 1  # one run failed
+    print(f"\nreal Slurm: compare --backend slurm, 3 runs in {time.monotonic() - started:.1f} s")
+    runs = tmp_path / "grid" / "runs"
+    assert len(list((runs / "slurm").glob("slurm-*_*.out"))) == 3  # one array of three tasks
+    sweep = next((runs / "slurm").glob("sweep_*.txt")).read_text().splitlines()
+    assert sweep[0].startswith("central ") and sweep[1].startswith(f"{overrides[0]} ")
+    for name in ("central", "fed"):
+        record = json.loads((runs / name / "seed0" / f"runner_{'central' if name == 'central' else 'train'}.json").read_text())
+        assert record["status"] == "ran" and record["commit"] == code_commit() and record["wall_s"] > 0
+        assert (runs / name / "seed0" / "final").is_dir()
+    failed = json.loads((runs / "broken" / "seed0" / "runner_train.json").read_text())
+    assert failed["status"] == "failed" and failed["error"].endswith("ended FAILED")
+    assert failed["log"] == str(runs / "broken" / "seed0.train.log")  # beside the run, as with processes
+    assert "does not exist" in open(failed["log"]).read()  # the task's log names the error
+    report = (tmp_path / "grid" / "report" / "README.md").read_text()
+    assert "| broken (**failed: seed 0**) | no results |" in report and f"(log: `{failed['log']}`)" in report
+    results = json.loads((tmp_path / "grid" / "report" / "results.json").read_text())
+    assert {r["name"] for r in results["runs"]} == {"central", "fed"}
+    assert fedrun_main(args) == 1  # again: only the failed run is submitted, an array of one
+    sweeps = sorted(runs.rglob("sweep_*.txt"), key=lambda p: p.stat().st_mtime)
+    assert len(sweeps) == 2 and sweeps[-1].read_text().count("\n") == 1 and "/broken/" in sweeps[-1].read_text()

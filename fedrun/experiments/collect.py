@@ -1,0 +1,65 @@
+"""Reading a grid's results back from its run directories: one dict of numbers per finished run
+(``collect``), and the failed or missing runs with their errors and logs (``collect_all``)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from fedrun.errors import FedrunError
+from fedrun.experiments.steps import FAILED, Outcome, RunSpec, read_record
+
+
+def collect(spec: RunSpec) -> dict:
+    """The numbers of one finished run: final FID/KID and their floors, class mix, loss, budget,
+    bytes, wall time and the commit it trained with (from its runner record, when it has one)."""
+    from fedrun.engine.metrics import read_metrics
+
+    if not spec.run_dir.is_dir():
+        raise FedrunError(f"run directory '{spec.run_dir}' does not exist (run the grid without --collect)")
+    records = read_metrics(spec.run_dir)
+    evals = [r for r in records if "fid" in r]
+    if not records or not evals:
+        raise FedrunError(f"run '{spec.run_dir}' has no evaluation records in metrics.jsonl")
+    last, final = records[-1], evals[-1]
+    record = read_record(spec)
+    if record is None:  # a run trained outside the runner: its rounds' times, its last write
+        record = {"wall_s": sum(r.get("round_time_s", 0.0) for r in records),
+                  "ended": (spec.run_dir / "metrics.jsonl").stat().st_mtime}
+    fractions = final.get("class_fractions")
+    min_class = final.get("min_class")
+    if min_class is None and fractions:  # records written before min_class existed
+        min_class = int(np.argmin(fractions))
+    return {
+        "name": spec.name, "seed": spec.seed, "kind": spec.kind, "commit": record.get("commit"),
+        "fid": final["fid"], "kid": final["kid"], "floor_fid": final["floor_fid"],
+        "floor_kid": final["floor_kid"], "class_tv": final.get("class_tv"),
+        "class_fractions": fractions, "reference_class_fractions": final.get("reference_class_fractions"),
+        "min_class": min_class, "min_class_fraction": None if min_class is None else fractions[min_class],
+        "final_loss": last["train_loss"], "samples": last["samples"], "bytes_total": last["bytes_total"],
+        "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
+        "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
+        "curve": [(r["samples"], r["fid"]) for r in evals],
+        "params_bytes": last.get("bytes_sent_per_client"),
+        "steps": last.get("steps"),  # central runs: optimizer steps taken
+    }
+
+
+def collect_all(outcomes: Dict[str, Outcome]) -> Tuple[List[dict], List[dict]]:
+    """(results of the runs that have them, failures: the others with their status, error and log)."""
+    results, failures = [], []
+    for outcome in outcomes.values():
+        spec = outcome.spec
+        if outcome.ok:
+            try:
+                results.append(collect(spec))
+                continue
+            except FedrunError as exc:
+                error = str(exc)
+        else:
+            error = outcome.error or outcome.status
+        failures.append({"name": spec.name, "seed": spec.seed, "kind": spec.kind,
+                         "status": outcome.status if not outcome.ok else FAILED,
+                         "error": error, "log": str(outcome.log) if outcome.log else None})
+    return results, failures

@@ -1,0 +1,365 @@
+"""A comparison grid (configs/grids/*.yaml) as typed dataclasses, and its plan of runs.
+
+The grid file names a base config, the seeds, the budget in samples, the evaluation points, the
+runs (each a list of overrides; ``kind: central`` for the baseline), the series to plot and the
+claims to check. Instead of (or besides) listing runs, a ``matrix`` names axes of overrides
+(e.g. partitions x methods, configs/grids/noniid.yaml) whose every combination is a run named
+``<value>-<value>``; ``series`` entries may then select runs by axis value, split a figure into
+one panel per value of an axis, or draw the class mix of the samples (``kind: class_mix``), and
+``tables`` write one table per value of an axis with each row's difference to a baseline row.
+A ``quick`` section replaces keys (its ``overrides`` are appended) for a tiny variant.
+
+``plan`` derives, for every run,
+
+    rounds     = samples / (K x E x B)          (federated; central: central.samples = samples)
+    eval.every = eval_every_samples / (K x E x B)
+    ema.decay  = H / (H + K x E x B)             (H = ema_horizon_samples)
+
+so that all runs see the same number of samples, are evaluated at the same points, and average
+their EMA over the same number of samples: with that decay the EMA's weights have a mean age of
+H samples in the steady state; after the warm-up (H / (K x E x B) rounds, ``fedrun.engine.ema.EMA``)
+the mean age approaches H geometrically from below.
+"""
+
+from __future__ import annotations
+
+import itertools
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union
+
+from fedrun.errors import ConfigError
+from fedrun.experiments.steps import RunSpec
+
+FINDING_RUNS = {"close": 2, "better": 2, "increasing": None, "decreasing": None}  # None: any number
+KEY_NAMES = {"with": "with_"}  # YAML keys that are Python keywords
+
+
+@dataclass
+class AxisValue:
+    name: str
+    overrides: List[str] = field(default_factory=list)
+    title: Optional[str] = None
+    baseline: Optional[str] = None
+    """The value of the same axis its table rows are compared with instead of the table's
+    baseline (e.g. scaffold, trained with SGD, against FedAvg with SGD)."""
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+
+@dataclass
+class Axis:
+    axis: str
+    values: List[AxisValue]
+
+
+@dataclass
+class GridRun:
+    name: str
+    kind: str = "train"  # or 'central'
+    overrides: List[str] = field(default_factory=list)
+    axes: Dict[str, str] = field(default_factory=dict)  # matrix runs: axis -> value name
+
+
+@dataclass
+class Series:
+    """A figure: FID vs samples seen (``kind: fid``) or the class mix of the final samples."""
+
+    name: str
+    file: Optional[str] = None
+    kind: str = "fid"
+    runs: List[str] = field(default_factory=list)
+    select: Dict[str, Union[str, List[str]]] = field(default_factory=dict)
+    panels: Optional[str] = None  # fid: one panel per value of this axis
+
+
+@dataclass
+class Finding:
+    claim: str
+    kind: str  # one of FINDING_RUNS
+    runs: List[str]
+
+
+@dataclass
+class Table:
+    """One report table per value of the axis ``by``; ``with_`` (YAML ``with``): reference rows."""
+
+    by: str
+    name: Optional[str] = None
+    baseline: Dict[str, str] = field(default_factory=dict)
+    with_: List[str] = field(default_factory=list)
+
+
+@dataclass
+class Grid:
+    seeds: List[int]
+    samples: int
+    eval_every_samples: int
+    base_config: Optional[str] = None
+    output_dir: str = "runs/compare"
+    ema_horizon_samples: int = 5120
+    overrides: List[str] = field(default_factory=list)
+    runs: List[GridRun] = field(default_factory=list)
+    matrix: List[Axis] = field(default_factory=list)
+    series: List[Series] = field(default_factory=list)
+    findings: List[Finding] = field(default_factory=list)
+    tables: List[Table] = field(default_factory=list)
+    bytes_plot: bool = True
+    """Draw bytes communicated vs FID (uninformative when every federated run sends the same)."""
+    source: str = ""
+
+    def run(self, name: str) -> GridRun:
+        return next(r for r in self.runs if r.name == name)
+
+    def axis(self, name: str) -> Axis:
+        return next(a for a in self.matrix if a.axis == name)
+
+    def select(self, select: dict) -> List[str]:
+        """Names of the matrix runs whose axis values match ``select`` (axis -> value or values)."""
+        def matches(run: GridRun) -> bool:
+            return bool(run.axes) and all(run.axes.get(axis) in _as_list(wanted)
+                                          for axis, wanted in select.items())
+        return [r.name for r in self.runs if matches(r)]
+
+    def series_runs(self, item: Series) -> List[str]:
+        """A series' runs: those it names, then the matrix runs its ``select`` (or ``panels``) picks."""
+        picked = self.select(item.select) if item.select or item.panels else []
+        return list(item.runs) + [n for n in picked if n not in item.runs]
+
+    def label(self, name: str, drop_axis: Optional[str] = None) -> str:
+        """A run's name in a table or legend: its values on the axes other than ``drop_axis``."""
+        axes = {k: v for k, v in self.run(name).axes.items() if k != drop_axis}
+        return "-".join(axes.values()) if axes else name
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+# ---------------------------------------------------------------- loading
+
+def load_grid(path: str, quick: bool = False, extra_overrides: Optional[List[str]] = None) -> Grid:
+    """The grid of a YAML file (its ``quick`` variant with ``quick``), checked: errors name the
+    file and the key."""
+    raw = _read_yaml(path)
+    quick_section = _convert(Dict[str, Any], raw.pop("quick", None) or {}, "quick", path)
+    overrides = _convert(List[str], raw.get("overrides") or [], "overrides", path)
+    if quick:
+        raw.update({k: v for k, v in quick_section.items() if k != "overrides"})
+        overrides += _convert(List[str], quick_section.get("overrides") or [], "quick.overrides", path)
+        raw["output_dir"] = str(raw.get("output_dir", "runs/compare")) + "_quick"
+    raw["overrides"] = overrides + list(extra_overrides or [])
+    if "runs" not in raw and "matrix" not in raw:
+        raise ConfigError(f"grid file '{path}': missing key 'runs' (or 'matrix')")
+    grid = _convert(Grid, raw, "", path)
+    grid.source = str(path)
+    grid.runs += expand_matrix(grid.matrix, path)
+    check_grid(grid, path)
+    return grid
+
+
+def _read_yaml(path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise ConfigError(f"grid file '{path}' does not exist")
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"grid file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"grid file '{path}' must hold a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def _convert(kind, value, where: str, path: str):
+    """``value`` (from YAML) as the type ``kind``: dataclasses, lists, dicts, optionals, scalars."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if is_dataclass(kind):
+        return _dataclass(kind, value, where, path)
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _convert(option, value, where, path)
+            except ConfigError:
+                pass
+    elif origin is list and isinstance(value, list):
+        return [_convert(args[0], v, f"{where}[{i}]", path) for i, v in enumerate(value)]
+    elif origin is dict and isinstance(value, dict):
+        return {str(k): _convert(args[1], v, f"{where}.{k}", path) for k, v in value.items()}
+    elif kind is Any or (isinstance(kind, type) and isinstance(value, kind)
+                         and not (kind is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"grid file '{path}': key '{where}' must be {_type_name(kind)}, got {value!r}")
+
+
+def _dataclass(kind, value, where: str, path: str):
+    if not isinstance(value, dict):
+        raise ConfigError(f"grid file '{path}': key '{where}' must be a mapping, got {value!r}")
+    hints = typing.get_type_hints(kind)
+    known = {f.name: f for f in fields(kind) if f.name != "source"}
+    given = {KEY_NAMES.get(str(k), str(k)): v for k, v in value.items()}
+    prefix = f"{where}." if where else ""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigError(f"grid file '{path}': unknown keys {[prefix + k for k in unknown]} "
+                          f"(known: {sorted(k.rstrip('_') for k in known)})")
+    for name, spec in known.items():
+        if name not in given and spec.default is MISSING and spec.default_factory is MISSING:
+            raise ConfigError(f"grid file '{path}': missing key '{prefix}{name.rstrip('_')}'")
+    return kind(**{k: _convert(hints[k], v, prefix + k.rstrip("_"), path) for k, v in given.items()})
+
+
+def _type_name(kind) -> str:
+    if typing.get_origin(kind) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(kind))
+    if typing.get_origin(kind) is not None or not hasattr(kind, "__name__"):
+        return str(kind).replace("typing.", "")  # List[int]
+    return kind.__name__
+
+
+def expand_matrix(axes: List[Axis], path: str = "grid") -> List[GridRun]:
+    """Every combination of the axes' values as a run: name ``a-b``, overrides in axis order."""
+    for i, axis in enumerate(axes):
+        values = [v.name for v in axis.values]
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"grid file '{path}': key 'matrix[{i}].values' needs values with unique "
+                              f"names, got {values}")
+        wrong = [v.baseline for v in axis.values if v.baseline not in (None, *values)]
+        if wrong:
+            raise ConfigError(f"grid file '{path}': matrix axis '{axis.axis}': baseline {wrong} "
+                              f"is not one of its values {values}")
+    names = [a.axis for a in axes]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"grid file '{path}': matrix axes must have unique names, got {names}")
+    return [GridRun(name="-".join(v.name for v in combination),
+                    overrides=[o for v in combination for o in v.overrides],
+                    axes={a.axis: v.name for a, v in zip(axes, combination)})
+            for combination in itertools.product(*(a.values for a in axes))] if axes else []
+
+
+# ---------------------------------------------------------------- checking
+
+def check_grid(grid: Grid, path: str) -> None:
+    """Cross-references: unique run names, known runs and axes, well-formed findings/series/tables."""
+    names = [r.name for r in grid.runs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"grid file '{path}': every run needs a unique 'name', repeated: {duplicates}")
+    for i, run in enumerate(grid.runs):
+        if run.kind not in ("train", "central"):
+            raise ConfigError(f"grid file '{path}': key 'runs[{i}].kind' must be 'train' or 'central', "
+                              f"got '{run.kind}'")
+    for group in ("series", "findings", "tables"):
+        for i, item in enumerate(getattr(grid, group)):
+            missing = [n for n in (item.with_ if group == "tables" else item.runs) if n not in names]
+            if missing:
+                raise ConfigError(f"grid file '{path}': key '{group}[{i}]' names unknown runs {missing}")
+    for i, item in enumerate(grid.findings):
+        _check_finding(item, f"findings[{i}]", path)
+    for i, item in enumerate(grid.series):
+        _check_series(grid, item, f"series[{i}]", path)
+    for i, item in enumerate(grid.tables):
+        _axis_values(grid, item.by, f"tables[{i}].by", path)
+        _check_selection(grid, item.baseline, f"tables[{i}].baseline", path)
+
+
+def _check_finding(item: Finding, where: str, path: str) -> None:
+    if item.kind not in FINDING_RUNS:
+        raise ConfigError(f"grid file '{path}': key '{where}.kind': finding kind must be one of "
+                          f"{sorted(FINDING_RUNS)}, got '{item.kind}'")
+    wanted = FINDING_RUNS[item.kind]
+    if wanted and len(item.runs) != wanted:
+        raise ConfigError(f"grid file '{path}': key '{where}.runs': a '{item.kind}' finding compares "
+                          f"{wanted} runs, got {item.runs}")
+
+
+def _check_series(grid: Grid, item: Series, where: str, path: str) -> None:
+    if item.kind not in ("fid", "class_mix"):
+        raise ConfigError(f"grid file '{path}': key '{where}.kind': series kind must be 'fid' or "
+                          f"'class_mix', got '{item.kind}'")
+    _check_selection(grid, item.select, f"{where}.select", path)
+    if item.panels:
+        if item.kind != "fid":
+            raise ConfigError(f"grid file '{path}': key '{where}.panels' is for FID series, "
+                              f"not '{item.kind}'")
+        _axis_values(grid, item.panels, f"{where}.panels", path)
+    if not grid.series_runs(item):
+        raise ConfigError(f"grid file '{path}': key '{where}': series '{item.name}' selects no runs")
+
+
+def _axis_values(grid: Grid, axis: str, where: str, path: str) -> List[str]:
+    for item in grid.matrix:
+        if item.axis == axis:
+            return [v.name for v in item.values]
+    raise ConfigError(f"grid file '{path}': key '{where}': unknown matrix axis '{axis}' "
+                      f"(axes: {[a.axis for a in grid.matrix]})")
+
+
+def _check_selection(grid: Grid, select: dict, where: str, path: str) -> None:
+    for axis, wanted in select.items():
+        known = _axis_values(grid, axis, f"{where}.{axis}", path)
+        unknown = [v for v in _as_list(wanted) if v not in known]
+        if unknown:
+            raise ConfigError(f"grid file '{path}': key '{where}.{axis}': axis '{axis}' has no values "
+                              f"{unknown} (values: {known})")
+
+
+# ---------------------------------------------------------------- planning
+
+def _divide(total: int, unit: int, what: str, name: str) -> int:
+    if total % unit:
+        raise ConfigError(f"grid run '{name}': {what} ({total}) is not a multiple of the samples of "
+                          f"one round ({unit} = K x E x B); choose budgets divisible by it")
+    return total // unit
+
+
+def plan(grid: Grid) -> List[RunSpec]:
+    """Every (run, seed) as a runner step with its derived overrides; checks the budgets divide
+    into rounds. A step is finished when its run holds final/ and an FID at its last round."""
+    if grid.ema_horizon_samples < 0:
+        raise ConfigError(f"grid: ema_horizon_samples must be >= 0, got {grid.ema_horizon_samples}")
+    specs = []
+    for run in grid.runs:
+        overrides = list(grid.overrides) + list(run.overrides)
+        round_samples, derived = _derived(grid, run, overrides)
+        for seed in grid.seeds:
+            run_dir = Path(grid.output_dir) / "runs" / run.name / f"seed{seed}"
+            specs.append(RunSpec(run.name, run.kind, run_dir, seed=seed, config=grid.base_config,
+                                 overrides=overrides + derived + [f"seed={seed}"], metric="fid",
+                                 round_samples=round_samples))
+    return specs
+
+
+def _derived(grid: Grid, run: GridRun, overrides: List[str]) -> tuple:
+    """(samples of one round, the overrides that give the run the grid's budget, evaluation
+    points and EMA horizon)."""
+    from fedrun.config import load_config
+    from fedrun.engine.central import federated_steps_per_round
+    from fedrun.engine.central import plan as central_plan
+
+    cfg = load_config(grid.base_config, overrides)
+    if cfg.local_epochs is not None:
+        raise ConfigError(f"grid run '{run.name}': use local_steps, not local_epochs, in a "
+                          "comparison (the budget must divide into rounds)")
+    # The runs' own arithmetic; client sizes only matter with local_epochs, refused above.
+    client_sizes = [0] * cfg.num_clients
+    if run.kind == "central":
+        schedule = central_plan(cfg, client_sizes)
+        round_samples = schedule["steps_per_round"] * schedule["batch"]
+    else:
+        round_samples = federated_steps_per_round(cfg, client_sizes) * cfg.optim.batch_size
+    rounds = _divide(grid.samples, round_samples, "samples", run.name)
+    every = _divide(grid.eval_every_samples, round_samples, "eval_every_samples", run.name)
+    # Mean age d / (1 - d) rounds = H samples (fedrun.engine.ema.EMA).
+    decay = grid.ema_horizon_samples / (grid.ema_horizon_samples + round_samples)
+    derived = [f"rounds={rounds}", f"eval.every={every}", f"ema.decay={decay:.6g}"]
+    if run.kind == "central":
+        derived += [f"central.samples={grid.samples}",
+                    f"central.steps_per_round={schedule['steps_per_round']}"]
+    return round_samples, derived

@@ -1,0 +1,146 @@
+"""The report figures (matplotlib, Agg): FID vs samples seen per series (optionally one panel
+per value of an axis), the class mix of the final samples, bytes communicated vs FID; and the
+two helpers every report's figures use (``pyplot``, ``save_figure``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from fedrun.experiments.grid import Grid, Series
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (110 dpi) and close a report figure; returns its path."""
+    plt = pyplot()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List[Path]:
+    """FID vs samples seen, one figure per FID series (all runs when the grid names none); a
+    series with ``panels: axis`` gets one panel per value of that axis, its named runs (e.g. the
+    centralized baseline) drawn in every panel. Runs without results are left out."""
+    plt = pyplot()
+    series = [item for item in grid.series if item.kind == "fid"]
+    if not grid.series:
+        series = [Series(name="all runs", file="fid_vs_samples.png", runs=[r.name for r in grid.runs])]
+    paths = []
+    for item in series:
+        panels = [(title, [n for n in names if n in summary]) for title, names in _panels(grid, item)]
+        panels = [(title, names) for title, names in panels if names]
+        if not panels:
+            continue
+        columns = min(3, len(panels))
+        rows = math.ceil(len(panels) / columns)
+        fig, axes = plt.subplots(rows, columns, figsize=(6 if columns == 1 else 4.2 * columns, 4 * rows),
+                                 squeeze=False, sharey=True)
+        for ax, (title, names) in zip(axes.flat, panels):
+            _draw_curves(ax, grid, summary, names, item.panels)
+            ax.set_title(title, fontsize=10)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.set_visible(False)
+        if len(panels) > 1:
+            fig.suptitle(item.name, fontsize=11)
+        paths.append(save_figure(fig, report_dir / (item.file or f"fid_vs_samples_{len(paths)}.png")))
+    return paths
+
+
+def _panels(grid: Grid, item: Series) -> List[tuple]:
+    """(title, run names) per panel of an FID series."""
+    if not item.panels:
+        return [(item.name, grid.series_runs(item))]
+    picked = set(grid.series_runs(item))
+    out = []
+    for value in grid.axis(item.panels).values:
+        names = [n for n in grid.select({item.panels: value.name}) if n in picked]
+        if names:
+            out.append((value.label, list(item.runs) + names))
+    return out
+
+
+def _draw_curves(ax, grid: Grid, summary: Dict[str, dict], names: List[str],
+                 drop_axis: Optional[str]) -> None:
+    floor = np.mean([summary[n]["floor_fid"][0] for n in names])
+    for name in names:
+        curve = np.array(summary[name]["curve"], dtype=float)
+        style = "--" if summary[name]["kind"] == "central" else "-"
+        ax.plot(curve[:, 0], curve[:, 1], style, marker="o", label=grid.label(name, drop_axis))
+        if np.isfinite(curve[:, 2]).any():
+            ax.fill_between(curve[:, 0], curve[:, 1] - np.nan_to_num(curve[:, 2]),
+                            curve[:, 1] + np.nan_to_num(curve[:, 2]), alpha=0.15)
+    ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel("FID (mean ± std over seeds)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+
+
+def plot_class_mixes(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List[Path]:
+    """Per ``kind: class_mix`` series: the class fractions of the final samples (mean ± std over
+    seeds) of each run, next to the held-out reference's, as grouped bars per class."""
+    plt = pyplot()
+    paths = []
+    for item in [i for i in grid.series if i.kind == "class_mix"]:
+        names = [n for n in grid.series_runs(item) if summary.get(n, {}).get("class_fractions")]
+        if not names:
+            continue  # features without classes (inception): nothing to draw
+        reference = np.array(summary[names[0]]["reference_class_fractions"], dtype=float)
+        classes = np.arange(len(reference))
+        width = 0.8 / (len(names) + 1)
+        fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 0.15 * len(classes) * (len(names) + 1))), 4))
+        ax.bar(classes - 0.4 + width / 2, reference, width, color="black", label="held-out images")
+        common = _common_axis(grid, names)
+        for i, name in enumerate(names, start=1):
+            mean_std = np.array(summary[name]["class_fractions"], dtype=float)
+            ax.bar(classes - 0.4 + width * (i + 0.5), mean_std[:, 0], width,
+                   yerr=np.nan_to_num(mean_std[:, 1]), capsize=1.5, error_kw={"linewidth": 0.6},
+                   label=f"{grid.label(name, common)} (TV {summary[name]['class_tv'][0]:.2f})")
+        ax.set_xticks(classes)
+        ax.set_xlabel("class (predicted by the digits classifier)")
+        ax.set_ylabel("fraction of the samples (mean ± std over seeds)")
+        ax.set_title(item.name, fontsize=10)
+        ax.legend(fontsize=7, ncol=2)
+        paths.append(save_figure(fig, report_dir / (item.file or f"class_mix_{len(paths)}.png")))
+    return paths
+
+
+def _common_axis(grid: Grid, names: List[str]) -> Optional[str]:
+    """An axis on which all of ``names`` that have axes agree (left out of their labels)."""
+    runs = [grid.run(n) for n in names if grid.run(n).axes]
+    for axis in (a.axis for a in grid.matrix):
+        if runs and len({r.axes[axis] for r in runs}) == 1:
+            return axis
+    return None
+
+
+def plot_bytes(summary: Dict[str, dict], report_dir: Path) -> Path:
+    """Final FID against bytes communicated, a point per configuration (symlog: 0 = one process)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, s in summary.items():
+        ax.errorbar(s["bytes_total"][0] / 1e6, s["fid"][0], yerr=np.nan_to_num(s["fid"][1]),
+                    marker="s" if s["kind"] == "central" else "o", capsize=3, label=name)
+    floor = np.mean([s["floor_fid"][0] for s in summary.values()])
+    ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlim(-0.5, 3 * max(1.0, max(s["bytes_total"][0] for s in summary.values()) / 1e6))
+    ax.set_xlabel("bytes communicated (MB; symlog, 0 = one-process centralized)")
+    ax.set_ylabel("final FID")
+    ax.set_title("Communication vs quality at equal samples seen", fontsize=10)
+    ax.legend(fontsize=8)
+    return save_figure(fig, report_dir / "bytes_vs_fid.png")
