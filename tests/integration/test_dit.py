@@ -145,7 +145,7 @@ def test_bad_dit_values_are_refused_naming_the_key(tmp_path):
             load_config(None, dit + overrides)
     # the dit section belongs to task dit only: unknown to ddpm (the default task)
     for overrides in (["dit.patch_size=2"], ["task.name=ddpm", "dit.guidance_scale=3"]):
-        with pytest.raises(ConfigError, match="unknown config key 'dit'"):
+        with pytest.raises(ConfigError, match="config section 'dit' belongs to task 'dit'"):
             load_config(None, overrides)
 
 
