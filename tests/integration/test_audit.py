@@ -102,13 +102,3 @@ def test_finetune_audit_needs_heldout_and_runs_with_it(tmp_path):
 # mia_statistics is pure (scores in, dict out); scores are "higher = member" (the audit uses -loss).
 
 
-def _score_subject(loss_members, loss_nonmembers):
-    """An AuditSubject whose per-image loss is the image's single pixel: no model."""
-    from fedrun.eval.audit import AuditSubject
-
-    as_images = lambda v: torch.tensor(v, dtype=torch.float64).view(-1, 1, 1, 1)  # noqa: E731
-    return AuditSubject("train", as_images(loss_members), np.zeros(len(loss_members), dtype=int),
-                        as_images(loss_nonmembers), None,
-                        lambda images, generator, t: images.flatten(1)[:, 0], 1000, "scores")
-
-

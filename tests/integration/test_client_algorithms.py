@@ -9,7 +9,6 @@ tests/test_multiprocess.py (1, 2, 3, 4 processes, ==).
 """
 
 import json
-import math
 
 import pytest
 import torch
@@ -20,27 +19,6 @@ from fedrun.fl.local import batch_indices, client_generator
 from fedrun.config import load_config
 
 from conftest import tiny
-
-ROUNDS = [torch.tensor([0.10, -0.20, 0.0]), torch.tensor([0.10, 0.05, 0.0]),
-          torch.tensor([-0.30, 0.20, 1e-4])]
-
-
-def _reference(kind, updates, lr, beta1, beta2, tau):
-    """Reddi et al. (2021), Algorithm 2, one coordinate at a time with Python floats."""
-    out = []
-    for i in range(len(updates[0])):
-        w, m, v = 0.0, 0.0, tau * tau
-        for d in (float(u[i]) for u in updates):
-            m = beta1 * m + (1 - beta1) * d
-            if kind == "fedadam":
-                v = beta2 * v + (1 - beta2) * d * d
-            elif kind == "fedyogi":
-                v = v - (1 - beta2) * d * d * math.copysign(1.0, v - d * d) * (v != d * d)
-            else:
-                v = v + d * d
-            w += lr * m / (math.sqrt(v) + tau)
-        out.append(w)
-    return out
 
 
 # ---------------------------------------------------------------- FedProx and SCAFFOLD

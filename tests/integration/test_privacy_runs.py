@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dp_reference import library_epsilon
 from conftest import run_cli, tiny
 from fedrun.engine import simulator
 from fedrun.config import load_config
@@ -26,25 +27,6 @@ def _weights(run_dir, done, group="model"):
     return load_file(str(run_dir / "checkpoints" / f"round_{done:05d}" / f"{group}.safetensors"))
 
 
-def _library_epsilon(q, sigma, rounds, delta, fixed=None):
-    """dp_accounting's epsilon, built here independently of fedrun.privacy. The noise std is
-    sigma * clip; dp_accounting's noise multiplier is that std over the L2 sensitivity of the sum
-    under the event's adjacency: clip for add/remove-one (Poisson), 2 * clip for replace-one
-    (fixed-size cohorts: one clipped update swapped for another)."""
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
-    if fixed is None:
-        accountant = RdpAccountant()
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    else:
-        accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        event = dp_accounting.SampledWithoutReplacementDpEvent(
-            *fixed, dp_accounting.GaussianDpEvent(sigma / 2))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
-    return accountant.get_epsilon(delta)
-
-
 # ---------------------------------------------------------------- clipping (hand values)
 
 
@@ -58,7 +40,7 @@ def test_reported_epsilon_equals_dp_accounting(tiny_config, tmp_path):
                                   f"privacy.sampling={sampling}", output_dir=run_dir))
         records = _records(run_dir)
         for r in records:
-            assert r["epsilon"] == pytest.approx(_library_epsilon(0.25, 1.3, r["round"], 1e-5, fixed),
+            assert r["epsilon"] == pytest.approx(library_epsilon(0.25, 1.3, r["round"], 1e-5, fixed),
                                                  rel=1e-12)
         final = json.loads((run_dir / "final" / "privacy.json").read_text())
         assert final["epsilon"] == records[-1]["epsilon"] and final["rounds"] == 3

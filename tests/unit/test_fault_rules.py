@@ -1,25 +1,15 @@
 """Fault arithmetic without training: dropout schedules and draws, survivors reweighted, non-finite
 updates rejected before they are added, fault config validation."""
 
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from fedrun.fl.aggregation.transforms import NonFiniteGuard
 from fedrun.fl.aggregation.buffer import RoundBuffer, weighted_loss
 from fedrun.engine.cohort import dropped_clients
 from fedrun.config import load_config
 from fedrun.errors import ConfigError
-
-
-def _weights(run_dir, round_, group="model"):
-    return load_file(str(Path(run_dir) / "checkpoints" / f"round_{round_:05d}" / f"{group}.safetensors"))
-
-
-def _same(a, b):
-    return a.keys() == b.keys() and bool(a) and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------- pure arithmetic
@@ -94,44 +84,10 @@ def test_fault_config_is_validated():
 
 # ---------------------------------------------------------------- real torchrun jobs
 
-def _children(pid):
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            kids.append(int(stat.parent.name))
-    return kids
-
-
-def _worker_with_rank(agent_pid, rank):
-    for pid in _children(agent_pid):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in environ:
-            return pid
-    return None
-
 
 # ---------------------------------------------------------------- runs that cannot learn
 
 
 # ---------------------------------------------------------------- client state files
-
-STATEFUL = ["client.algorithm=toy_visits", "num_clients=2", "checkpoint.every=1", "sample.every=0"]
-
-
-def _corrupt_header(path):
-    path.write_bytes(b"\xff" * 8 + path.read_bytes()[8:])
-
-
-def _corrupt_data(path):
-    data = bytearray(path.read_bytes())
-    data[-3] ^= 0x55  # inside the last tensor's bytes; the header still parses
-    path.write_bytes(bytes(data))
 
 

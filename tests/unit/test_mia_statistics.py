@@ -18,8 +18,6 @@ from fedrun.config import load_config
 OVERFIT = ["data.max_samples=16", "data.heldout_fraction=0.5", "optim.batch_size=8",
            "optim.lr=1e-2", "num_clients=1", "rounds=10", "local_steps=100", "ema.enabled=false",
            "sample.every=0"]
-FRESH = ["data.max_samples=200", "data.heldout_fraction=0.5", "num_clients=2", "rounds=1",
-         "local_steps=1", "sample.every=0"]
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,12 @@
 by (seed, round) with std sigma * clip, epsilon equal to dp_accounting's own value (Poisson and
 replace-one fixed-size sampling), calibration, refused configs, Poisson cohorts."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from dp_reference import library_epsilon
 from fedrun.fl.aggregation.buffer import ExactGrid, RoundBuffer
 from fedrun.fl.aggregation.transforms import RoundInfo
 from fedrun.engine.cohort import sample_cohort
@@ -19,33 +18,6 @@ from fedrun.fl.privacy.accountant import calibrate_noise_multiplier, compute_eps
 
 DP = ["privacy.enabled=true", "server.weighting=uniform"]
 SHAPE = ["num_clients=12", "clients_per_round=3", "local_steps=2", "sample.every=0"]
-
-
-def _records(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _weights(run_dir, done, group="model"):
-    return load_file(str(run_dir / "checkpoints" / f"round_{done:05d}" / f"{group}.safetensors"))
-
-
-def _library_epsilon(q, sigma, rounds, delta, fixed=None):
-    """dp_accounting's epsilon, built here independently of fedrun.privacy. The noise std is
-    sigma * clip; dp_accounting's noise multiplier is that std over the L2 sensitivity of the sum
-    under the event's adjacency: clip for add/remove-one (Poisson), 2 * clip for replace-one
-    (fixed-size cohorts: one clipped update swapped for another)."""
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
-    if fixed is None:
-        accountant = RdpAccountant()
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-    else:
-        accountant = RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-        event = dp_accounting.SampledWithoutReplacementDpEvent(
-            *fixed, dp_accounting.GaussianDpEvent(sigma / 2))
-    accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
-    return accountant.get_epsilon(delta)
 
 
 # ---------------------------------------------------------------- clipping (hand values)
@@ -90,11 +62,11 @@ def test_dp_noise_is_seeded_by_seed_and_round_with_std_sigma_clip(tiny_config):
 
 def test_known_value_and_calibration_hits_the_target():
     # q = 5/50, sigma = 1.1, 4 rounds, delta = 1e-5 -> 2.277 (Poisson): dp_accounting's
-    # RdpAccountant, as _library_epsilon(0.1, 1.1, 4, 1e-5) gives it
+    # RdpAccountant, as library_epsilon(0.1, 1.1, 4, 1e-5) gives it
     assert compute_epsilon(50, 5, "poisson", 1.1, 4, 1e-5) == pytest.approx(2.277, abs=1e-3)
     for target in (1.0, 4.0, 8.0):
         sigma = calibrate_noise_multiplier(1000, 10, "poisson", 300, target, 1e-5, 20.0)
-        eps = _library_epsilon(0.01, sigma, 300, 1e-5)
+        eps = library_epsilon(0.01, sigma, 300, 1e-5)
         assert eps <= target and eps == pytest.approx(target, rel=0.01), (target, sigma, eps)
 
 
@@ -104,11 +76,11 @@ def test_fixed_size_cohorts_are_accounted_with_replace_one_sensitivity():
     round and 97.2 after 200 (fedrun at 9dcece4 passed sigma and reported 1.90 and 19.1)."""
     for rounds, expected in ((1, 6.6846), (200, 97.183)):
         eps = compute_epsilon(40, 4, "fixed", 1.1, rounds, 1e-5)
-        assert eps == pytest.approx(_library_epsilon(None, 1.1, rounds, 1e-5, (40, 4)), rel=1e-12)
+        assert eps == pytest.approx(library_epsilon(None, 1.1, rounds, 1e-5, (40, 4)), rel=1e-12)
         assert eps == pytest.approx(expected, rel=1e-4)
     # calibration follows: the sigma found for a target meets it under replace-one accounting
     sigma = calibrate_noise_multiplier(40, 4, "fixed", 50, 8.0, 1e-5, 50.0)
-    eps = _library_epsilon(None, sigma, 50, 1e-5, (40, 4))
+    eps = library_epsilon(None, sigma, 50, 1e-5, (40, 4))
     assert eps <= 8.0 and eps == pytest.approx(8.0, rel=0.01)
     report = privacy_spec(load_config(None, [*DP, "num_clients=40", "clients_per_round=4",
                                              "privacy.sampling=fixed",

@@ -6,10 +6,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from fedrun.engine import simulator
-from fedrun.fl.local import batch_indices, client_generator
 from fedrun.config import load_config, make_section
 from fedrun.errors import ConfigError
 from fedrun.fl.strategies import FedAdagrad, FedAdam, FedYogi, build_server
@@ -82,60 +79,6 @@ def test_server_lr_defaults_per_strategy_and_bad_values_are_named():
 
 # ---------------------------------------------------------------- FedProx and SCAFFOLD
 
-SHAPE = ["num_clients=2", "local_steps=2", "optim.name=sgd", "optim.momentum=0",
-         "optim.grad_clip=null", "optim.lr=0.05", "checkpoint.every=1", "sample.every=0",
-         "partition.method=dirichlet", "partition.alpha=0.5"]
-
-
-def _views(vector, params):
-    return [part.view_as(p) for part, p in zip(vector.split([p.numel() for p in params]), params)]
-
-
-def _hand_reference(cfg, algorithm, rounds=2, mu=0.0):
-    """FedAvg / FedProx / SCAFFOLD (option II) with SGD written out by hand: returns the global
-    vector after ``rounds`` rounds, the server variate and the client variates."""
-    fed = simulator.setup(cfg)
-    model, params, task = fed.run.model, fed.run.params.params, fed.run.task
-    w = fed.run.global_weights.clone()
-    c = torch.zeros_like(w)
-    c_i = {k: torch.zeros_like(w) for k in range(cfg.num_clients)}
-    lr, steps = cfg.optim.lr, cfg.local_steps
-    for r in range(rounds):
-        deltas, weights, new_controls = [], [], {}
-        for k in range(cfg.num_clients):
-            fed.run.params.load_(w)
-            gen = client_generator(cfg.seed, k, r)
-            batches = batch_indices(fed.run.client_indices[k], steps, cfg.optim.batch_size, gen)
-            for indices in batches:
-                model.zero_grad(set_to_none=True)
-                task.loss(model, indices, gen).backward()
-                with torch.no_grad():
-                    for p, anchor, ck, cs in zip(params, _views(w, params), _views(c_i[k], params),
-                                                 _views(c, params)):
-                        g = p.grad
-                        if algorithm == "fedprox":
-                            g = g + mu * (p - anchor)
-                        if algorithm == "scaffold":
-                            g = g - ck + cs
-                        p -= lr * g
-            y = fed.run.params.flat.clone()
-            deltas.append(y - w)
-            weights.append(len(fed.run.client_indices[k]))
-            new_controls[k] = c_i[k] - c + (w - y) / (steps * lr)
-        w = w + sum(n * d for n, d in zip(weights, deltas)) / sum(weights)
-        if algorithm == "scaffold":
-            c = c + sum(new_controls[k] - c_i[k] for k in new_controls) / cfg.num_clients
-            c_i.update(new_controls)
-    return fed, w, c, c_i
-
-
-def _final(run_dir, done, group="model"):
-    return load_file(str(run_dir / "checkpoints" / f"round_{done:05d}" / f"{group}.safetensors"))
-
-
-def _vector(fed, state):
-    return fed.run.params.vector_from(state)
-
 
 @pytest.mark.parametrize("overrides, named", [
     ([], ["optim.name=adamw", "optim.grad_clip=1.0"]),  # the defaults: AdamW, clipping
@@ -155,12 +98,5 @@ def test_scaffold_needs_plain_sgd_local_steps(overrides, named):
     cfg = load_config(None, ["client.algorithm=scaffold", "optim.name=sgd", "optim.momentum=0",
                              "optim.grad_clip=null"])
     assert cfg.client.algorithm == "scaffold"
-
-
-RESUMABLE = {
-    "scaffold+fedadam": (["client.algorithm=scaffold", "server.strategy=fedadam"], {"control"}),
-    "stateful sgd+fedadam": (["client.stateful_optimizer=true", "optim.momentum=0.9",
-                              "server.strategy=fedadam"], {"optim.momentum_buffer"}),
-}
 
 
