@@ -84,17 +84,8 @@ class Registry(Generic[T]):
         return add
 
     # ------------------------------------------------------------ lookup
-    def _discover(self, name: Optional[str] = None) -> None:
-        """Import ``package.name`` (a task folder) when ``name`` is not registered yet."""
-        if self.package is None or (name is not None and name in self._entries):
-            return
-        names = [name] if name is not None else self.available()
-        for item in names:
-            if item not in self._entries and item in self.available():
-                importlib.import_module(f"{self.package}.{item}")
-
-    def available(self) -> List[str]:
-        """Registered names plus, for a package registry, the folders not imported yet."""
+    def names(self) -> List[str]:
+        """Registered names plus, for a package registry, its folders not imported yet."""
         found = set(self._entries)
         if self.package is not None:
             module = importlib.import_module(self.package)
@@ -102,11 +93,17 @@ class Registry(Generic[T]):
                          if m.ispkg and not m.name.startswith("_"))
         return sorted(found)
 
-    def names(self) -> List[str]:
-        return self.available()
+    def _discover(self, name: str) -> None:
+        """Import the folder ``package.name`` (a task) when ``name`` is not registered yet."""
+        if self.package is None or name in self._entries:
+            return
+        importlib.import_module(f"{self.package}.{name}")
+        if name not in self._entries:
+            raise ConfigError(f"{self.package}.{name} registers no {self.kind} '{name}' (its "
+                              f"__init__ must import the module that does @register(\"{name}\"))")
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in self.available()
+        return isinstance(name, str) and name in self.names()
 
     def check(self, name: str, key: Optional[str] = None) -> None:
         """A ConfigError naming ``key`` and the registered names unless ``name`` is registered."""
