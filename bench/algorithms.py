@@ -8,7 +8,9 @@ time of loading and saving a state per sampled client.
 
 from __future__ import annotations
 
-from fedrun.fl.clients import CLIENT_ALGORITHMS, ClientJob, ClientResult, FedAvgClient
+from fedrun.fl.clients import FedAvgClient
+from fedrun.fl.local import ClientJob, ClientResult
+from fedrun.registry import CLIENT_ALGORITHMS
 
 STATEFUL = "bench_stateful"
 

@@ -693,8 +693,8 @@ def config_schema(task_cls: type, raw: dict) -> type:
             for i, name in enumerate(names):
                 registry.check(name, f"{section}.{key}[{i}]")
                 params = registry.params_of(name)
-                if params is not None:
-                    nested.append(_section_field(name, params))
+                if params is not None:  # validated by _check_pieces, naming the key
+                    nested.append(_section_field(name, _fields_only(params)))
         if nested:
             fields.append(_section_field(section, dataclasses.make_dataclass(
                 types[section].__name__, nested, bases=(types[section],))))
@@ -725,6 +725,12 @@ def _extended(base: type, params: type, owner: str) -> type:
             spec = field(default=MISSING)
         extra.append((f.name, hints[f.name], spec))
     return dataclasses.make_dataclass(base.__name__, extra, bases=(base,))
+
+
+def _fields_only(params: type) -> type:
+    """``params``'s fields (types resolved, defaults kept) without its methods: OmegaConf builds
+    the section, and ``_check_pieces`` then validates it through the real dataclass."""
+    return _extended(dataclasses.make_dataclass(params.__name__, []), params, params.__name__)
 
 
 def _check_pieces(cfg: Any, task_cls: type) -> None:

@@ -4,12 +4,17 @@ Imported by tests/integration/test_seams.py (in-process runs) and tests/dist_che
 that the multi-process world-size test covers every seam with randomness and per-client state.
 """
 
+from dataclasses import dataclass
+
 import torch
 
-from fedrun.fl.aggregation.transforms import SERVER_TRANSFORMS, UPDATE_TRANSFORMS, ServerTransform
-from fedrun.fl.aggregation.buffer import Segment, UpdateTransform
-from fedrun.fl.clients import CLIENT_ALGORITHMS, ClientAlgorithm, train_client
-from fedrun.fl.strategies import STRATEGIES, ServerStrategy
+from fedrun.fl.aggregation.buffer import Segment
+from fedrun.fl.aggregation.transforms import ServerTransform, UpdateTransform
+from fedrun.fl.clients import ClientAlgorithm
+from fedrun.fl.local import train_client
+from fedrun.fl.strategies import ServerStrategy
+from fedrun.registry import (CLIENT_ALGORITHMS, SERVER_TRANSFORMS, STRATEGIES, UPDATE_TRANSFORMS,
+                             require)
 
 STATEFUL_OVERRIDES = ["client.algorithm=toy_visits",
                       "aggregation.update_transforms=[nonfinite_guard,toy_jitter]",
@@ -80,10 +85,20 @@ class Visits(ClientAlgorithm):
 
 @UPDATE_TRANSFORMS.register("toy_jitter")
 class Jitter(UpdateTransform):
-    """Adds tiny noise from the update's own (seed, round, client) stream."""
+    """Adds tiny noise from the update's own (seed, round, client) stream; its amplitude is its
+    own parameter (``aggregation.toy_jitter.scale``)."""
+
+    @dataclass
+    class Params:
+        scale: float = 1e-5
+        """Standard deviation of the noise added to every coordinate."""
+
+        def __post_init__(self):
+            require(self.scale >= 0, "scale", f"must be >= 0, got {self.scale}")
 
     def __call__(self, delta, info):
-        delta.add_(torch.randn(delta.shape, generator=info.generator()).to(delta.device), alpha=1e-5)
+        noise = torch.randn(delta.shape, generator=info.generator()).to(delta.device)
+        delta.add_(noise, alpha=self.params.scale)
         return None
 
 

@@ -131,7 +131,17 @@ class HalfStep(FedAvg):
 '''
 
 
-def test_a_plugin_module_named_in_the_config_registers_a_strategy(tmp_path, monkeypatch):
+@pytest.fixture
+def isolated_strategies(monkeypatch):
+    """The strategies a test registers are forgotten after it (other tests list the registry)."""
+    from fedrun.registry import STRATEGIES
+
+    monkeypatch.setattr(STRATEGIES, "_entries", dict(STRATEGIES._entries))
+    monkeypatch.setattr(STRATEGIES, "_params", dict(STRATEGIES._params))
+
+
+def test_a_plugin_module_named_in_the_config_registers_a_strategy(tmp_path, monkeypatch,
+                                                                   isolated_strategies):
     """A module outside the package, listed under ``plugins``, is imported before validation:
     its strategy is selectable and its parameter validated like a built-in's."""
     from fedrun.config import load_config
@@ -151,7 +161,8 @@ def test_a_plugin_module_named_in_the_config_registers_a_strategy(tmp_path, monk
         load_config(None, ["plugins=[no_such_plugin]"])
 
 
-def test_an_installed_entry_point_registers_a_strategy_without_being_named(tmp_path, monkeypatch):
+def test_an_installed_entry_point_registers_a_strategy_without_being_named(tmp_path, monkeypatch,
+                                                                          isolated_strategies):
     """A distribution that declares ``[fedrun.plugins]`` in its entry points is loaded by every
     config: here a real dist-info folder on sys.path, read by importlib.metadata."""
     import fedrun.registry as registry
@@ -166,3 +177,22 @@ def test_an_installed_entry_point_registers_a_strategy_without_being_named(tmp_p
     monkeypatch.setattr(registry, "_loaded", set(registry._loaded) - {"entry points"})
     cfg = load_config(None, ["server.strategy=ep_half_step"])
     assert cfg.server.strategy == "ep_half_step" and cfg.server.scale == 0.5
+
+
+def test_a_listed_transform_gets_its_own_parameters_from_its_subsection():
+    """``aggregation.update_transforms`` lists pieces; one with a ``Params`` dataclass takes its
+    parameters under ``aggregation.<name>`` (validated like any other) and is built with them."""
+    import toy_algorithms  # noqa: F401  (registers toy_jitter, whose Params has scale)
+    from fedrun.config import load_config
+    from fedrun.errors import ConfigError
+    from fedrun.fl.aggregation.transforms import build_update_transforms
+
+    listed = "aggregation.update_transforms=[nonfinite_guard,toy_jitter]"
+    cfg = load_config(None, [listed, "aggregation.toy_jitter.scale=0.25"])
+    guard, jitter = build_update_transforms(cfg)
+    assert guard.params is None and jitter.params.scale == 0.25
+    assert build_update_transforms(load_config(None, [listed]))[1].params.scale == 1e-5
+    with pytest.raises(ConfigError, match="'aggregation.toy_jitter.scale': must be >= 0"):
+        load_config(None, [listed, "aggregation.toy_jitter.scale=-1"])
+    with pytest.raises(ConfigError, match="aggregation.toy_jitter"):
+        load_config(None, ["aggregation.toy_jitter.scale=0.25"])  # not listed: no such section

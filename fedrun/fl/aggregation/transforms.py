@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
@@ -63,10 +63,13 @@ class RoundInfo:
 
 class UpdateTransform:
     """Acts on one client's update ``delta = local - global`` (fp32, in place) before the
-    weighted sum; returns None to accept it or a short reason to reject it."""
+    weighted sum; returns None to accept it or a short reason to reject it. A transform with
+    parameters declares a ``Params`` dataclass; they are set in the config under
+    ``aggregation.<its name>`` and handed over as ``params``."""
 
-    def __init__(self, cfg: Optional["Config"] = None):
+    def __init__(self, cfg: Optional["Config"] = None, params: Any = None):
         self.cfg = cfg
+        self.params = params
 
     def __call__(self, delta: torch.Tensor, info: UpdateInfo) -> Optional[str]:
         raise NotImplementedError
@@ -76,8 +79,9 @@ class ServerTransform:
     """Acts on the reduced sum of weighted updates (in place) before the server step; returns
     metrics for the round's record."""
 
-    def __init__(self, cfg: Optional["Config"] = None):
+    def __init__(self, cfg: Optional["Config"] = None, params: Any = None):
         self.cfg = cfg
+        self.params = params  # its Params from aggregation.<its name>, as for update transforms
 
     def __call__(self, update_sum: torch.Tensor, info: RoundInfo) -> Dict[str, float]:
         raise NotImplementedError
@@ -96,9 +100,15 @@ class NonFiniteGuard(UpdateTransform):
         return "nonfinite"
 
 
+def _build(registry, cfg: "Config", names: List[str]) -> list:
+    """Each named transform, with its parameters from ``aggregation.<name>`` if it has any."""
+    return [registry.get(name)(cfg, registry.build_params(name, getattr(cfg.aggregation, name, None)))
+            for name in names]
+
+
 def build_update_transforms(cfg: "Config") -> List[UpdateTransform]:
-    return [UPDATE_TRANSFORMS.get(n)(cfg) for n in cfg.aggregation.update_transforms]
+    return _build(UPDATE_TRANSFORMS, cfg, cfg.aggregation.update_transforms)
 
 
 def build_server_transforms(cfg: "Config") -> List[ServerTransform]:
-    return [SERVER_TRANSFORMS.get(n)(cfg) for n in cfg.aggregation.server_transforms]
+    return _build(SERVER_TRANSFORMS, cfg, cfg.aggregation.server_transforms)

@@ -5,7 +5,7 @@ every rank adds the same noise without a broadcast). The accounting is in ``acco
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
 
@@ -46,8 +46,8 @@ class DpClip(UpdateTransform):
     exact aggregation the bound is lowered by the grid's rounding bound, so that the rounded
     term that enters the sum is within privacy.clip_norm too."""
 
-    def __init__(self, cfg: Optional["Config"] = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: Optional["Config"] = None, params: Any = None):
+        super().__init__(cfg, params)
         if cfg is None:
             raise ConfigError("update transform 'dp_clip' needs the config (privacy.clip_norm)")
         self.clip_norm = cfg.privacy.clip_norm
@@ -67,8 +67,8 @@ class DpNoise(ServerTransform):
     """Step 4: N(0, (sigma * clip_norm)^2) per coordinate added to the reduced sum, from the
     round's (seed, round) stream; reports the guarantee after this round."""
 
-    def __init__(self, cfg: Optional["Config"] = None):
-        super().__init__(cfg)
+    def __init__(self, cfg: Optional["Config"] = None, params: Any = None):
+        super().__init__(cfg, params)
         if cfg is None:
             raise ConfigError("server transform 'dp_noise' needs the config (privacy.*)")
         self.spec = privacy_spec(cfg)
