@@ -1,6 +1,7 @@
 """What the federated optimisation algorithms cost per round, side by side in one process.
 
-    python -m bench.algorithm_costs [--repeats 12] [--out docs/benchmarks/algorithms]
+    python -m bench.algorithm_costs [--repeats 12] [--set all|algorithms|codecs]
+                                    [--out docs/benchmarks/algorithms]
 
 The default job's shape (digits 16x16, the (32, 64) U-Net, C = 4 clients, E = 4, batch 16,
 exact aggregation), one process, one thread. One federation per algorithm is built first; then
@@ -8,7 +9,9 @@ each repeat runs ONE round of every algorithm, in an order rotated every repeat 
 warm-up hit all of them alike), and reports each round's time relative to FedAvg's round of the
 same repeat: median of the per-repeat ratios [min-max]. The round's parts (local compute,
 aggregation = the all-reduce and decode, server step) come from the round's own metrics record.
-The first two repeats are warm-up and are dropped.
+The first two repeats are warm-up and are dropped. The codecs (aggregation.uplink / downlink)
+are measured the same way, and their encode + decode time alone on one update vector of the
+job's size (median of 20).
 """
 
 from __future__ import annotations
@@ -31,11 +34,47 @@ ALGORITHMS = {
     "fedavg sgd": ["optim.name=sgd", "optim.lr=0.05"],
     "stateful adamw": ["client.stateful_optimizer=true"],
 }
+CODECS = {
+    "up bf16": ["aggregation.uplink=bf16"],
+    "up qsgd 8 bit": ["aggregation.uplink.name=qsgd", "aggregation.uplink.bits=8"],
+    "up qsgd 4 bit": ["aggregation.uplink.name=qsgd", "aggregation.uplink.bits=4"],
+    "up qsgd 4 bit + EF": ["aggregation.uplink.name=qsgd", "aggregation.uplink.bits=4",
+                           "aggregation.uplink.error_feedback=true"],
+    "up topk 10% + EF": ["aggregation.uplink.name=topk", "aggregation.uplink.fraction=0.1",
+                         "aggregation.uplink.error_feedback=true"],
+    "up randk 10%": ["aggregation.uplink.name=randk", "aggregation.uplink.fraction=0.1"],
+    "down qsgd 8 bit": ["aggregation.downlink.name=qsgd", "aggregation.downlink.bits=8"],
+}
+SETS = {"all": {**ALGORITHMS, **CODECS}, "algorithms": ALGORITHMS,
+        "codecs": {"fedavg": [], **CODECS}}
 SHAPE = ["num_clients=4", "local_steps=4", "rounds=100000", "sample.every=0", "checkpoint.every=0",
          "eval.every=0", "logging.wandb=false", "logging.progress=false", "threads=1"]
 
 
-def measure(repeats: int, root: Path) -> dict:
+def codec_times(numel: int, repeats: int = 20) -> dict:
+    """Encode + decode of one update of ``numel`` values per codec: median seconds."""
+    import torch
+
+    from fedrun.config import load_config
+    from fedrun.engine.simulator import _Uplink
+    from fedrun.fl.aggregation.codecs import build_channel
+
+    out = {}
+    update = torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 1e-3
+    for name, extra in CODECS.items():
+        way = "uplink" if name.startswith("up") else "downlink"
+        channel = build_channel(getattr(load_config(None, extra).aggregation, way))
+        times = []
+        for rep in range(repeats):
+            x = update.clone()
+            started = time.perf_counter()
+            _Uplink(channel, 0, rep, 0, None)(x)
+            times.append(time.perf_counter() - started)
+        out[name] = statistics.median(times)
+    return out
+
+
+def measure(repeats: int, root: Path, algorithms: dict) -> dict:
     from fedrun.engine import dist
     from fedrun.engine import simulator
     from fedrun.config import load_config
@@ -45,12 +84,12 @@ def measure(repeats: int, root: Path) -> dict:
     commit = code_commit()
     with dist.session("cpu", 600, 1):
         feds, loggers = {}, {}
-        for name, extra in ALGORITHMS.items():
+        for name, extra in algorithms.items():
             cfg = load_config("configs/digits_fedavg.yaml",
                               SHAPE + extra + [f"output_dir={root / name.replace(' ', '_')}"])
             feds[name] = simulator.setup(cfg)
             loggers[name] = start_logging(feds[name].run, "train", name)
-        names = list(ALGORITHMS)
+        names = list(algorithms)
         rows = {n: [] for n in names}
         for rep in range(repeats):
             order = names[rep % len(names):] + names[: rep % len(names)]
@@ -62,7 +101,8 @@ def measure(repeats: int, root: Path) -> dict:
                                    "aggregation_s": record["aggregation_s"],
                                    "server_s": record["server_s"],
                                    "buffer_bytes": record["buffer_bytes"],
-                                   "bytes_sent_per_client": record["bytes_sent_per_client"]})
+                                   "bytes_sent_per_client": record["bytes_sent_per_client"],
+                                   "bytes_received_per_client": record["bytes_received_per_client"]})
     kept = {n: r[2:] for n, r in rows.items()}
     summary = {}
     for name in names:
@@ -74,9 +114,13 @@ def measure(repeats: int, root: Path) -> dict:
                for key in ("round_s", "local_compute_s", "aggregation_s", "server_s")},
             "buffer_bytes": kept[name][-1]["buffer_bytes"],
             "bytes_sent_per_client": kept[name][-1]["bytes_sent_per_client"],
+            "bytes_received_per_client": kept[name][-1]["bytes_received_per_client"],
         }
+    numel = feds["fedavg"].run.params.numel
+    codecs = codec_times(numel) if any(n in CODECS for n in names) else {}
     return {"commit": commit, "repeats": repeats, "dropped_warmup": 2, "shape": SHAPE,
-            "algorithms": ALGORITHMS, "summary": summary}
+            "algorithms": algorithms, "summary": summary, "params": numel,
+            "codec_encode_decode_s": codecs}
 
 
 def to_markdown(result: dict) -> str:
@@ -87,23 +131,35 @@ def to_markdown(result: dict) -> str:
              "`python -m bench.algorithm_costs`.", "",
              "| algorithm | round / FedAvg | local compute / FedAvg | aggregation / FedAvg | "
              "server step / FedAvg | round s (median) | server step ms | all-reduce buffer | "
-             "bytes sent per client |", "|---|---|---|---|---|---|---|---|---|"]
+             "bytes sent per client | bytes received per client |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r: f"{r[0]:.2f} [{r[1]:.2f}–{r[2]:.2f}]"  # noqa: E731
     for name, s in result["summary"].items():
         lines.append(f"| {name} | {fmt(s['round_s_ratio'])} | {fmt(s['local_compute_s_ratio'])} | "
                      f"{fmt(s['aggregation_s_ratio'])} | {fmt(s['server_s_ratio'])} | "
                      f"{s['round_s_median']:.2f} | {1000 * s['server_s_median']:.1f} | "
-                     f"{s['buffer_bytes'] / 1e6:.2f} MB | {s['bytes_sent_per_client'] / 1e6:.2f} MB |")
+                     f"{s['buffer_bytes'] / 1e6:.2f} MB | {s['bytes_sent_per_client'] / 1e6:.3f} MB | "
+                     f"{s['bytes_received_per_client'] / 1e6:.3f} MB |")
+    if result.get("codec_encode_decode_s"):
+        fedavg_round = result["summary"]["fedavg"]["round_s_median"]
+        lines += ["", f"Encode + decode of one update ({result['params']:,} values), median of 20, "
+                  "and the round's share of it against FedAvg's median round (uplink: 4 clients' "
+                  "messages; downlink: one per round, decoded alike by every client):", "",
+                  "| codec | encode + decode ms | per round / FedAvg round |", "|---|---|---|"]
+        for name, seconds in result["codec_encode_decode_s"].items():
+            per_round = (4 if name.startswith("up") else 1) * seconds
+            lines.append(f"| {name} | {1000 * seconds:.1f} | {per_round / fedavg_round:.1%} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--set", choices=sorted(SETS), default="all")
     parser.add_argument("--out", default="docs/benchmarks/algorithms")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        result = measure(args.repeats, Path(tmp))
+        result = measure(args.repeats, Path(tmp), SETS[args.set])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))

@@ -30,7 +30,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedrun.errors import ConfigError
-from fedrun.registry import (CLIENT_ALGORITHMS, DATASETS, FEATURE_EXTRACTORS, PARTITIONERS, SERVER_TRANSFORMS, STRATEGIES, TASKS, UPDATE_TRANSFORMS, ParamError, Registry, load_plugins)
+from fedrun.registry import (CLIENT_ALGORITHMS, CODECS, DATASETS, FEATURE_EXTRACTORS, PARTITIONERS, SERVER_TRANSFORMS, STRATEGIES, TASKS, UPDATE_TRANSFORMS, ParamError, Registry, load_plugins)
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -139,6 +139,19 @@ class ClientConfig:
 
 
 @dataclass
+class CodecConfig:
+    """One direction of the exchange (``fedrun.fl.aggregation.codecs``): the codec's name, its
+    parameters beside it, and error feedback."""
+
+    name: str = "fp32"
+    """Registered codec (``fedrun.registry.CODECS``): 'fp32' (as it is), 'bf16', 'fp16', 'qsgd'
+    (bits, block), 'topk' / 'randk' (fraction)."""
+    error_feedback: bool = False
+    """Add what the previous messages left out to the next one (the uplink's residual is kept
+    per client in the client state store, the downlink's on the server and checkpointed)."""
+
+
+@dataclass
 class AggregationConfig:
     """How the clients' updates are transformed and summed (``fedrun.fl.aggregation``)."""
 
@@ -159,6 +172,23 @@ class AggregationConfig:
     server_transforms: List[str] = field(default_factory=list)
     """Registered server transforms (``fedrun.registry.SERVER_TRANSFORMS``) applied in order
     to the reduced sum of updates before the server step."""
+    uplink: CodecConfig = field(default_factory=CodecConfig)
+    """How each client's update travels to the server (``aggregation.uplink.name=qsgd
+    aggregation.uplink.bits=4``): the server decodes it, then applies the update transforms
+    (so DP's clipping bounds what is summed, whatever the codec)."""
+    shared: List[str] = field(default_factory=list)
+    """Partial exchange (``fedrun.fl.aggregation.partial``): empty = every parameter travels.
+    Name patterns (fnmatch, e.g. '*lora_A*', 'up_blocks.*') or the presets 'udec' / 'ulatdec'
+    (FedDiffuse: the U-Net's decoder, or middle block and decoder): those parameters travel both
+    ways, the others never leave their client (kept per client). 'usplit' (alone): every client
+    trains the whole model and sends half of it, paired at random each round."""
+    personal_client: int = 0
+    """With personal parts (aggregation.shared patterns / udec / ulatdec): the client whose model
+    -- the shared parts with its own personal parts -- is sampled, evaluated and exported."""
+    downlink: CodecConfig = field(default_factory=CodecConfig)
+    """How the round's change of the global model travels to the clients. A lossy codec moves
+    the server's model by the decoded change too, so the server holds the model the clients
+    decode."""
 
     def __post_init__(self) -> None:
         _require(self.rounding in ("stochastic", "nearest"), "aggregation.rounding",
@@ -511,6 +541,14 @@ PIECE_LISTS: Dict[str, Tuple[Tuple[str, Registry], ...]] = {
                     ("server_transforms", SERVER_TRANSFORMS)),
 }
 
+#: Piece sections inside a core section, (section, sub-section) -> (the key naming the piece,
+#: its registry): ``aggregation.uplink.name: qsgd`` + ``aggregation.uplink.bits: 4``. A plain
+#: name is short for the sub-section (``aggregation.uplink=bf16``).
+NESTED_PIECES: Dict[Tuple[str, str], Tuple[str, Registry]] = {
+    ("aggregation", "uplink"): ("name", CODECS),
+    ("aggregation", "downlink"): ("name", CODECS),
+}
+
 #: Keys that were fixed parts of the piece sections before pieces had parameters of their own,
 #: with their defaults of that time (fedrun 9dcece4), and the task sections of that time with
 #: theirs. A config written then (a run directory's config.yaml lists every key) keeps loading:
@@ -596,6 +634,16 @@ def _read(path: Optional[str], overrides: Optional[List[str]]) -> dict:
         if merged.get(section) is not None and not isinstance(merged[section], dict):
             raise ConfigError(f"config key '{section}': must be a section of keys, got "
                               f"{merged[section]!r}")
+    shared = (merged.get("aggregation") or {}).get("shared")
+    if isinstance(shared, str):  # aggregation.shared=udec
+        merged["aggregation"]["shared"] = [shared]
+    for section, sub in NESTED_PIECES:
+        value = (merged.get(section) or {}).get(sub)
+        if isinstance(value, str):
+            merged[section][sub] = {NESTED_PIECES[section, sub][0]: value}
+        elif value is not None and not isinstance(value, dict):
+            raise ConfigError(f"config key '{section}.{sub}': must be a name or a section of "
+                              f"keys, got {value!r}")
     return merged
 
 
@@ -653,6 +701,21 @@ def _drop_legacy(raw: dict, task_cls: type) -> None:
                 f"config key '{section}.{item}': not a parameter of {registry.kind} '{name}' "
                 + (f"(it belongs to {', '.join(repr(t) for t in takers)}); " if takers else "; ")
                 + f"'{name}' takes: {', '.join(sorted(taken - {key})) or 'nothing else'}")
+    for (section, sub), (key, registry) in NESTED_PIECES.items():
+        values = (raw.get(section) or {}).get(sub)
+        if not values:
+            continue
+        name = _nested_name(raw, section, sub)
+        registry.check(name, f"{section}.{sub}.{key}")
+        params = registry.params_of(name)
+        taken = {f.name for f in dataclasses.fields(_nested_type(section, sub))}
+        taken |= {f.name for f in dataclasses.fields(params)} if params else set()
+        for item in [k for k in values if k not in taken]:
+            takers = registry.taking(item)
+            raise ConfigError(
+                f"config key '{section}.{sub}.{item}': not a parameter of {registry.kind} '{name}' "
+                + (f"(it belongs to {', '.join(repr(t) for t in takers)}); " if takers else "; ")
+                + f"'{name}' takes: {', '.join(sorted(taken - {key}))}")
     for section in [k for k in raw if k not in types and k not in task_cls.config_sections
                     and k not in LEGACY_SECTIONS]:
         owners = [name for name in TASKS.names()
@@ -674,6 +737,16 @@ def _drop_legacy(raw: dict, task_cls: type) -> None:
                               + ", or remove the section")
 
 
+def _nested_type(section: str, sub: str) -> type:
+    return typing.get_type_hints(_core_types()[section])[sub]
+
+
+def _nested_name(raw: dict, section: str, sub: str) -> str:
+    key = NESTED_PIECES[section, sub][0]
+    value = ((raw.get(section) or {}).get(sub) or {}).get(key)
+    return value if value is not None else _defaults(_nested_type(section, sub))[key]
+
+
 def config_schema(task_cls: type, raw: dict) -> type:
     """The Config dataclass of ``raw``: the core sections, each piece section extended with the
     named piece's parameters, and the task's sections."""
@@ -686,18 +759,25 @@ def config_schema(task_cls: type, raw: dict) -> type:
         if params is not None:
             fields.append(_section_field(section, _extended(types[section], params,
                                                            f"{registry.kind} '{name}'")))
+    nested: Dict[str, list] = {}
     for section, lists in PIECE_LISTS.items():
-        nested = []
         for key, registry in lists:
             names = _selected(raw, section, key, types[section]) or []
             for i, name in enumerate(names):
                 registry.check(name, f"{section}.{key}[{i}]")
                 params = registry.params_of(name)
                 if params is not None:  # validated by _check_pieces, naming the key
-                    nested.append(_section_field(name, _fields_only(params)))
-        if nested:
-            fields.append(_section_field(section, dataclasses.make_dataclass(
-                types[section].__name__, nested, bases=(types[section],))))
+                    nested.setdefault(section, []).append(_section_field(name, _fields_only(params)))
+    for (section, sub), (key, registry) in NESTED_PIECES.items():
+        name = _nested_name(raw, section, sub)
+        registry.check(name, f"{section}.{sub}.{key}")
+        params = registry.params_of(name)
+        if params is not None:
+            nested.setdefault(section, []).append(_section_field(sub, _extended(
+                _nested_type(section, sub), params, f"{registry.kind} '{name}'")))
+    for section, extra in nested.items():
+        fields.append(_section_field(section, dataclasses.make_dataclass(
+            types[section].__name__, extra, bases=(types[section],))))
     for section, cls in task_cls.config_sections.items():
         if section in types:
             raise TypeError(f"task '{task_cls.name}': its section '{section}' is a core section")
@@ -748,6 +828,13 @@ def _check_pieces(cfg: Any, task_cls: type) -> None:
             for name in getattr(values, key):
                 if registry.params_of(name) is not None:
                     _build_params(registry, name, getattr(values, name), f"{section}.{name}")
+    for (section, sub), (key, registry) in NESTED_PIECES.items():
+        values = getattr(getattr(cfg, section), sub)
+        name = getattr(values, key)
+        _build_params(registry, name, values, f"{section}.{sub}")
+        if getattr(values, "error_feedback", False) and getattr(registry.get(name), "lossless", False):
+            raise ConfigError(f"config key '{section}.{sub}.error_feedback': {registry.kind} "
+                              f"'{name}' is lossless, so there is nothing to feed back")
     FEATURE_EXTRACTORS.check(cfg.eval.feature)
     task_cls.check_config(cfg)
 

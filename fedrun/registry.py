@@ -1,7 +1,7 @@
 """The public plugin API: every registry of pluggable pieces, and how plugins are loaded.
 
-A piece -- a server strategy, a client algorithm, an update or server transform, a partitioner, a
-data source, a feature extractor, a task -- is registered once, next to its code:
+A piece -- a server strategy, a client algorithm, an update or server transform, a codec, a
+partitioner, a data source, a feature extractor, a task -- is registered once, next to its code:
 
     @STRATEGIES.register("fedavgm")
     class FedAvgM(ServerStrategy):
@@ -144,12 +144,14 @@ PARTITIONERS: Registry = Registry("partitioner", "partition.method")
 DATASETS: Registry = Registry("data source", "data.name")
 FEATURE_EXTRACTORS: Registry = Registry("feature extractor", "eval.feature")
 TASKS: Registry = Registry("task", "task.name", package="fedrun.tasks")
+CODECS: Registry = Registry("codec", "aggregation.uplink.name")
 
 #: fedrun's own pieces (tasks are found by folder, see TASKS)
 BUILTIN_MODULES = (
     "fedrun.fl.strategies",
     "fedrun.fl.clients",
     "fedrun.fl.aggregation.transforms",
+    "fedrun.fl.aggregation.codecs",
     "fedrun.fl.privacy.transforms",
     "fedrun.data.digits",
     "fedrun.data.folder",

@@ -176,6 +176,11 @@ def core_sections() -> List[str]:
         if cls.__doc__ and not cls.__doc__.startswith(f"{cls.__name__}("):  # not dataclass's
             out += [_one_paragraph(cls.__doc__), ""]
         out += [*field_table(cls, f"{name}."), ""]
+        for f in dataclasses.fields(cls):  # sub-sections (aggregation.uplink, ...)
+            if _is_section(f):
+                sub = f.default_factory
+                out += [f"#### `{name}.{f.name}`", "", _one_paragraph(field_docs(cls)[f.name].doc)
+                        if f.name in field_docs(cls) else "", "", *field_table(sub, f"{name}.{f.name}."), ""]
     return out
 
 
@@ -215,19 +220,23 @@ def _builtin_names(reg: Any) -> List[str]:
 def _parameter_prefix(reg: Any, name: str) -> str:
     """Where entry ``name``'s parameters sit in a config: beside the key naming the piece, or in
     a sub-section of its name for a list of pieces (``fedrun.config.PIECE_LISTS``)."""
-    from fedrun.config import PIECE_LISTS
+    from fedrun.config import NESTED_PIECES, PIECE_LISTS
 
     section = reg.config_key.split(".")[0]
     listed = any(r is reg for lists in PIECE_LISTS.values() for _, r in lists)
+    nested = [f"{s}.{sub}" for (s, sub), (_, r) in NESTED_PIECES.items() if r is reg]
+    if nested:  # the same piece in several sub-sections (aggregation.uplink / downlink)
+        return "(" + " / ".join(nested) + ")."
     return f"{section}.{name}." if listed else f"{section}."
 
 
 def piece_parameters() -> List[str]:
     """Per registry: each built-in entry, its summary, and its ``Params`` as config keys."""
-    from fedrun.config import PIECE_LISTS, PIECE_SECTIONS
+    from fedrun.config import NESTED_PIECES, PIECE_LISTS, PIECE_SECTIONS
 
     wired = {r for _, r in PIECE_SECTIONS.values()}
     wired |= {r for lists in PIECE_LISTS.values() for _, r in lists}
+    wired |= {r for _, r in NESTED_PIECES.values()}
     out = ["## Parameters of the pieces", ""]
     for variable, reg in _registries():
         out += [f"### `{reg.config_key}` ({reg.kind})", "",

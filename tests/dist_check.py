@@ -65,7 +65,7 @@ def main() -> int:
     simulator.run(load_config(None, overrides + STATEFUL_OVERRIDES
                               + [f"output_dir={cfg.output_dir}_stateful"]))
     # 4. fedrun's stateful algorithms (SCAFFOLD + FedAdam + stateful SGD, FedProx + FedYogi +
-    #    stateful AdamW) into OUTPUT_DIR_<name>.
+    #    stateful AdamW) and the codecs with error feedback into OUTPUT_DIR_<name>.
     for name, extra in ALGORITHM_VARIANTS.items():
         simulator.run(load_config(None, overrides + extra + [f"output_dir={cfg.output_dir}_{name}"]))
     if dist.rank() == 0:

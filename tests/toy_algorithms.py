@@ -28,6 +28,19 @@ ALGORITHM_VARIANTS = {
                  "optim.momentum=0", "optim.grad_clip=null", "optim.lr=0.05"],
     "fedprox": ["client.algorithm=fedprox", "client.prox_mu=0.1", "server.strategy=fedyogi",
                 "client.stateful_optimizer=true"],
+    # codecs with their randomness and error feedback: residuals in the client state store and
+    # on the server (checkpoint group 'downlink')
+    "qsgd_randk": ["aggregation.uplink.name=qsgd", "aggregation.uplink.bits=3",
+                   "aggregation.uplink.error_feedback=true", "aggregation.downlink.name=randk",
+                   "aggregation.downlink.fraction=0.5", "aggregation.downlink.error_feedback=true",
+                   "server.strategy=fedavgm"],
+    # partial exchange: personal encoders (udec) and split uploads (usplit)
+    "udec": ["aggregation.shared=udec", "aggregation.personal_client=1"],
+    "usplit": ["aggregation.shared=usplit", "server.strategy=fedavgm",
+               "aggregation.uplink.name=qsgd", "aggregation.uplink.error_feedback=true"],
+    "topk_bf16": ["aggregation.uplink.name=topk", "aggregation.uplink.fraction=0.2",
+                  "aggregation.uplink.error_feedback=true", "aggregation.downlink.name=bf16",
+                  "client.algorithm=fedprox", "client.prox_mu=0.1"],
 }
 
 

@@ -38,6 +38,8 @@ class Progress:
     start_round: int = 0  # the first round still to run
     samples_seen: int = 0
     bytes_total: int = 0
+    bytes_up_total: int = 0  # federated runs: client -> server
+    bytes_down_total: int = 0  # federated runs: server -> client
     resumed_record: Optional[dict] = None  # metrics record of the checkpointed round
 
 
@@ -143,6 +145,10 @@ def restore_run(run: Run, ckpt: Checkpoint) -> None:
     run.progress.resumed_record = ckpt.state.get("metrics_record")
     run.progress.samples_seen = int(ckpt.state["samples_seen"])
     run.progress.bytes_total = int(ckpt.state["bytes_total"])
+    # checkpoints written before the directions were counted apart: half each way (fp32 FedAvg)
+    run.progress.bytes_up_total = int(ckpt.state.get("bytes_up_total", run.progress.bytes_total // 2))
+    run.progress.bytes_down_total = int(ckpt.state.get("bytes_down_total",
+                                                       run.progress.bytes_total - run.progress.bytes_up_total))
 
 
 def start_logging(run: Run, job_type: str, description: str) -> RunLogger:
@@ -243,6 +249,8 @@ def write_checkpoint(run: Run, done_rounds: int, record: Optional[dict] = None,
         "ema_updates": run.ema.updates,
         "samples_seen": run.progress.samples_seen,
         "bytes_total": run.progress.bytes_total,
+        "bytes_up_total": run.progress.bytes_up_total,
+        "bytes_down_total": run.progress.bytes_down_total,
         "world_size": run.world_size,
         # All randomness is derived from (seed, round) and (seed, client, round): there is no
         # hidden generator state to save, which is why a resumed run equals an uninterrupted one.

@@ -3,12 +3,14 @@
     Step 1  cohort: the sampled clients of this round (same on every rank), minus those that
             drop out (faults.dropout), dealt to ranks
     Step 2  local training: each rank runs the client algorithm for each of its clients from the
-            global weights; each update (local - global) passes the update transforms and is
-            added, weighted, to the round buffer (exactly, with aggregation.exact)
+            global weights; each update (local - global) is encoded and decoded by the uplink
+            codec (aggregation.uplink), passes the update transforms and is added, weighted, to
+            the round buffer (exactly, with aggregation.exact)
     Step 3  ONE all_reduce(SUM) of the flat buffer [sum n_c delta_c, algorithm segments, sum n_c,
             stats]; a rank that hangs makes it fail after dist_timeout_s with an error naming
             the round
-    Step 4  server transforms on the reduced sum, then the server strategy's step and the client
+    Step 4  server transforms on the reduced sum, then the server strategy's step (its change of
+            the model passed through the downlink codec, aggregation.downlink) and the client
             algorithm's server-side update (every rank, identically), EMA update
     Step 5  rank 0: log, sample grid, evaluation (FID/KID every eval.every rounds), checkpoint;
             every rank: stop if every update was rejected for faults.max_rejected_rounds rounds
@@ -38,6 +40,8 @@ from fedrun.engine.run import (Run, device_memory, drive, open_run, restore_run,
 from fedrun.errors import CheckpointError, ConfigError, DistributedError, TrainingError
 from fedrun.fl.aggregation.buffer import (BYTES_PER_FLOAT, RoundBuffer, RoundResult, client_weight,
                                           weighted_loss)
+from fedrun.fl.aggregation.codecs import Channel, build_channel
+from fedrun.fl.aggregation.partial import Exchange, build_exchange
 from fedrun.fl.aggregation.exact import ExactGrid
 from fedrun.fl.aggregation.transforms import (RoundInfo, ServerTransform, UpdateInfo,
                                               UpdateTransform, build_server_transforms,
@@ -46,7 +50,13 @@ from fedrun.fl.clients import ClientAlgorithm, build_client_algorithm
 from fedrun.fl.local import ClientJob, batch_indices, client_generator, num_local_steps
 from fedrun.fl.privacy.accountant import PrivacySpec, privacy_spec, write_privacy_file
 from fedrun.fl.strategies import ServerStrategy, build_server
+from fedrun.rng import derived_generator
 from fedrun.tasks.base import Task, build_task
+
+_UPLINK_STREAM = 0xC0DE  # the uplink codec's randomness: (seed, round, client, tag)
+_DOWNLINK_STREAM = 0xD0C0  # the downlink codec's: (seed, round, tag), the same on every rank
+UPLINK_RESIDUAL = "uplink_residual"  # the client state store's key of the error feedback
+PERSONAL = "personal"  # ... and of a client's personal parts (aggregation.shared)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,22 @@ class Seams:
     update_transforms: List[UpdateTransform]
     server_transforms: List[ServerTransform]
     privacy: Optional[PrivacySpec] = None  # DP-FedAvg's parameters (privacy.enabled)
+    uplink: Channel = field(default_factory=lambda: build_channel(_FP32))
+    downlink: Channel = field(default_factory=lambda: build_channel(_FP32))
+
+    @property
+    def keeps_client_state(self) -> bool:
+        """Whether clients keep state between their rounds (the client state store)."""
+        return self.algorithm.stateful or self.uplink.error_feedback
+
+
+@dataclass(frozen=True)
+class _Fp32:
+    name: str = "fp32"
+    error_feedback: bool = False
+
+
+_FP32 = _Fp32()
 
 
 def build_seams(cfg: Config) -> Seams:
@@ -67,7 +93,9 @@ def build_seams(cfg: Config) -> Seams:
     return Seams(server=build_server(cfg.server), algorithm=build_client_algorithm(cfg),
                  update_transforms=build_update_transforms(cfg),
                  server_transforms=build_server_transforms(cfg),
-                 privacy=privacy_spec(cfg) if cfg.privacy.enabled else None)
+                 privacy=privacy_spec(cfg) if cfg.privacy.enabled else None,
+                 uplink=build_channel(cfg.aggregation.uplink),
+                 downlink=build_channel(cfg.aggregation.downlink))
 
 
 @dataclass
@@ -80,6 +108,11 @@ class Tracking:
     #: the consecutive rounds, up to now, in which every client update was rejected:
     #: [[round, {client: reason}], ...] (faults.max_rejected_rounds stops the run)
     rejected_streak: List[list] = field(default_factory=list)
+    #: client -> the round (0-based) whose global model it last received: the downlink bytes of
+    #: its next round are the messages it missed since (at most the whole model)
+    synced: Dict[int, int] = field(default_factory=dict)
+    #: usplit: client -> the parts it sends this round
+    assignment: Dict[int, List[str]] = field(default_factory=dict)
     round_buffer: Optional[RoundBuffer] = None  # reused every round (no per-round allocation)
 
 
@@ -92,6 +125,11 @@ class Federation:
     seams: Seams
     store: Optional[ClientStateStore] = None
     tracking: Tracking = field(default_factory=Tracking)
+    exchange: Optional[Exchange] = None  # what of the vector travels (None: all of it)
+
+    @property
+    def partial(self) -> Exchange:
+        return self.exchange if self.exchange is not None else Exchange(self.run.params.numel)
 
 
 # ---------------------------------------------------------------- set-up
@@ -106,8 +144,10 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
         raise ConfigError(f"config key 'client.algorithm': '{seams.algorithm.name}' sends buffer "
                           "segments besides the update, which DP-FedAvg (privacy.enabled) does "
                           "not privatize")
-    store = ClientStateStore(Path(cfg.output_dir)) if seams.algorithm.stateful else None
-    fed = Federation(run, seams, store)
+    exchange = build_exchange(cfg, run.params, run.global_weights)  # before a restore
+    keeps_state = seams.keeps_client_state or exchange.personal is not None
+    store = ClientStateStore(Path(cfg.output_dir)) if keeps_state else None
+    fed = Federation(run, seams, store, exchange=exchange)
     if run.resume_from is not None:
         restore(fed, load_checkpoint(run.resume_from))
     return fed
@@ -134,6 +174,8 @@ def restore(fed: Federation, ckpt) -> None:
         fed.tracking.state_versions = ({int(c): int(v) for c, v in saved.items()} if saved is not None
                                        else fed.store.newest_versions(ckpt.round))  # older checkpoints
     fed.tracking.rejected_streak = [list(item) for item in ckpt.state.get("rejected_streak", [])]
+    fed.tracking.synced = {int(c): int(r) for c, r in (ckpt.state.get("downlink_synced") or {}).items()}
+    seams.downlink.load_state_dict({k: v.to(run.device) for k, v in ckpt.groups.get("downlink", {}).items()})
     seams.server.load_state_dict({k: v.to(run.device) for k, v in ckpt.groups.get("server", {}).items()})
     seams.algorithm.load_state_dict({k: v.to(run.device)
                                      for k, v in ckpt.groups.get("client_algorithm", {}).items()})
@@ -189,7 +231,7 @@ def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
 def train_local(fed: Federation, cohort: list, mine: list, global_round: int) -> RoundBuffer:
     """Step 2: run the client algorithm for this rank's clients, each from the global weights,
     into the round buffer."""
-    run, cfg, algorithm, store = fed.run, fed.run.cfg, fed.seams.algorithm, fed.store
+    run, cfg, algorithm, store, exchange = fed.run, fed.run.cfg, fed.seams.algorithm, fed.store, fed.partial
     buffer = new_round_buffer(fed, cohort)
     started = time.perf_counter()
     for client in mine:
@@ -199,17 +241,31 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
                                 cfg.optim.batch_size, generator)
         state = (store.load(client, global_round, fed.tracking.state_versions.get(client))
                  if store is not None else None)
+        residual = state.pop(UPLINK_RESIDUAL, None) if state is not None else None
+        if exchange.personal is not None:  # the client's own parts (the initial ones at first)
+            personal = state.pop(PERSONAL, None) if state is not None else None
+            run.params.flat[exchange.personal] = (personal.to(run.device) if personal is not None
+                                                  else exchange.initial_personal)
         result = algorithm.train(ClientJob(
             client, global_round, run.model, run.params, run.global_weights, batches, generator,
-            run.task.loss, cfg.optim, run.device, cfg.precision, state))
+            run.task.loss, cfg.optim, run.device, cfg.precision,
+            state if algorithm.stateful and state else None))
         if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
             run.params.flat[0] = float("nan")
         weight = _weight(run, client)
         info = UpdateInfo(client, global_round, cfg.seed, weight, result.mean_loss)
+        uplink = _Uplink(fed.seams.uplink, cfg.seed, global_round, client, residual,
+                         exchange.sent(fed.tracking.assignment.get(client)))
         if buffer.add_client(client, run.params.flat, run.global_weights, weight, result.mean_loss,
-                             result.samples, info=info, segments=result.segments):
-            if store is not None and result.state is not None:
-                store.save(client, global_round + 1, result.state)
+                             result.samples, info=info, segments=result.segments,
+                             uplink=uplink if uplink.needed else None):
+            new_state = dict(result.state or {})
+            if uplink.residual is not None:
+                new_state[UPLINK_RESIDUAL] = uplink.residual
+            if exchange.personal is not None:
+                new_state[PERSONAL] = run.params.flat[exchange.personal].clone()
+            if store is not None and new_state:
+                store.save(client, global_round + 1, new_state)
                 if cfg.checkpoint.every == 0:
                     # no periodic checkpoint can need an older version (the final one reads the
                     # newest): keep one per client, so the disk holds C x state, not
@@ -224,6 +280,38 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
     return buffer
 
 
+class _Uplink:
+    """One client's message through the uplink codec: the (seed, round, client) stream, the
+    error feedback's residual before and after, and the coordinates it sends (``sent``, None:
+    all; the others are zeroed: they do not reach the server)."""
+
+    def __init__(self, channel: Channel, seed: int, global_round: int, client: int,
+                 residual: Optional[torch.Tensor], sent: Optional[torch.Tensor] = None):
+        self.channel, self.keys = channel, (seed, global_round, client, _UPLINK_STREAM)
+        self.residual, self.sent = residual, sent
+
+    @property
+    def needed(self) -> bool:
+        return not self.channel.lossless or self.sent is not None
+
+    def __call__(self, delta: torch.Tensor) -> None:
+        generator = (derived_generator(*self.keys, device=delta.device)
+                     if self.channel.codec.random else None)
+        residual = self.residual.to(delta.device) if self.residual is not None else None
+        if self.sent is None:
+            _, self.residual = self.channel.transmit_(delta, generator, residual)
+            return
+        # the residual covers the whole vector (usplit sends other parts in other rounds)
+        part = delta[self.sent]
+        _, new = self.channel.transmit_(part, generator,
+                                        residual[self.sent] if residual is not None else None)
+        delta.zero_()
+        delta[self.sent] = part
+        if new is not None:
+            self.residual = residual if residual is not None else torch.zeros_like(delta)
+            self.residual[self.sent] = new
+
+
 def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
     """Step 3: ONE all-reduce of the flat buffer, decoded; a failure names the round."""
     try:
@@ -234,9 +322,12 @@ def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
 
 
 def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundResult,
-                  global_round: int, seed: int) -> tuple[bool, dict]:
+                  global_round: int, seed: int,
+                  shared: Optional[torch.Tensor] = None) -> tuple[bool, dict]:
     """Step 4: server transforms, the server step, the client algorithm's server-side update and
-    the EMA (a round where no weight arrived keeps the model). Returns (updated, metrics)."""
+    the EMA (a round where no weight arrived keeps the model). ``shared``: the coordinates the
+    clients receive (None: all), the only ones the downlink carries and the step may move.
+    Returns (updated, metrics)."""
     # Under DP every round releases noise (also one whose Poisson cohort is empty) and the sum is
     # divided by the expected cohort size, not by the data-dependent count (``fedrun.fl.privacy``).
     if result.total_weight <= 0 and seams.privacy is None:
@@ -247,10 +338,39 @@ def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundRe
     for transform in seams.server_transforms:
         metrics.update(transform(result.update_sum, info))
     denominator = seams.privacy.clients_per_round if seams.privacy is not None else result.total_weight
+    before = None if seams.downlink.lossless else weights.clone()
     seams.server.step(weights, result.update_sum, denominator)
+    if before is not None:  # what the clients decode is what the server keeps
+        change = weights.sub_(before)
+        generator = (derived_generator(seed, global_round, _DOWNLINK_STREAM, device=weights.device)
+                     if seams.downlink.codec.random else None)
+        if shared is None:
+            seams.downlink.transmit_server_(change, generator)
+        else:
+            part = change[shared]
+            seams.downlink.transmit_server_(part, generator)
+            change.zero_()
+            change[shared] = part
+        weights.add_(before)
     seams.algorithm.server_update(result)
     ema.update(weights)
     return True, metrics
+
+
+def show_personal_model(fed: Federation, result: RoundResult) -> None:
+    """With personal parts: after a round in which ``aggregation.personal_client`` trained, its
+    personal parts (from the client state store, on every rank) overwrite the server's copy of
+    them in the global and EMA vectors -- no client reads those -- so that sampling, evaluation,
+    checkpoints and the export show that client's model."""
+    exchange, run = fed.partial, fed.run
+    client = exchange.personal_client
+    if exchange.personal is None or result.client_weight.get(client, 0.0) <= 0:
+        return
+    version = fed.tracking.state_versions[client]
+    state = fed.store.load(client, version, version)
+    values = state[PERSONAL].to(run.device)
+    run.global_weights[exchange.personal] = values
+    run.ema.shadow[exchange.personal] = values
 
 
 def track_states_and_rejections(fed: Federation, result: RoundResult, global_round: int) -> None:
@@ -294,23 +414,52 @@ def check_can_learn(fed: Federation) -> None:
         + _REJECTION_HINTS.get(max(reasons, key=reasons.get).split(":")[0], ""))
 
 
-def account(fed: Federation, result: RoundResult) -> dict:
+def client_bytes(fed: Federation, result: RoundResult, global_round: int) -> tuple[dict, dict]:
+    """Bytes each client that sent an update this round sent (uplink) and received (downlink),
+    and mark it as holding this round's model (every rank alike).
+
+    Uplink: the codec's message of its update plus the algorithm's segments in fp32 (e.g.
+    SCAFFOLD's variate change). Downlink: the global model reaches a client as the downlink
+    messages of the rounds since it last took part (one message per round, each the codec's
+    encoding of that round's change), or whole in fp32 when that is smaller or it never took
+    part; plus the algorithm's segments in fp32 (SCAFFOLD's server variate). Only the
+    coordinates that travel count (``aggregation.shared``: the shared parts both ways; usplit:
+    the whole model down, the client's parts up). With the default fp32 codecs and a full
+    exchange that is the whole vector both ways."""
+    exchange = fed.partial
+    segment_bytes = BYTES_PER_FLOAT * sum(s.numel() for s in result.segments.values())
+    received = exchange.received_numel()
+    full = BYTES_PER_FLOAT * received
+    message = fed.seams.downlink.message_bytes(received)
+    synced = fed.tracking.synced
+    up, down = {}, {}
+    # a rejected update was sent, then refused: it is counted here, updates_applied not
+    for client in sorted(c for c, w in result.client_weight.items() if w > 0 or c in result.rejected_by):
+        last = synced.get(client)
+        down[client] = (full if last is None else min(full, (global_round - last) * message)) + segment_bytes
+        sent = exchange.sent_numel(fed.tracking.assignment.get(client))
+        up[client] = fed.seams.uplink.message_bytes(sent) + segment_bytes
+        synced[client] = global_round
+    return up, down
+
+
+def account(fed: Federation, result: RoundResult, global_round: int) -> dict:
     """Samples and bytes of the round (every rank keeps the totals: they are checkpointed).
 
-    Bytes are the protocol's: each participating client receives the global vector (and the
-    algorithm's segments, e.g. SCAFFOLD's server variate) and sends its fp32 update (and its
-    segments). How the simulator sums them (exact mode: float64 fixed point) is not counted;
-    ``buffer_bytes`` is the simulator's all-reduce payload per rank."""
+    Bytes are the protocol's (``client_bytes``). How the simulator sums the updates (exact mode:
+    float64 fixed point) is not counted; ``buffer_bytes`` is the simulator's all-reduce payload
+    per rank."""
     run, progress = fed.run, fed.run.progress
-    floats = run.params.numel + sum(s.numel() for s in result.segments.values())
-    update_bytes = floats * BYTES_PER_FLOAT
     trained = [c for c, w in result.client_weight.items() if w > 0]
     round_samples = sum(result.client_samples.values())
-    # a rejected update was sent, then refused: the bytes below count it, updates_applied not
-    sent = len(trained) + len(result.rejected)
-    round_bytes = 2 * update_bytes * sent
+    up, down = client_bytes(fed, result, global_round)
+    round_up, round_down = sum(up.values()), sum(down.values())
+    round_bytes = round_up + round_down
     progress.samples_seen += round_samples
     progress.bytes_total += round_bytes
+    progress.bytes_up_total += round_up
+    progress.bytes_down_total += round_down
+    floats = run.params.numel + sum(s.numel() for s in result.segments.values())
     buffer = fed.tracking.round_buffer.buffer
     return {
         "samples": progress.samples_seen,
@@ -322,8 +471,16 @@ def account(fed: Federation, result: RoundResult) -> dict:
         "rejected_nonfinite": [c for c, why in result.rejected_by.items() if why == "nonfinite_guard"],
         "rejected": result.rejected_by,
         "updates_applied": len(trained),
-        "bytes_sent_per_client": update_bytes,
-        "bytes_received_per_client": update_bytes,
+        # per client (the mean when they differ; an fp32 vector when no client sent)
+        "bytes_sent_per_client": round_up // len(up) if up else fed.seams.uplink.message_bytes(
+            run.params.numel) + BYTES_PER_FLOAT * (floats - run.params.numel),
+        "bytes_received_per_client": round_down // len(down) if down else BYTES_PER_FLOAT * floats,
+        "bytes_up_per_client": up,
+        "bytes_down_per_client": down,
+        "bytes_up": round_up,
+        "bytes_down": round_down,
+        "bytes_up_total": progress.bytes_up_total,
+        "bytes_down_total": progress.bytes_down_total,
         "bytes_round": round_bytes,
         "bytes_total": progress.bytes_total,
         "buffer_bytes": buffer.numel() * buffer.element_size(),
@@ -337,8 +494,10 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     """One round; returns its metrics record (complete on rank 0)."""
     run = fed.run
     started = time.perf_counter()
-    # Step 1: cohort, minus the clients that dropped out
+    # Step 1: cohort, minus the clients that dropped out (usplit: who sends which part)
     cohort, dropped, mine = select_clients(fed, global_round)
+    fed.tracking.assignment = fed.partial.assignment([c for c in cohort if c not in dropped],
+                                                     run.cfg.seed, global_round)
     # Step 2: local training
     buffer = train_local(fed, cohort, mine, global_round)
     # Step 3: one all-reduce of the flat buffer
@@ -349,11 +508,18 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     task_metrics = run.task.round_metrics(run, global_round, result)
     # Step 4: server step
     server_started = time.perf_counter()
+    if fed.partial.split:  # each part's mean over the clients that sent it
+        reporters: Dict[str, float] = {}
+        for client, parts in fed.tracking.assignment.items():
+            for part in parts:
+                reporters[part] = reporters.get(part, 0.0) + result.client_weight.get(client, 0.0)
+        fed.partial.rescale_(result.update_sum, result.total_weight, reporters)
     updated, server_metrics = server_update(fed.seams, run.global_weights, run.ema, result,
-                                            global_round, run.cfg.seed)
+                                            global_round, run.cfg.seed, fed.partial.shared)
     track_states_and_rejections(fed, result, global_round)
+    show_personal_model(fed, result)
     done = global_round + 1
-    record = {"round": done, **account(fed, result), **task_metrics, **server_metrics,
+    record = {"round": done, **account(fed, result, global_round), **task_metrics, **server_metrics,
               "dropped": dropped, "model_updated": updated, "aggregation_s": aggregation_s,
               "server_s": time.perf_counter() - server_started}
     # Step 5: log / sample / evaluate / checkpoint (rank 0); stop if the run cannot learn
@@ -377,8 +543,10 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
 
 
 def _checkpoint_groups(fed: Federation) -> dict:
+    downlink = fed.seams.downlink.state_dict()  # error feedback's residual, if any
     return {"server": fed.seams.server.state_dict(),
-            "client_algorithm": fed.seams.algorithm.state_dict()}
+            "client_algorithm": fed.seams.algorithm.state_dict(),
+            **({"downlink": downlink} if downlink else {})}
 
 
 def _checkpoint_state(fed: Federation) -> dict:
@@ -388,6 +556,7 @@ def _checkpoint_state(fed: Federation) -> dict:
             "client_state_versions": ({str(c): v for c, v in sorted(tracking.state_versions.items())}
                                       if fed.store is not None else None),
             "rejected_streak": tracking.rejected_streak,
+            "downlink_synced": {str(c): r for c, r in sorted(tracking.synced.items())},
             "privacy_noise_multiplier": (seams.privacy.noise_multiplier
                                          if seams.privacy is not None else None)}
 
@@ -406,14 +575,23 @@ def run(cfg: Config, task: Optional[Task] = None) -> Path:
     task = task or build_task(cfg)
     with dist.session(cfg.device, cfg.dist_timeout_s, cfg.threads):
         fed = setup(cfg, task)
-        exact = "exact" if cfg.aggregation.exact else "fp32"
+        exact = "exact aggregation" if cfg.aggregation.exact else "fp32 aggregation"
+        exact += "".join(f", {way} {_describe_channel(getattr(cfg.aggregation, way))}"
+                         for way in ("uplink", "downlink")
+                         if getattr(cfg.aggregation, way).name != "fp32")
         logger = start_logging(fed.run, "train",
                                f"task {task.name}: {task.describe(fed.run)}, {cfg.num_clients} clients "
                                f"({cfg.cohort_size} per round), {fed.run.params.numel:,} federated "
                                f"parameters, client algorithm {fed.seams.algorithm.name}, server "
-                               f"{cfg.server.strategy}, {exact} aggregation")
+                               f"{cfg.server.strategy}, {exact}")
         return drive(fed.run, logger, lambda global_round: run_round(fed, global_round, logger),
                      finalize=lambda: _finalize_privacy(fed))
+
+
+def _describe_channel(section) -> str:
+    params = {k: v for k, v in vars(section).items() if k not in ("name", "error_feedback")}
+    return (section.name + "".join(f" {k}={v}" for k, v in params.items())
+            + (" with error feedback" if section.error_feedback else ""))
 
 
 def _finalize_privacy(fed: Federation) -> dict:

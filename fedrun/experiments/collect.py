@@ -41,6 +41,10 @@ def collect(spec: RunSpec) -> dict:
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
         "curve": [(r["samples"], r["fid"]) for r in evals],
+        "bytes_curve": [(r.get("bytes_total", 0), r["fid"]) for r in evals],
+        # runs from before the directions were counted apart: half each way (fp32 FedAvg)
+        "bytes_up_total": last.get("bytes_up_total", last["bytes_total"] // 2),
+        "bytes_down_total": last.get("bytes_down_total", last["bytes_total"] - last["bytes_total"] // 2),
         "params_bytes": last.get("bytes_sent_per_client"),
         "steps": last.get("steps"),  # central runs: optimizer steps taken
     }

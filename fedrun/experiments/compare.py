@@ -90,6 +90,8 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
              *tables.main_table(grid, summary, failures), *_legend(grid, summary, results)]
     for item in grid.tables:
         lines += tables.axis_tables(grid, summary, item)
+    if grid.bytes_plot:
+        lines += tables.pareto_table(summary)
     lines += _findings(findings)
     lines += ["## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "", "## Per seed", "",
               *tables.per_seed_table(results), "", *tables.failures_list(failures)]

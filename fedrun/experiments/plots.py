@@ -129,18 +129,29 @@ def _common_axis(grid: Grid, names: List[str]) -> Optional[str]:
 
 
 def plot_bytes(summary: Dict[str, dict], report_dir: Path) -> Path:
-    """Final FID against bytes communicated, a point per configuration (symlog: 0 = one process)."""
+    """FID against cumulative bytes (both directions): a line per configuration through its
+    evaluations (mean over seeds), its final point with the seeds' std, and the Pareto front of
+    the final points (symlog: 0 = one-process centralized)."""
+    from fedrun.experiments.stats import pareto_front
+
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, s in summary.items():
+        curve = np.array(s.get("bytes_curve") or [], dtype=float).reshape(-1, 3)
+        line = ax.plot(curve[:, 0] / 1e6, curve[:, 1], alpha=0.5, linewidth=1)[0] if len(curve) else None
         ax.errorbar(s["bytes_total"][0] / 1e6, s["fid"][0], yerr=np.nan_to_num(s["fid"][1]),
-                    marker="s" if s["kind"] == "central" else "o", capsize=3, label=name)
+                    marker="s" if s["kind"] == "central" else "o", capsize=3, label=name,
+                    color=line.get_color() if line is not None else None)
+    front = pareto_front(summary)
+    if len(front) > 1:
+        ax.plot([summary[n]["bytes_total"][0] / 1e6 for n in front],
+                [summary[n]["fid"][0] for n in front], "k--", linewidth=1, label="Pareto front")
     floor = np.mean([s["floor_fid"][0] for s in summary.values()])
     ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
     ax.set_xscale("symlog", linthresh=1.0)
     ax.set_xlim(-0.5, 3 * max(1.0, max(s["bytes_total"][0] for s in summary.values()) / 1e6))
-    ax.set_xlabel("bytes communicated (MB; symlog, 0 = one-process centralized)")
-    ax.set_ylabel("final FID")
-    ax.set_title("Communication vs quality at equal samples seen", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.set_xlabel("cumulative bytes, up + down (MB; symlog, 0 = one-process centralized)")
+    ax.set_ylabel("FID")
+    ax.set_title("Quality against communication (lines: evaluations; points: final)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
     return save_figure(fig, report_dir / "bytes_vs_fid.png")

@@ -39,11 +39,29 @@ def summarise(results: List[dict], run_names: List[str]) -> Dict[str, dict]:
         if fractions:  # per class, over the seeds
             summary["class_fractions"] = [mean_std(column) for column in zip(*fractions)]
             summary["reference_class_fractions"] = mine[0]["reference_class_fractions"]
+        for key in ("bytes_up_total", "bytes_down_total"):
+            summary[key] = mean_std([r[key] for r in mine if key in r])
+        # FID against cumulative bytes, evaluation by evaluation (a seed's cohorts change the
+        # downlink's bytes a little): the mean of each over the seeds
+        curves = [r.get("bytes_curve") or [] for r in mine]
+        summary["bytes_curve"] = [(float(np.mean([c[i][0] for c in curves])),
+                                   *mean_std([c[i][1] for c in curves]))
+                                  for i in range(min(map(len, curves)))]
         points = sorted({s for r in mine for s, _ in r["curve"]})
         summary["curve"] = [(s, *mean_std([f for r in mine for s2, f in r["curve"] if s2 == s]))
                             for s in points]
         out[name] = summary
     return out
+
+
+def pareto_front(summary: Dict[str, dict]) -> List[str]:
+    """The configurations no other beats on both final FID and total bytes (mean over seeds;
+    ties on both kept), cheapest first."""
+    points = {n: (s["bytes_total"][0], s["fid"][0]) for n, s in summary.items()
+              if math.isfinite(s["fid"][0])}
+    front = [n for n, (b, f) in points.items()
+             if not any((b2 <= b and f2 <= f) and (b2 < b or f2 < f) for b2, f2 in points.values())]
+    return sorted(front, key=lambda n: points[n])
 
 
 def difference(a: tuple, b: tuple, n_seeds: int) -> tuple:

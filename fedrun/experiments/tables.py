@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from fedrun.experiments.grid import Grid, Table
-from fedrun.experiments.stats import difference
+from fedrun.experiments.stats import difference, pareto_front
 
 
 def fmt(value, digits: int = 3, scale: float = 1.0) -> str:
@@ -135,6 +135,21 @@ def ddp_note(results: List[dict]) -> List[str]:
     return [f"For scale: run as DDP over W = 4 workers, the centralized baseline would move "
             f"2 × 3 × 4 P = {per_step / 1e6:.3g} MB per step, {per_step * steps / 1e9:.3g} GB over its "
             f"{steps:,} steps (P = {model_bytes // 4:,} parameters).", ""]
+
+
+def pareto_table(summary: Dict[str, dict]) -> List[str]:
+    """Bytes each way and final FID of every configuration, the Pareto front's marked (no other
+    configuration has both fewer bytes and a lower FID)."""
+    front = set(pareto_front(summary))
+    out = ["## Quality against communication", "",
+           "Mean over seeds (± std). **Bold**: on the Pareto front of final FID against total bytes.",
+           "", *header("configuration", "MB up", "MB down", "MB total", "final FID")]
+    for name, s in sorted(summary.items(), key=lambda item: item[1]["bytes_total"][0]):
+        label = f"**{name}**" if name in front else name
+        up, down = s.get("bytes_up_total", (math.nan,)), s.get("bytes_down_total", (math.nan,))
+        out.append(row(label, fmt(up[0], scale=1e6), fmt(down[0], scale=1e6),
+                       fmt(s["bytes_total"][0], scale=1e6), fmt(s["fid"])))
+    return out + [""]
 
 
 def per_seed_table(results: List[dict]) -> List[str]:

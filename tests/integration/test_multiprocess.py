@@ -83,9 +83,13 @@ def test_world_size_invariance(runs, world):
 def test_every_seam_is_world_size_invariant(runs, world, variant):
     """The toy stateful client algorithm (client state store + a buffer segment), the seeded
     update and server transforms and the toy strategy; SCAFFOLD (control-variate segment) with
-    FedAdam and stateful SGD; FedProx with FedYogi and stateful AdamW: == across world sizes."""
+    FedAdam and stateful SGD; FedProx with FedYogi and stateful AdamW; the codecs with error
+    feedback both ways (qsgd up / randk down, topk up / bf16 down): == across world sizes."""
     one, many = (runs[w]["dir"].with_name(runs[w]["dir"].name + "_" + variant) for w in (1, world))
-    for group in ("model", "ema", "server", "client_algorithm"):
+    groups = ("model", "ema", "server", "client_algorithm")
+    if (one / "checkpoints" / "round_00003" / "downlink.safetensors").exists():
+        groups += ("downlink",)
+    for group in groups:
         a, b = _final_weights(one, group), _final_weights(many, group)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
     states = sorted(p.relative_to(one) for p in (one / "client_state").rglob("*.safetensors"))

@@ -259,3 +259,32 @@ def test_report_marks_failed_runs_and_leaves_their_claims_undecided(tmp_path):
     assert "**momentum helps under skew**: not decided" in text
     assert "- dir0.1-fedavgm seed 1: failed: exit code 2: boom (log: `/runs/seed1.train.log`)" in text
     assert (tmp_path / "report" / "panels.png").is_file()
+
+
+def test_pareto_front_and_the_bytes_report(tmp_path):
+    """Final FID against bytes: the front holds the configurations no other beats on both; the
+    report lists bytes each way with the front in bold and plots FID against cumulative bytes."""
+    grid = load_text(tmp_path, MATRIX_GRID)
+    points = {"central": (0, 5.0), "iid-fedavg": (4000, 10.0), "iid-fedavgm": (1000, 10.1),
+              "iid-fedavgm2": (2000, 11.0), "dir0.1-fedavg": (500, 15.0),
+              "dir0.1-fedavgm": (4000, 9.0), "dir0.1-fedavgm2": (4000, 9.0)}
+    results = []
+    for name, (total, fid) in points.items():
+        for seed in (0, 1):
+            r = fake_result(name, seed, fid + 0.1 * seed, [0.25] * 4,
+                            "central" if name == "central" else "train")
+            r.update(bytes_total=total, bytes_up_total=total // 4, bytes_down_total=total - total // 4,
+                     bytes_curve=[(total // 2, 2 * fid), (total, fid + 0.1 * seed)])
+            results.append(r)
+    summary = stats.summarise(results, list(points))
+    # central (0 bytes) beats every federated run on FID: it is the whole front
+    assert stats.pareto_front(summary) == ["central"]
+    federated = {n: s for n, s in summary.items() if n != "central"}
+    assert stats.pareto_front(federated) == ["dir0.1-fedavg", "iid-fedavgm", "dir0.1-fedavgm",
+                                             "dir0.1-fedavgm2"]
+    assert summary["iid-fedavg"]["bytes_curve"] == [(2000.0, 20.0, 0.0), (4000.0, 10.05, pytest.approx(0.0707, abs=1e-4))]
+    text = write_report(grid, results, tmp_path / "report", "cmd", 60.0).read_text()
+    assert "## Quality against communication" in text
+    assert "| **central** | 0 | 0 | 0 | 5.05 ± 0.0707 |" in text
+    assert "| iid-fedavg | 0.001 | 0.003 | 0.004 | 10.1 ± 0.0707 |" in text
+    assert (tmp_path / "report" / "bytes_vs_fid.png").stat().st_size > 10_000

@@ -5,8 +5,8 @@
 
 where the per-slot stats are (loss * n, n, samples, rejected-by) of each sampled client, written
 by the rank that trained it and zero elsewhere, and the per-rank block holds each rank's local
-compute time. Between ``w_c - w`` and the weighted sum each update passes the configured
-*update transforms* (``fedrun.fl.aggregation.transforms``); a rejected update never enters the
+compute time. Between ``w_c - w`` and the weighted sum each update passes the uplink codec
+(encoded, then decoded as the server would) and the configured *update transforms* (``fedrun.fl.aggregation.transforms``); a rejected update never enters the
 sum, its slot records which transform refused it. Summing the buffer over ranks yields the
 weighted update, the algorithm's segments and the statistics in ONE collective (pfl-research's
 WeightedStatistics idea with the metrics riding along). In exact mode (``aggregation.exact``)
@@ -19,7 +19,7 @@ client any of whose parts leaves its grid's range is rejected whole ('exact_rang
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -191,10 +191,13 @@ class RoundBuffer:
     # ------------------------------------------------------------ adding clients
     def add_client(self, client: int, local: torch.Tensor, global_: torch.Tensor, weight: float,
                    loss: float, samples: int, *, info: Optional[UpdateInfo] = None,
-                   segments: Optional[Dict[str, torch.Tensor]] = None) -> bool:
-        """Add weight * transforms(local - global), the client's ``segments`` and its stats to
-        the buffer, in place. Returns False, adding nothing but the rejection and the samples
-        processed, when a transform rejects the update (or it leaves the exact grid's range)."""
+                   segments: Optional[Dict[str, torch.Tensor]] = None,
+                   uplink: Optional[Callable[[torch.Tensor], None]] = None) -> bool:
+        """Add weight * transforms(uplink(local - global)), the client's ``segments`` and its
+        stats to the buffer, in place. ``uplink`` replaces the update, in place, by what the
+        server decodes from the client's message (``fedrun.fl.aggregation.codecs``). Returns
+        False, adding nothing but the rejection and the samples processed, when a transform
+        rejects the update (or it leaves the exact grid's range)."""
         at = self._stats_at(client)
         self.buffer[at + 2] += samples
         info = info or UpdateInfo(client, 0, 0, weight, loss)
@@ -213,6 +216,8 @@ class RoundBuffer:
         else:
             delta = self._scratch_for(self.num_params, global_.device)
         torch.sub(local, global_, out=delta)
+        if uplink is not None:
+            uplink(delta)
         reason = None
         for index, transform in enumerate(self.transforms):
             if transform(delta, info) is not None:
