@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -106,7 +106,8 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
         raise ConfigError(f"config key 'client.algorithm': '{seams.algorithm.name}' sends buffer "
                           "segments besides the update, which DP-FedAvg (privacy.enabled) does "
                           "not privatize")
-    store = ClientStateStore(Path(cfg.output_dir)) if seams.algorithm.stateful else None
+    keeps_state = seams.algorithm.stateful or task.keeps_client_state()
+    store = ClientStateStore(Path(cfg.output_dir)) if keeps_state else None
     fed = Federation(run, seams, store)
     if run.resume_from is not None:
         restore(fed, load_checkpoint(run.resume_from))
@@ -170,14 +171,15 @@ def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
     update's grid follows the global weights, a segment's its reference; the weight bound is the
     cohort's total weight. Every input is the same on every rank."""
     run, cfg = fed.run, fed.run.cfg
-    segments = fed.seams.algorithm.segments(run.params)
+    segments = fed.seams.algorithm.segments(run.params) + run.task.segments(run)
     exact = None
     if cfg.aggregation.exact:
         bound = sum(_weight(run, c) for c in cohort)
         rounding = cfg.aggregation.rounding
         exact = {"update": ExactGrid(run.params.numel, run.global_weights, bound, run.device,
                                      rounding)}
-        exact.update({s.name: ExactGrid(s.numel, s.reference, len(cohort), run.device, rounding)
+        exact.update({s.name: ExactGrid(s.numel, s.reference, bound if s.weighted else len(cohort),
+                                        run.device, rounding)
                       for s in segments})
     buffer = RoundBuffer(run.params.numel, cohort, run.world_size, run.device,
                          reuse=fed.tracking.round_buffer, segments=segments, exact=exact,
@@ -199,17 +201,21 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
                                 cfg.optim.batch_size, generator)
         state = (store.load(client, global_round, fed.tracking.state_versions.get(client))
                  if store is not None else None)
+        run.task.start_client(run, client, global_round, state)
         result = algorithm.train(ClientJob(
             client, global_round, run.model, run.params, run.global_weights, batches, generator,
-            run.task.loss, cfg.optim, run.device, cfg.precision, state))
+            run.task.loss, cfg.optim, run.device, cfg.precision,
+            state if algorithm.stateful else None))
         if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
             run.params.flat[0] = float("nan")
         weight = _weight(run, client)
+        segments, new_state = _with_task_extras(
+            result, run.task.finish_client(run, client, weight, global_round))
         info = UpdateInfo(client, global_round, cfg.seed, weight, result.mean_loss)
         if buffer.add_client(client, run.params.flat, run.global_weights, weight, result.mean_loss,
-                             result.samples, info=info, segments=result.segments):
-            if store is not None and result.state is not None:
-                store.save(client, global_round + 1, result.state)
+                             result.samples, info=info, segments=segments):
+            if store is not None and new_state is not None:
+                store.save(client, global_round + 1, new_state)
                 if cfg.checkpoint.every == 0:
                     # no periodic checkpoint can need an older version (the final one reads the
                     # newest): keep one per client, so the disk holds C x state, not
@@ -224,6 +230,14 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
     return buffer
 
 
+def _with_task_extras(result, extras) -> tuple:
+    """The client's buffer segments and new state: the algorithm's plus the task's."""
+    if extras is None:
+        return result.segments, result.state
+    state = result.state if extras.state is None else {**(result.state or {}), **extras.state}
+    return {**result.segments, **extras.segments}, state
+
+
 def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
     """Step 3: ONE all-reduce of the flat buffer, decoded; a failure names the round."""
     try:
@@ -234,9 +248,11 @@ def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
 
 
 def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundResult,
-                  global_round: int, seed: int) -> tuple[bool, dict]:
-    """Step 4: server transforms, the server step, the client algorithm's server-side update and
-    the EMA (a round where no weight arrived keeps the model). Returns (updated, metrics)."""
+                  global_round: int, seed: int,
+                  task_step: Optional[Callable[[RoundResult], None]] = None) -> tuple[bool, dict]:
+    """Step 4: server transforms, the server step, the task's server step (``task_step``), the
+    client algorithm's server-side update and the EMA (a round where no weight arrived keeps the
+    model). Returns (updated, metrics)."""
     # Under DP every round releases noise (also one whose Poisson cohort is empty) and the sum is
     # divided by the expected cohort size, not by the data-dependent count (``fedrun.fl.privacy``).
     if result.total_weight <= 0 and seams.privacy is None:
@@ -248,6 +264,8 @@ def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundRe
         metrics.update(transform(result.update_sum, info))
     denominator = seams.privacy.clients_per_round if seams.privacy is not None else result.total_weight
     seams.server.step(weights, result.update_sum, denominator)
+    if task_step is not None:
+        task_step(result)
     seams.algorithm.server_update(result)
     ema.update(weights)
     return True, metrics
@@ -302,13 +320,12 @@ def account(fed: Federation, result: RoundResult) -> dict:
     segments). How the simulator sums them (exact mode: float64 fixed point) is not counted;
     ``buffer_bytes`` is the simulator's all-reduce payload per rank."""
     run, progress = fed.run, fed.run.progress
-    floats = run.params.numel + sum(s.numel() for s in result.segments.values())
-    update_bytes = floats * BYTES_PER_FLOAT
     trained = [c for c, w in result.client_weight.items() if w > 0]
     round_samples = sum(result.client_samples.values())
     # a rejected update was sent, then refused: the bytes below count it, updates_applied not
-    sent = len(trained) + len(result.rejected)
-    round_bytes = 2 * update_bytes * sent
+    per_client = protocol_bytes(fed, result, trained + result.rejected)
+    round_bytes = sum(up + down for up, down in per_client.values())
+    sent_bytes, received_bytes = _mean_bytes(fed, result, per_client)
     progress.samples_seen += round_samples
     progress.bytes_total += round_bytes
     buffer = fed.tracking.round_buffer.buffer
@@ -322,8 +339,8 @@ def account(fed: Federation, result: RoundResult) -> dict:
         "rejected_nonfinite": [c for c, why in result.rejected_by.items() if why == "nonfinite_guard"],
         "rejected": result.rejected_by,
         "updates_applied": len(trained),
-        "bytes_sent_per_client": update_bytes,
-        "bytes_received_per_client": update_bytes,
+        "bytes_sent_per_client": sent_bytes,
+        "bytes_received_per_client": received_bytes,
         "bytes_round": round_bytes,
         "bytes_total": progress.bytes_total,
         "buffer_bytes": buffer.numel() * buffer.element_size(),
@@ -331,6 +348,31 @@ def account(fed: Federation, result: RoundResult) -> dict:
         "local_compute_s_per_rank": result.rank_compute_s,
         **device_memory(run.device),
     }
+
+
+def _engine_bytes(fed: Federation, result: RoundResult) -> tuple:
+    """A client's bytes each way by default: the fp32 federated vector and the client
+    algorithm's segments."""
+    floats = fed.run.params.numel + sum(s.numel() for s in result.segments.values())
+    return floats * BYTES_PER_FLOAT, floats * BYTES_PER_FLOAT
+
+
+def protocol_bytes(fed: Federation, result: RoundResult, clients: list) -> Dict[int, tuple]:
+    """(uplink, downlink) bytes of each of ``clients`` in the reduced round: the task's count
+    (``Task.client_bytes``: LoRA variants send parts, or ranks that differ between clients), or
+    the engine's (``_engine_bytes``)."""
+    run, default = fed.run, _engine_bytes(fed, result)
+    return {c: run.task.client_bytes(run, c, result) or default for c in clients}
+
+
+def _mean_bytes(fed: Federation, result: RoundResult, per_client: Dict[int, tuple]) -> tuple:
+    """bytes_sent/received_per_client: the mean over the clients that sent (the same for every
+    client unless the task's clients differ, e.g. in LoRA rank); the engine's count when none
+    sent."""
+    if not per_client:
+        return _engine_bytes(fed, result)
+    ups, downs = zip(*per_client.values())
+    return tuple(sum(v) // len(v) if len(set(v)) == 1 else sum(v) / len(v) for v in (ups, downs))
 
 
 def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
@@ -350,7 +392,8 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     # Step 4: server step
     server_started = time.perf_counter()
     updated, server_metrics = server_update(fed.seams, run.global_weights, run.ema, result,
-                                            global_round, run.cfg.seed)
+                                            global_round, run.cfg.seed,
+                                            task_step=lambda reduced: run.task.server_step(run, reduced))
     track_states_and_rejections(fed, result, global_round)
     done = global_round + 1
     record = {"round": done, **account(fed, result), **task_metrics, **server_metrics,
