@@ -165,11 +165,13 @@ class LoraVariant:
     def server_step(self, run, result) -> None:
         del run, result
 
-    def client_bytes(self, run, client: int, result) -> Tuple[int, int]:
-        """(uplink, downlink) bytes of ``client`` in the reduced round ``result``."""
-        return self.uplink_bytes(run, client), self.uplink_bytes(run, client)
+    def client_bytes(self, run, client: int, result) -> Optional[Tuple[int, int]]:
+        """(uplink, downlink) bytes of ``client`` in the reduced round ``result``; None: the
+        engine's count (the federated vector and the client algorithm's segments)."""
+        return None
 
     def uplink_bytes(self, run, client: int) -> int:
+        """The LoRA values ``client`` sends per round (without a client algorithm's segments)."""
         return run.params.numel * BYTES_PER_FLOAT
 
     def model_weights(self, run, weights: torch.Tensor) -> torch.Tensor:
@@ -226,6 +228,9 @@ class FedSA(LoraVariant):
     def uplink_bytes(self, run, client: int) -> int:
         return (run.params.numel - self.b_numel) * BYTES_PER_FLOAT
 
+    def client_bytes(self, run, client: int, result) -> Tuple[int, int]:
+        return self.uplink_bytes(run, client), self.uplink_bytes(run, client)  # A each way
+
     def model_weights(self, run, weights: torch.Tensor) -> torch.Tensor:
         from fedrun.engine.client_state import ClientStateStore
 
@@ -252,6 +257,9 @@ class HetLoRA(LoraVariant):
 
     def uplink_bytes(self, run, client: int) -> int:
         return self.rank_bytes(self.ranks[client])
+
+    def client_bytes(self, run, client: int, result) -> Tuple[int, int]:
+        return self.uplink_bytes(run, client), self.uplink_bytes(run, client)  # rank r_k each way
 
 
 class _ProductsVariant(HetLoRA):
