@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -624,6 +625,10 @@ def _read(path: Optional[str], overrides: Optional[List[str]]) -> dict:
             layers.append(OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException as exc:
             raise ConfigError(f"override '{item}': {_first_line(exc)}") from None
+        except yaml.YAMLError as exc:  # the value is read as YAML: '*x' is an alias there
+            raise ConfigError(f"override '{item}': its value is not valid YAML ({_first_line(exc)}); "
+                              "quote a value holding '*', '&', ':' or '#', e.g. "
+                              "aggregation.shared=['*lora_A*']") from None
     try:
         merged = OmegaConf.to_container(OmegaConf.merge(*layers)) if layers else {}
     except OmegaConfBaseException as exc:

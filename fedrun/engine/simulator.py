@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -145,7 +145,8 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
                           "segments besides the update, which DP-FedAvg (privacy.enabled) does "
                           "not privatize")
     exchange = build_exchange(cfg, run.params, run.global_weights)  # before a restore
-    keeps_state = seams.keeps_client_state or exchange.personal is not None
+    keeps_state = (seams.keeps_client_state or exchange.personal is not None
+                   or task.keeps_client_state())
     store = ClientStateStore(Path(cfg.output_dir)) if keeps_state else None
     fed = Federation(run, seams, store, exchange=exchange)
     if run.resume_from is not None:
@@ -212,14 +213,15 @@ def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
     update's grid follows the global weights, a segment's its reference; the weight bound is the
     cohort's total weight. Every input is the same on every rank."""
     run, cfg = fed.run, fed.run.cfg
-    segments = fed.seams.algorithm.segments(run.params)
+    segments = fed.seams.algorithm.segments(run.params) + run.task.segments(run)
     exact = None
     if cfg.aggregation.exact:
         bound = sum(_weight(run, c) for c in cohort)
         rounding = cfg.aggregation.rounding
         exact = {"update": ExactGrid(run.params.numel, run.global_weights, bound, run.device,
                                      rounding)}
-        exact.update({s.name: ExactGrid(s.numel, s.reference, len(cohort), run.device, rounding)
+        exact.update({s.name: ExactGrid(s.numel, s.reference, bound if s.weighted else len(cohort),
+                                        run.device, rounding)
                       for s in segments})
     buffer = RoundBuffer(run.params.numel, cohort, run.world_size, run.device,
                          reuse=fed.tracking.round_buffer, segments=segments, exact=exact,
@@ -246,6 +248,7 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
             personal = state.pop(PERSONAL, None) if state is not None else None
             run.params.flat[exchange.personal] = (personal.to(run.device) if personal is not None
                                                   else exchange.initial_personal)
+        run.task.start_client(run, client, global_round, state)
         result = algorithm.train(ClientJob(
             client, global_round, run.model, run.params, run.global_weights, batches, generator,
             run.task.loss, cfg.optim, run.device, cfg.precision,
@@ -253,13 +256,15 @@ def train_local(fed: Federation, cohort: list, mine: list, global_round: int) ->
         if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
             run.params.flat[0] = float("nan")
         weight = _weight(run, client)
+        segments, new_state = _with_task_extras(
+            result, run.task.finish_client(run, client, weight, global_round))
         info = UpdateInfo(client, global_round, cfg.seed, weight, result.mean_loss)
         uplink = _Uplink(fed.seams.uplink, cfg.seed, global_round, client, residual,
                          exchange.sent(fed.tracking.assignment.get(client)))
         if buffer.add_client(client, run.params.flat, run.global_weights, weight, result.mean_loss,
-                             result.samples, info=info, segments=result.segments,
+                             result.samples, info=info, segments=segments,
                              uplink=uplink if uplink.needed else None):
-            new_state = dict(result.state or {})
+            new_state = dict(new_state or {})
             if uplink.residual is not None:
                 new_state[UPLINK_RESIDUAL] = uplink.residual
             if exchange.personal is not None:
@@ -312,6 +317,14 @@ class _Uplink:
             self.residual[self.sent] = new
 
 
+def _with_task_extras(result, extras) -> tuple:
+    """The client's buffer segments and new state: the algorithm's plus the task's."""
+    if extras is None:
+        return result.segments, result.state
+    state = result.state if extras.state is None else {**(result.state or {}), **extras.state}
+    return {**result.segments, **extras.segments}, state
+
+
 def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
     """Step 3: ONE all-reduce of the flat buffer, decoded; a failure names the round."""
     try:
@@ -323,11 +336,12 @@ def reduce_round(buffer: RoundBuffer, global_round: int) -> RoundResult:
 
 def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundResult,
                   global_round: int, seed: int,
-                  shared: Optional[torch.Tensor] = None) -> tuple[bool, dict]:
-    """Step 4: server transforms, the server step, the client algorithm's server-side update and
-    the EMA (a round where no weight arrived keeps the model). ``shared``: the coordinates the
-    clients receive (None: all), the only ones the downlink carries and the step may move.
-    Returns (updated, metrics)."""
+                  shared: Optional[torch.Tensor] = None,
+                  task_step: Optional[Callable[[RoundResult], None]] = None) -> tuple[bool, dict]:
+    """Step 4: server transforms, the server step, the task's server step (``task_step``), the
+    client algorithm's server-side update and the EMA (a round where no weight arrived keeps the
+    model). ``shared``: the coordinates the clients receive (None: all), the only ones the
+    downlink carries and the step may move. Returns (updated, metrics)."""
     # Under DP every round releases noise (also one whose Poisson cohort is empty) and the sum is
     # divided by the expected cohort size, not by the data-dependent count (``fedrun.fl.privacy``).
     if result.total_weight <= 0 and seams.privacy is None:
@@ -340,6 +354,8 @@ def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundRe
     denominator = seams.privacy.clients_per_round if seams.privacy is not None else result.total_weight
     before = None if seams.downlink.lossless else weights.clone()
     seams.server.step(weights, result.update_sum, denominator)
+    if task_step is not None:
+        task_step(result)
     if before is not None:  # what the clients decode is what the server keeps
         change = weights.sub_(before)
         generator = (derived_generator(seed, global_round, _DOWNLINK_STREAM, device=weights.device)
@@ -440,6 +456,9 @@ def client_bytes(fed: Federation, result: RoundResult, global_round: int) -> tup
         sent = exchange.sent_numel(fed.tracking.assignment.get(client))
         up[client] = fed.seams.uplink.message_bytes(sent) + segment_bytes
         synced[client] = global_round
+        counted = fed.run.task.client_bytes(fed.run, client, result)
+        if counted is not None:  # the task's own protocol (LoRA variants)
+            up[client], down[client] = counted
     return up, down
 
 
@@ -515,7 +534,8 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
                 reporters[part] = reporters.get(part, 0.0) + result.client_weight.get(client, 0.0)
         fed.partial.rescale_(result.update_sum, result.total_weight, reporters)
     updated, server_metrics = server_update(fed.seams, run.global_weights, run.ema, result,
-                                            global_round, run.cfg.seed, fed.partial.shared)
+                                            global_round, run.cfg.seed, fed.partial.shared,
+                                            task_step=lambda reduced: run.task.server_step(run, reduced))
     track_states_and_rejections(fed, result, global_round)
     show_personal_model(fed, result)
     done = global_round + 1

@@ -17,7 +17,8 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Optional, Protocol, Sequence, Tuple
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, Dict, List, Optional, Protocol, Sequence,
+                    Tuple)
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ from fedrun.errors import EvaluationError
 if TYPE_CHECKING:  # for annotations only
     from fedrun.config import Config
     from fedrun.engine.metrics import RunLogger
-    from fedrun.fl.aggregation.buffer import RoundResult
+    from fedrun.fl.aggregation.buffer import RoundResult, Segment
 
 
 class TrainingData(Protocol):
@@ -55,6 +56,7 @@ class RunView(Protocol):
     noise_scheduler: Any
     global_weights: torch.Tensor
     ema: Any  # fedrun.engine.ema.EMA: ``.shadow`` holds the averaged weights
+    resume_from: Optional[Path]  # the checkpoint folder the run continues from, or None
 
 
 #: ``draw(n, chunk_index)``: chunk ``chunk_index`` of n samples: images (n, H, W, C) in [0, 1]
@@ -82,6 +84,15 @@ class AuditSubject:
     per_image_loss: Callable[[torch.Tensor, torch.Generator, int], torch.Tensor]  # (images, gen, t)
     num_train_timesteps: int
     description: str
+
+
+@dataclass
+class ClientExtras:
+    """What a task adds to a client's contribution (``Task.finish_client``): values of its buffer
+    segments (``Task.segments``) and state for the client state store."""
+
+    segments: Dict[str, torch.Tensor]
+    state: Optional[Dict[str, torch.Tensor]] = None
 
 
 @dataclass
@@ -143,6 +154,42 @@ class Task(abc.ABC):
 
     def observe_client(self, run: RunView, client: int, weight: float, global_round: int) -> None:
         """After a client's accepted update, with the client's weights still in the replica."""
+
+    # A task whose clients do not all train the global vector as it is (LoRA variants: per-client
+    # parts, per-client ranks, server-side refactoring) uses the five hooks below; the defaults
+    # leave the round exactly as the engine runs it.
+    def keeps_client_state(self) -> bool:
+        """Whether clients keep state of the task's between their rounds (then the engine opens
+        the client state store and hands it to ``start_client`` / takes it from
+        ``finish_client``)."""
+        return False
+
+    def start_client(self, run: RunView, client: int, global_round: int,
+                     state: Optional[Dict[str, torch.Tensor]]) -> None:
+        """Before local training, with the global weights in the replica: set what this client
+        starts from (``state``: its stored state, or None)."""
+
+    def finish_client(self, run: RunView, client: int, weight: float,
+                      global_round: int) -> Optional[ClientExtras]:
+        """After local training, before the update (replica - global) enters the round buffer:
+        the client's segment values and state (None: nothing). May change the replica."""
+        return None
+
+    def segments(self, run: RunView) -> List["Segment"]:
+        """Segments of the round buffer this task fills in ``finish_client`` (the same on every
+        rank)."""
+        return []
+
+    def server_step(self, run: RunView, result: "RoundResult") -> None:
+        """After the server strategy's step, on every rank alike: a task whose server does more
+        than the strategy (refactoring, merging) sets ``run.global_weights`` here."""
+
+    def client_bytes(self, run: RunView, client: int,
+                     result: "RoundResult") -> Optional[Tuple[int, int]]:
+        """(uplink, downlink) bytes of ``client`` in the reduced round ``result``: what it sends
+        and what it receives. None: the engine's count (the fp32 federated vector and the client
+        algorithm's segments, each way)."""
+        return None
 
     def round_metrics(self, run: RunView, global_round: int, result: "RoundResult") -> Dict[str, Any]:
         """Extra metrics of a reduced federated round, before the server step. Called on every

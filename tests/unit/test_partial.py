@@ -62,6 +62,7 @@ def test_usplit_rescale_gives_each_part_its_own_weighted_mean():
 
 @pytest.mark.parametrize("overrides, message", [
     (["aggregation.shared=[nothing.*]"], "pattern 'nothing.*' matches no trainable parameter"),
+    (["aggregation.shared=[*lora_A*]"], "quote a value holding"),
     (["aggregation.shared=[usplit,udec]"], "'usplit' goes alone"),
     (["aggregation.shared=usplit", "privacy.enabled=true", "privacy.noise_multiplier=1.0"],
      "data-dependent denominator"),

@@ -66,11 +66,13 @@ def client_weight(num_samples: int, weighting: str) -> float:
 
 @dataclass
 class Segment:
-    """An extra part of the round buffer that a client algorithm fills (summed unweighted)."""
+    """An extra part of the round buffer that a client algorithm (or the task) fills: summed
+    unweighted, or multiplied by the client's weight like the update (``weighted``)."""
 
     name: str
     numel: int
     reference: Optional[torch.Tensor] = None  # exact mode: magnitude reference (see ExactGrid)
+    weighted: bool = False  # add weight * values (exact mode: the grid's integers times weight)
 
 
 @dataclass
@@ -120,6 +122,7 @@ class RoundBuffer:
         # Each segment starts at an offset; in exact mode it is padded to whole blocks.
         pad = (lambda n: _blocks(n) * EXACT_BLOCK) if exact else (lambda n: n)
         self._spans: Dict[str, tuple] = {}
+        self._weighted = {s.name for s in segments if s.weighted}
         offset = 0
         for name, numel in [("update", num_params)] + [(s.name, s.numel) for s in segments]:
             self._spans[name] = (offset, numel, pad(numel))
@@ -240,13 +243,14 @@ class RoundBuffer:
             else:
                 self.buffer[: self.num_params].add_(delta.mul_(weight))
             for name, values in segments.items():
-                self.segment(name).add_(values)
+                self.segment(name).add_(values, alpha=weight if name in self._weighted else 1)
         else:  # integers below 2**53: the float64 sums are exact
             for name, (start, _, padded) in self._spans.items():
                 if name == "update":
                     self.buffer[start: start + padded].add_(self._scratch[:padded], alpha=weight)
                 elif name in segments:
-                    self.buffer[start: start + padded].add_(self._work[name])
+                    self.buffer[start: start + padded].add_(
+                        self._work[name], alpha=weight if name in self._weighted else 1)
         self._update_is_zero = False
         self.buffer[self._stats] += weight
         self.buffer[at] += loss * weight

@@ -8,6 +8,11 @@ from typing import List, Optional
 from fedrun.errors import ConfigError
 
 
+#: finetune.lora_aggregation's values; those that take client ranks
+LORA_AGGREGATIONS = ("fedavg", "ffa", "fedsa", "hetlora", "flexlora", "flora")
+HETEROGENEOUS = ("hetlora", "flexlora", "flora")
+
+
 def _require(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config key '{key}': {message}")
@@ -34,8 +39,20 @@ class FinetuneConfig:
     lora_target_modules: List[str] = field(
         default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lora_aggregation: str = "fedavg"
-    """'fedavg' (average A and B separately) or 'ffa' (A frozen at its shared random init, only
-    B trained and averaged: exact, half the bytes)."""
+    """'fedavg' (average A and B separately), 'ffa' (A frozen at its shared random init, only
+    B trained and averaged: exact, half the bytes), 'fedsa' (FedSA-LoRA: A averaged, each
+    client's B stays with it), 'hetlora' (client ranks; zero-padded averaging), 'flexlora'
+    (client ranks; the server redistributes sum p_k B_k A_k by truncated SVD) or 'flora'
+    (client ranks; fresh modules each round, stacked: sum p_k B_k A_k merged into the base).
+    docs/fine-tuning.md compares them."""
+    client_ranks: List[int] = field(default_factory=list)
+    """hetlora / flexlora / flora: the LoRA rank of each client (num_clients entries); the
+    global LoRA has rank max(client_ranks), which lora_rank must equal. Empty = every client
+    has lora_rank (or draws from client_rank_choices)."""
+    client_rank_choices: List[int] = field(default_factory=list)
+    """hetlora / flexlora / flora: ranks each client draws one of, uniformly and
+    deterministically from (seed, client); lora_rank must equal the largest. Exclusive with
+    client_ranks."""
     aggregation_error_every: int = 1
     """Log ||mean(B A) - mean(B) mean(A)|| / ||mean(B A)|| every this many rounds (0 = never).
     It needs the clients' products B_c A_c: an extra, explicit all-reduce of U-Net-sized
@@ -73,8 +90,20 @@ class FinetuneConfig:
         _require(self.lora_alpha is None or self.lora_alpha > 0, "finetune.lora_alpha",
                  f"must be > 0 or null, got {self.lora_alpha}")
         _require(bool(self.lora_target_modules), "finetune.lora_target_modules", "must not be empty")
-        _require(self.lora_aggregation in ("fedavg", "ffa"), "finetune.lora_aggregation",
-                 f"must be 'fedavg' or 'ffa', got '{self.lora_aggregation}'")
+        _require(self.lora_aggregation in LORA_AGGREGATIONS, "finetune.lora_aggregation",
+                 f"must be one of {', '.join(LORA_AGGREGATIONS)}, got '{self.lora_aggregation}'")
+        for key in ("client_ranks", "client_rank_choices"):
+            ranks = getattr(self, key)
+            _require(all(isinstance(r, int) and r >= 1 for r in ranks), f"finetune.{key}",
+                     f"must be integers >= 1, got {ranks}")
+            _require(not ranks or self.lora_aggregation in HETEROGENEOUS, f"finetune.{key}",
+                     f"client ranks need finetune.lora_aggregation in {', '.join(HETEROGENEOUS)}, "
+                     f"got '{self.lora_aggregation}'")
+            _require(not ranks or max(ranks) == self.lora_rank, "finetune.lora_rank",
+                     f"the global LoRA has rank max(finetune.{key}) = {max(ranks, default=0)}; "
+                     f"set finetune.lora_rank={max(ranks, default=0)} (got {self.lora_rank})")
+        _require(not (self.client_ranks and self.client_rank_choices), "finetune.client_ranks",
+                 "set finetune.client_ranks or finetune.client_rank_choices, not both")
         _require(self.aggregation_error_every >= 0, "finetune.aggregation_error_every",
                  f"must be >= 0, got {self.aggregation_error_every}")
         _require(bool(self.class_prompt or self.class_prompts_file) == bool(self.class_data_dir),

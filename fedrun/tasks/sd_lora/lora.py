@@ -118,6 +118,34 @@ def lora_modules(unet) -> List[tuple]:
     return out
 
 
+@dataclass
+class LoraLayerView:
+    """One LoRA layer of the U-Net: its factors (views of the federated vector when trainable),
+    its frozen base weight and its scale alpha / rank (delta W = scale * B @ A)."""
+
+    name: str
+    a: torch.Tensor  # (rank, d_in)
+    b: torch.Tensor  # (d_out, rank)
+    base: torch.Tensor  # (d_out, d_in)
+    scale: float
+
+
+def lora_layers(unet) -> List[LoraLayerView]:
+    """Every LoRA layer of ``unet`` with its base weight and scale, in module order (the order of
+    ``lora_modules``)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = []
+    for name, module in unet.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.lora_A:
+                out.append(LoraLayerView(name, module.lora_A[adapter].weight.data,
+                                         module.lora_B[adapter].weight.data,
+                                         module.get_base_layer().weight.data,
+                                         float(module.scaling[adapter])))
+    return out
+
+
 @torch.no_grad()
 def lora_products(unet) -> torch.Tensor:
     """The flattened products B @ A of every LoRA layer, concatenated (fp32)."""

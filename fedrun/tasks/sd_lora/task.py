@@ -30,6 +30,7 @@ What this task adds:
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Dict, Optional
@@ -44,6 +45,7 @@ from fedrun.registry import TASKS
 from fedrun.tasks.base import Built, Task
 from fedrun.tasks.diffusion import diffusion_loss
 from fedrun.tasks.sd_lora.config import FinetuneConfig
+from fedrun.tasks.sd_lora.variants import VARIANTS, LoraVariant, check_variant_config
 
 LATENT_CHUNK = 32  # images encoded together: fixed by index, never by rank
 
@@ -100,6 +102,7 @@ class FinetuneTask(Task):
                               "set data.name=image_folder and data.root=<folder>")
         if not ft.instance_prompt and not ft.prompts_file:
             raise ConfigError("config key 'finetune.instance_prompt': set it (or finetune.prompts_file)")
+        check_variant_config(cfg)
 
     def not_scorable(self, run_dir: Path) -> str:
         return (f"run '{run_dir}' is a '{self.name}' run (finetune.pretrained="
@@ -121,6 +124,7 @@ class FinetuneTask(Task):
         self.unet_parameters = 0
         self.initial_weights: Optional[torch.Tensor] = None
         self._products: Optional[torch.Tensor] = None
+        self.variant: Optional[LoraVariant] = None  # mode 'lora': finetune.lora_aggregation's
 
     # ------------------------------------------------------------ build
     def build(self, device: torch.device) -> Built:
@@ -174,6 +178,8 @@ class FinetuneTask(Task):
         self.device = run.device
         self.noise_scheduler = run.noise_scheduler
         self.prompt_ids = torch.as_tensor(run.dataset.prompt_ids + 1)  # +1: after the empty prompt
+        if self.ft.mode == "lora":
+            self.variant = VARIANTS[self.ft.lora_aggregation](self, run)
 
     def _latent_loss(self, model, cache, indices, ids, generator):
         mean, std = cache.get(indices)
@@ -200,18 +206,44 @@ class FinetuneTask(Task):
 
     def describe(self, fed) -> str:
         ft = self.ft
-        what = (f"LoRA r={ft.lora_rank} on {','.join(ft.lora_target_modules)} "
-                f"({ft.lora_aggregation}): {fed.params.numel:,} of "
+        ranks = (f" (client ranks {', '.join(map(str, sorted(set(self.variant.ranks))))})"
+                 if self.variant is not None and len(set(self.variant.ranks)) > 1 else "")
+        what = (f"LoRA r={ft.lora_rank}{ranks} on {','.join(ft.lora_target_modules)} "
+                f"({ft.lora_aggregation}): {self._uplink_bytes(fed) / BYTES_PER_FLOAT:,.0f} of "
                 f"{self.lora_parameters + self.unet_parameters:,} U-Net parameters travel"
                 if ft.mode == "lora" else f"full U-Net ({self.unet_parameters:,} parameters)")
         prior = (f", prior preservation on {len(self.class_latents.images)} class images "
                  f"(weight {ft.prior_loss_weight})" if self.class_latents is not None else "")
         return f"{fed.dataset.describe()}{prior}, base '{ft.pretrained}', {what}"
 
+    # ------------------------------------------------------------ the LoRA variant's hooks
+    def keeps_client_state(self) -> bool:
+        return self.ft.mode == "lora" and self.ft.lora_aggregation == "fedsa"
+
+    def start_client(self, fed, client: int, global_round: int, state) -> None:
+        if self.variant is not None:
+            self.variant.start_client(fed, client, global_round, state)
+
+    def finish_client(self, fed, client: int, weight: float, global_round: int):
+        return self.variant.finish_client(fed, client, weight) if self.variant is not None else None
+
+    def segments(self, fed) -> list:
+        return self.variant.segments(fed) if self.variant is not None else []
+
+    def server_step(self, fed, result) -> None:
+        if self.variant is not None:
+            self.variant.server_step(fed, result)
+
+    def client_bytes(self, fed, client: int, result):
+        return self.variant.client_bytes(fed, client, result) if self.variant is not None else None
+
     # ------------------------------------------------------------ per-round hooks
     def _error_due(self, global_round: int) -> bool:
+        """The diagnostic applies where the server keeps averaged factors: fedavg, ffa, hetlora
+        (flexlora and flora aggregate the products exactly; fedsa has no averaged B)."""
         every = self.ft.aggregation_error_every
-        return self.ft.mode == "lora" and every > 0 and is_due(every, global_round + 1, self.cfg.rounds)
+        return (self.ft.mode == "lora" and self.ft.lora_aggregation in ("fedavg", "ffa", "hetlora")
+                and every > 0 and is_due(every, global_round + 1, self.cfg.rounds))
 
     def observe_client(self, fed, client: int, weight: float, global_round: int) -> None:
         """After a client trained (its weights are in the replica): add n_c * B_c A_c."""
@@ -230,7 +262,7 @@ class FinetuneTask(Task):
 
         full = self.unet_parameters * BYTES_PER_FLOAT
         metrics = {"bytes_full_unet_per_client": full,
-                   "bytes_ratio_vs_full_unet": fed.params.numel * BYTES_PER_FLOAT / full}
+                   "bytes_ratio_vs_full_unet": self._uplink_bytes(fed) / full}
         if not self._error_due(global_round):
             return metrics
         products = self._products
@@ -247,8 +279,15 @@ class FinetuneTask(Task):
             fed.params.load_(fed.global_weights)
         return metrics
 
+    def _uplink_bytes(self, fed) -> float:
+        """What a client sends per round (the mean over the clients when their ranks differ)."""
+        if self.variant is None:
+            return fed.params.numel * BYTES_PER_FLOAT
+        sizes = [self.variant.uplink_bytes(fed, c) for c in range(self.cfg.num_clients)]
+        return sum(sizes) // len(sizes) if len(set(sizes)) == 1 else sum(sizes) / len(sizes)
+
     def summary(self, fed) -> Dict[str, float]:
-        lora = fed.params.numel * BYTES_PER_FLOAT
+        lora = self._uplink_bytes(fed)
         full = self.unet_parameters * BYTES_PER_FLOAT
         return {"federated_parameters": fed.params.numel, "bytes_per_client_round": lora,
                 "bytes_full_unet_per_client_round": full, "bytes_ratio_vs_full_unet": lora / full}
@@ -271,6 +310,14 @@ class FinetuneTask(Task):
         finally:
             fed.params.load_(fed.global_weights)
 
+    def _model_weights(self, fed, weights: torch.Tensor) -> torch.Tensor:
+        """The model the variant samples and exports (fedsa: the clients' mean B)."""
+        return self.variant.model_weights(fed, weights) if self.variant is not None else weights
+
+    def _base_model(self, fed):
+        """The pretrained base in the replica (flora merges into it)."""
+        return self.variant.base_model(fed) if self.variant is not None else contextlib.nullcontext()
+
     def write_samples(self, fed, done_rounds: int, logger) -> None:
         """One row per validation prompt: the base model once (base.png), then this round."""
         from fedrun.eval.images import save_grid
@@ -279,10 +326,11 @@ class FinetuneTask(Task):
         per_prompt = self.cfg.sample.num_images
         samples = Path(self.cfg.output_dir) / "samples"
         if not (samples / "base.png").exists():
-            images = self.generate(fed, self.initial_weights, prompts, per_prompt)
+            with self._base_model(fed):
+                images = self.generate(fed, self.initial_weights, prompts, per_prompt)
             grid = save_grid(images, samples / "base.png", columns=per_prompt)
             logger.image(done_rounds, "samples_base", grid, caption="base model: " + " | ".join(prompts))
-        images = self.generate(fed, fed.ema.shadow, prompts, per_prompt)
+        images = self.generate(fed, self._model_weights(fed, fed.ema.shadow), prompts, per_prompt)
         grid = save_grid(images, samples / f"round_{done_rounds:05d}.png", columns=per_prompt)
         logger.image(done_rounds, "samples", grid,
                      caption=f"after round {done_rounds}: " + " | ".join(prompts))
@@ -295,13 +343,14 @@ class FinetuneTask(Task):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.ft.mode == "lora":
-            fed.params.load_(fed.ema.shadow)
+            fed.params.load_(self.variant.export_weights(fed))
             save_lora(fed.model, out_dir)
             fed.params.load_(fed.global_weights)
             info = {"base": self.ft.pretrained, "rank": self.ft.lora_rank,
                     "alpha": self.ft.lora_alpha or self.ft.lora_rank,
                     "target_modules": list(self.ft.lora_target_modules),
-                    "aggregation": self.ft.lora_aggregation, "rounds": self.cfg.rounds}
+                    "aggregation": self.ft.lora_aggregation, "rounds": self.cfg.rounds,
+                    "client_ranks": self.variant.ranks}
             (out_dir / "fedrun_lora.json").write_text(json.dumps(info, indent=2) + "\n")
         else:
             unet = unet_with_weights(fed.model, fed.params, fed.ema.shadow).cpu()
