@@ -83,7 +83,7 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     figures = [*plots.plot_curves(grid, summary, report_dir),
                *plots.plot_class_mixes(grid, summary, report_dir)]
     if grid.bytes_plot:
-        figures.append(plots.plot_bytes(summary, report_dir))
+        figures.append(plots.plot_bytes(summary, report_dir, grid.untrained_fid))
     findings = check_findings(grid, summary)
     commit = describe_commits(results)
     lines = [*_introduction(grid, results, command, wall_s, collected, commit),
@@ -91,7 +91,7 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     for item in grid.tables:
         lines += tables.axis_tables(grid, summary, item)
     if grid.bytes_plot:
-        lines += tables.pareto_table(summary)
+        lines += tables.pareto_table(summary, grid.untrained_fid)
     lines += _findings(findings)
     lines += ["## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "", "## Per seed", "",
               *tables.per_seed_table(results), "", *tables.failures_list(failures)]

@@ -109,6 +109,10 @@ class Grid:
     tables: List[Table] = field(default_factory=list)
     bytes_plot: bool = True
     """Draw bytes communicated vs FID (uninformative when every federated run sends the same)."""
+    untrained_fid: Optional[float] = None
+    """FID of an untrained model of the runs' architecture, sampler and sample count
+    (``python -m scripts.untrained_anchor``): drawn and printed beside the results, a score near
+    it is not informative."""
     source: str = ""
 
     def run(self, name: str) -> GridRun:

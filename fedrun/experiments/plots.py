@@ -128,10 +128,11 @@ def _common_axis(grid: Grid, names: List[str]) -> Optional[str]:
     return None
 
 
-def plot_bytes(summary: Dict[str, dict], report_dir: Path) -> Path:
+def plot_bytes(summary: Dict[str, dict], report_dir: Path, untrained_fid: Optional[float] = None) -> Path:
     """FID against cumulative bytes (both directions): a line per configuration through its
-    evaluations (mean over seeds), its final point with the seeds' std, and the Pareto front of
-    the final points (symlog: 0 = one-process centralized)."""
+    evaluations (mean over seeds), its final point with the seeds' std, the Pareto front of the
+    final points, the floor and the untrained anchor (log; symlog when a centralized run at 0
+    bytes is in)."""
     from fedrun.experiments.stats import pareto_front
 
     plt = pyplot()
@@ -148,9 +149,16 @@ def plot_bytes(summary: Dict[str, dict], report_dir: Path) -> Path:
                 [summary[n]["fid"][0] for n in front], "k--", linewidth=1, label="Pareto front")
     floor = np.mean([s["floor_fid"][0] for s in summary.values()])
     ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlim(-0.5, 3 * max(1.0, max(s["bytes_total"][0] for s in summary.values()) / 1e6))
-    ax.set_xlabel("cumulative bytes, up + down (MB; symlog, 0 = one-process centralized)")
+    if untrained_fid is not None:
+        ax.axhline(untrained_fid, color="firebrick", linestyle=":", label="untrained model")
+    totals = [s["bytes_total"][0] / 1e6 for s in summary.values()]
+    if min(totals) <= 0:
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlim(-0.5, 3 * max(1.0, max(totals)))
+        ax.set_xlabel("cumulative bytes, up + down (MB; symlog, 0 = one-process centralized)")
+    else:
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative bytes, up + down (MB)")
     ax.set_ylabel("FID")
     ax.set_title("Quality against communication (lines: evaluations; points: final)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)

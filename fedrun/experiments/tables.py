@@ -137,12 +137,16 @@ def ddp_note(results: List[dict]) -> List[str]:
             f"{steps:,} steps (P = {model_bytes // 4:,} parameters).", ""]
 
 
-def pareto_table(summary: Dict[str, dict]) -> List[str]:
+def pareto_table(summary: Dict[str, dict], untrained_fid: Optional[float] = None) -> List[str]:
     """Bytes each way and final FID of every configuration, the Pareto front's marked (no other
-    configuration has both fewer bytes and a lower FID)."""
+    configuration has both fewer bytes and a lower FID), with the metric's floor and the
+    untrained model's score."""
     front = set(pareto_front(summary))
+    floor = np.mean([s["floor_fid"][0] for s in summary.values()])
+    anchor = f"; an untrained model scores {fmt(untrained_fid)}" if untrained_fid is not None else ""
     out = ["## Quality against communication", "",
-           "Mean over seeds (± std). **Bold**: on the Pareto front of final FID against total bytes.",
+           "Mean over seeds (± std). **Bold**: on the Pareto front of final FID against total bytes. "
+           f"The FID floor (real vs real) is {fmt(float(floor))}{anchor}.",
            "", *header("configuration", "MB up", "MB down", "MB total", "final FID")]
     for name, s in sorted(summary.items(), key=lambda item: item[1]["bytes_total"][0]):
         label = f"**{name}**" if name in front else name

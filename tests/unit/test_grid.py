@@ -283,8 +283,10 @@ def test_pareto_front_and_the_bytes_report(tmp_path):
     assert stats.pareto_front(federated) == ["dir0.1-fedavg", "iid-fedavgm", "dir0.1-fedavgm",
                                              "dir0.1-fedavgm2"]
     assert summary["iid-fedavg"]["bytes_curve"] == [(2000.0, 20.0, 0.0), (4000.0, 10.05, pytest.approx(0.0707, abs=1e-4))]
+    grid.untrained_fid = 39.5
     text = write_report(grid, results, tmp_path / "report", "cmd", 60.0).read_text()
     assert "## Quality against communication" in text
+    assert "The FID floor (real vs real) is 1.4; an untrained model scores 39.5." in text
     assert "| **central** | 0 | 0 | 0 | 5.05 ± 0.0707 |" in text
     assert "| iid-fedavg | 0.001 | 0.003 | 0.004 | 10.1 ± 0.0707 |" in text
     assert (tmp_path / "report" / "bytes_vs_fid.png").stat().st_size > 10_000
