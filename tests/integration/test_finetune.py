@@ -443,3 +443,21 @@ def test_federated_optimisation_algorithms_run_on_the_lora_vector(assets, tmp_pa
     first, last = task.trained[0][0][0], task.trained[1][0][0]
     assert not torch.equal(first, last)
     assert (run_dir / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_lora_with_a_codec_and_personal_b(assets, tmp_path):
+    """The LoRA vector goes through the codecs and partial exchange like any federated vector:
+    4-bit qsgd on A only (B personal, FedSA-LoRA's exchange) sends under 0.15 x A's fp32 bytes,
+    and the exported LoRA still loads in stock diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    run_dir, _ = _run(*assets, tmp_path / "run", "rounds=2", "aggregation.uplink.name=qsgd",
+                      "aggregation.uplink.bits=4", "aggregation.shared=['*lora_A*']")
+    weights = _checkpoint(run_dir, 2)
+    a_count = sum(t.numel() for n, t in weights.items() if ".lora_A." in n)
+    assert 0 < a_count < sum(t.numel() for t in weights.values())
+    for record in _metrics(run_dir):
+        assert all(v <= 0.15 * 4 * a_count for v in record["bytes_up_per_client"].values())
+        assert set(record["bytes_down_per_client"].values()) == {4 * a_count}
+    pipe = StableDiffusionPipeline.from_pretrained(str(assets[0]), safety_checker=None)
+    pipe.load_lora_weights(str(run_dir / "final"))
