@@ -2,6 +2,8 @@
 
     python -m scripts.lora_demo --out runs/lora_demo --results docs/results/lora_digits
     python -m scripts.lora_demo --quick          # toy sizes, about a minute: every stage runs
+    python -m scripts.lora_demo --variants fedavg ffa fedsa hetlora flora flexlora \
+        --prior-images 0 --results docs/results/communication/lora   # the LoRA variants' bytes
 
 Every core as threads, the fine-tuning repeated for 3 seeds, 256 samples per prompt: about
 35-60 min on a 2-core CPU; results and their note in docs/results/lora_digits/. The stages are
@@ -21,6 +23,10 @@ images. Here, at the scale of one CPU core:
    4 clients x 4 images (configs/lora_digits_nine.yaml: the paper's recipe), and the same with
    DreamBooth prior preservation on 16 base-model samples per digit prompt 0-8
    (configs/lora_digits_nine_prior.yaml).
+   With --variants, step 4 instead trains the paper's recipe once per federated LoRA variant
+   (``finetune.lora_aggregation``): fedavg, ffa and fedsa at the recipe's rank 8, hetlora,
+   flora and flexlora with client ranks drawn from {2, 4, 8, 16} (global rank 16); the
+   report then adds each variant's bytes per client and direction.
 5. measurement with the shipped digits classifier: the share of the instance prompt's samples
    classified as nine with the base pipeline and with each LoRA loaded by stock
    ``pipe.load_lora_weights(final)``, and for each prompt "a photo of the digit k" the share
@@ -168,8 +174,27 @@ def evaluate(spec: RunSpec) -> None:
                 grid = images.reshape(10, n, *images.shape[1:])[:, :min(n, 16)]
                 save_grid(grid.reshape(-1, *images.shape[1:]), results / f"{name}.png", columns=min(n, 16))
         report[name] = per_seed[""] if name == "before" else _over_seeds(per_seed)
-    report.update(_communication(Path(next(iter(p["loras"]["after"].values()))).parent))
+    first = next(iter(p["loras"]))
+    report.update(_communication(Path(next(iter(p["loras"][first].values()))).parent))
+    report["bytes"] = {name: _bytes_over_seeds(dirs) for name, dirs in p["loras"].items()}
     (spec.run_dir / "evaluation.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _bytes_over_seeds(dirs: dict) -> dict:
+    """A LoRA recipe's run totals, bytes up and down over all rounds and clients (mean over its
+    seeds; client ranks and so bytes differ with the seed's draw), and per client and round."""
+    from fedrun.engine.metrics import read_metrics
+
+    totals = {"up": [], "down": [], "up_per_client_round": [], "down_per_client_round": []}
+    for lora_dir in dirs.values():
+        records = read_metrics(Path(lora_dir).parent)
+        last = records[-1]
+        sends = sum(len(r["bytes_up_per_client"]) for r in records)
+        totals["up"].append(last["bytes_up_total"])
+        totals["down"].append(last["bytes_down_total"])
+        totals["up_per_client_round"].append(last["bytes_up_total"] / sends)
+        totals["down_per_client_round"].append(last["bytes_down_total"] / sends)
+    return {key: float(np.mean(values)) for key, values in totals.items()}
 
 
 def measure(pipe, num_per_prompt: int, steps: int, guidance: float, seed: int = 4321) -> tuple:
@@ -244,7 +269,8 @@ def demo_plan(args, out: Path, threads: List[str]) -> List[RunSpec]:
     pretrained = out / "pretrain" / "final"
     steps = [] if args.skip_pretrain else base_steps(out, prior, args.vae_steps, [*threads, *args.pretrain])
     before_lora = [s.id for s in steps if s.name == "pretrain"]
-    recipes = {"after": ("lora_digits_nine.yaml", "lora", [])}
+    recipes = ({f"after_{v}": ("lora_digits_nine.yaml", f"lora_{v}", VARIANTS[v]) for v in args.variants}
+               if args.variants else {"after": ("lora_digits_nine.yaml", "lora", [])})
     if args.prior_images > 0:
         steps.append(RunSpec("prior_images", "scripts.lora_demo:prior_images", out / "data" / "prior",
                              outputs=("metadata.jsonl",), depends_on=list(before_lora),
@@ -269,6 +295,13 @@ def demo_plan(args, out: Path, threads: List[str]) -> List[RunSpec]:
 
 STAGES = {"base": "vae_and_base_s", "pretrain": "pretrain_s", "prior_images": "prior_images_s",
           "lora": "finetune_lora_s", "lora_prior": "finetune_lora_prior_s", "evaluation": "evaluate_s"}
+# --variants: each federated LoRA variant's overrides of configs/lora_digits_nine.yaml; the
+# heterogeneous ones draw each client's rank from {2, 4, 8, 16} (the global LoRA has rank 16)
+_HETEROGENEOUS = ["finetune.lora_rank=16", "finetune.client_rank_choices=[2,4,8,16]"]
+VARIANTS = {"fedavg": ["finetune.lora_aggregation=fedavg"], "ffa": ["finetune.lora_aggregation=ffa"],
+            "fedsa": ["finetune.lora_aggregation=fedsa"],
+            **{v: [f"finetune.lora_aggregation={v}", *_HETEROGENEOUS]
+               for v in ("hetlora", "flora", "flexlora")}}
 
 
 def timings(steps: List[RunSpec]) -> dict:
@@ -276,7 +309,8 @@ def timings(steps: List[RunSpec]) -> dict:
     out: dict = {}
     for spec in steps:
         seconds = (read_record(spec) or {}).get("wall_s", 0.0)
-        out[STAGES[spec.name]] = out.get(STAGES[spec.name], 0.0) + seconds
+        stage = STAGES.get(spec.name, f"finetune_{spec.name}_s")
+        out[stage] = out.get(stage, 0.0) + seconds
     return out
 
 
@@ -296,6 +330,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prior-images", type=int, default=16,
                         help="class images per digit 0-8 for the prior-preservation variant (0: skip it)")
     parser.add_argument("--skip-pretrain", action="store_true", help="reuse OUT/pretrain/final")
+    parser.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                        help="train the paper's recipe once per federated LoRA variant instead")
     if parser.parse_args(argv).quick:  # toy defaults; options given still win
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)

@@ -92,6 +92,24 @@ def ffa_run(assets, tmp_path_factory):
                 "rounds=1")
 
 
+def load_into_stock_pipeline(pipeline, lora_dir):
+    """Stock diffusers: the pipeline, LoRA loaded with ``load_lora_weights``, and how much that
+    moved a 3-step sample (max absolute pixel change)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe(INSTANCE, num_inference_steps=3, guidance_scale=1.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    before = sample()
+    pipe.load_lora_weights(str(lora_dir))
+    return pipe, float(np.abs(sample() - before).max())
+
+
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -261,26 +279,14 @@ def test_ffa_is_exact_and_sends_only_b(assets, ffa_run):
 
 
 def test_saved_lora_loads_with_stock_load_lora_weights_and_changes_the_output(assets, fedavg_run):
-    from diffusers import StableDiffusionPipeline
-
     run_dir, _ = fedavg_run
     for name in ("samples/base.png", "samples/round_00002.png", "final/fedrun_lora.json"):
         assert (run_dir / name).is_file(), name
     saved = load_file(str(run_dir / "final" / "pytorch_lora_weights.safetensors"))
     assert any(".lora_B." in k or "lora.up" in k for k in saved)
     assert max(float(t.abs().max()) for k, t in saved.items() if "lora_B" in k or "lora.up" in k) > 0
-    pipe = StableDiffusionPipeline.from_pretrained(str(assets[0]), safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe(INSTANCE, num_inference_steps=3, guidance_scale=1.0, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    before = sample()
-    pipe.load_lora_weights(str(run_dir / "final"))
-    after = sample()
-    assert np.abs(after - before).max() > 1e-4
+    pipe, change = load_into_stock_pipeline(assets[0], run_dir / "final")
+    assert change > 1e-4
     # the loaded adapter holds exactly the final global LoRA weights
     final = _checkpoint(run_dir, 2)
     loaded = {n: p for n, p in pipe.unet.named_parameters() if "lora_" in n}
@@ -449,8 +455,6 @@ def test_lora_with_a_codec_and_personal_b(assets, tmp_path):
     """The LoRA vector goes through the codecs and partial exchange like any federated vector:
     4-bit qsgd on A only (B personal, FedSA-LoRA's exchange) sends under 0.15 x A's fp32 bytes,
     and the exported LoRA still loads in stock diffusers."""
-    from diffusers import StableDiffusionPipeline
-
     run_dir, _ = _run(*assets, tmp_path / "run", "rounds=2", "aggregation.uplink.name=qsgd",
                       "aggregation.uplink.bits=4", "aggregation.shared=['*lora_A*']")
     weights = _checkpoint(run_dir, 2)
@@ -459,5 +463,4 @@ def test_lora_with_a_codec_and_personal_b(assets, tmp_path):
     for record in _metrics(run_dir):
         assert all(v <= 0.15 * 4 * a_count for v in record["bytes_up_per_client"].values())
         assert set(record["bytes_down_per_client"].values()) == {4 * a_count}
-    pipe = StableDiffusionPipeline.from_pretrained(str(assets[0]), safety_checker=None)
-    pipe.load_lora_weights(str(run_dir / "final"))
+    assert load_into_stock_pipeline(assets[0], run_dir / "final")[1] > 0

@@ -27,3 +27,18 @@ def test_quick_demo_runs_every_stage_and_reports(tmp_path, capsys):
     assert "6 steps (6 already finished)" in capsys.readouterr().err
     again = json.loads((tmp_path / "results" / "lora_digits.json").read_text())
     assert again["after"] == report["after"] and again["timings_s"]["pretrain_s"] == report["timings_s"]["pretrain_s"]
+
+
+@pytest.mark.slow
+def test_quick_demo_of_the_lora_variants_reports_their_bytes(tmp_path):
+    args = ["--quick", "--out", str(tmp_path / "demo"), "--results", str(tmp_path / "results"),
+            "--variants", "fedavg", "fedsa", "hetlora", "--prior-images", "0"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "results" / "lora_digits.json").read_text())
+    assert set(report["bytes"]) == {"after_fedavg", "after_fedsa", "after_hetlora"}
+    fedavg, fedsa = report["bytes"]["after_fedavg"], report["bytes"]["after_fedsa"]
+    # fedsa sends A only: fewer bytes than fedavg's A and B, both ways
+    assert 0 < fedsa["up_per_client_round"] < fedavg["up_per_client_round"]
+    assert fedsa["down_per_client_round"] < fedavg["down_per_client_round"]
+    assert 0.0 <= report["after_hetlora"]["nine_rate"] <= 1.0
+    assert "finetune_lora_hetlora_s" in report["timings_s"]

@@ -6,13 +6,13 @@ clients trained against what the server made of it, the bytes, and the export in
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from test_finetune import INSTANCE, _checkpoint, _metrics, assets, finetune_overrides  # noqa: F401
+from test_finetune import (_checkpoint, _metrics, assets, finetune_overrides,  # noqa: F401
+                           load_into_stock_pipeline)
 
 RANKS = [1, 2, 4, 4]
 
@@ -217,32 +217,21 @@ def test_flora_merges_exactly_the_weighted_sum_of_the_clients_products(runs):
 
 @pytest.mark.parametrize("variant", ["fedsa", "hetlora", "flexlora", "flora"])
 def test_export_loads_in_stock_diffusers_and_changes_the_output(runs, assets, variant):  # noqa: F811
-    from diffusers import StableDiffusionPipeline
-
     run_dir, task = runs(variant)
-    pipe = StableDiffusionPipeline.from_pretrained(str(assets[0]), safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-
-    def sample():
-        return pipe(INSTANCE, num_inference_steps=3, guidance_scale=1.0, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images
-
-    before = sample()
-    pipe.load_lora_weights(str(run_dir / "final"))
-    assert np.abs(sample() - before).max() > 1e-5
+    pipe, change = load_into_stock_pipeline(assets[0], run_dir / "final")
+    assert change > 1e-5
     loaded = {n.replace(".default_0.", ".default."): p for n, p in pipe.unet.named_parameters()
               if "lora_" in n}
     assert loaded and all(p.shape[0 if ".lora_A." in n else 1] == 4 for n, p in loaded.items())
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["flora", "hetlora"])
+@pytest.mark.parametrize("variant", ["flora", "hetlora", "flexlora", "fedsa"])
 def test_one_and_two_processes_give_the_same_variant(assets, tmp_path, variant):  # noqa: F811
     # Three clients: world size 1 sums c0 + c1 + c2, world size 2 sums (c0 + c2) + c1; the
     # update and the products segment are exact sums, the server math runs on the reduced sum.
-    shape = ("num_clients=3", "rounds=2", "finetune.client_ranks=[1,4,2]",
-             "finetune.aggregation_error_every=0")
+    ranks = [] if variant == "fedsa" else ["finetune.client_ranks=[1,4,2]"]
+    shape = ("num_clients=3", "rounds=2", *ranks, "finetune.aggregation_error_every=0")
     one_dir, _ = _run(*assets, tmp_path / "ws1", variant, *shape)
     proc = run_cli(["finetune", *_overrides(*assets, tmp_path / "ws2", variant, *shape)],
                    torchrun_nproc=2)
