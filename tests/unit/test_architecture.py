@@ -133,9 +133,12 @@ class HalfStep(FedAvg):
 
 @pytest.fixture
 def isolated_strategies(monkeypatch):
-    """The strategies a test registers are forgotten after it (other tests list the registry)."""
-    from fedrun.registry import STRATEGIES
+    """The strategies a test registers are forgotten after it (other tests list the registry).
+    The built-in ones are registered first: restoring a snapshot taken before would lose them
+    (their modules are imported once)."""
+    from fedrun.registry import STRATEGIES, load_plugins
 
+    load_plugins()
     monkeypatch.setattr(STRATEGIES, "_entries", dict(STRATEGIES._entries))
     monkeypatch.setattr(STRATEGIES, "_params", dict(STRATEGIES._params))
 
