@@ -147,29 +147,38 @@ class Qsgd(Codec):
         padded = padded.view(blocks, block)
         scale = padded.abs().amax(dim=1)
         step = torch.where(scale > 0, 2 * scale / self._levels(), torch.ones_like(scale))
-        position = (padded + scale[:, None]) / step[:, None]  # in [0, levels]
+        position = padded.add_(scale[:, None]).div_(step[:, None])  # in [0, levels], in place
         codes = position.floor()
-        codes += torch.rand(position.shape, generator=generator, device=x.device) < (position - codes)
+        fraction = position.sub_(codes)
+        codes += torch.rand(fraction.shape, generator=generator, device=x.device).lt_(fraction)
         codes = codes.clamp_(0, self._levels()).to(torch.uint8).view(-1)[:n]
         return Message({"codes": _pack(codes, self.params.bits), "scale": scale})
 
     def decode(self, message, out):
         n, block = out.numel(), self.params.block
         scale = message.tensors["scale"]
-        codes = _unpack(message.tensors["codes"], self.params.bits, n)
+        blocks = scale.numel()
+        codes = torch.zeros(blocks * block, dtype=torch.float32, device=out.device)
+        codes[:n] = _unpack(message.tensors["codes"], self.params.bits, n)
         step = 2 * scale / self._levels()
-        per_value = torch.arange(n, device=out.device) // block
-        torch.addcmul(-scale[per_value], codes.float(), step[per_value], out=out)
-        return out
+        values = torch.addcmul(-scale[:, None], codes.view(blocks, block), step[:, None])
+        return out.copy_(values.view(-1)[:n])
 
     def message_bytes(self, numel):
         return -(-numel * self.params.bits // 8) + 4 * -(-numel // self.params.block)
 
 
 def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes < 2**bits -> ceil(n * bits / 8) bytes, least significant bit first."""
+    """uint8 codes < 2**bits -> ceil(n * bits / 8) bytes, least significant bits first."""
     if bits == 8:
         return codes.clone()
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, shifted in place
+        per_byte = 8 // bits
+        grouped = torch.cat([codes, codes.new_zeros(-codes.numel() % per_byte)]).view(-1, per_byte)
+        packed = grouped[:, 0].clone()
+        for j in range(1, per_byte):
+            packed |= grouped[:, j] << (j * bits)
+        return packed
     shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
     stream = ((codes[:, None] >> shifts) & 1).view(-1)
     stream = torch.cat([stream, stream.new_zeros(-stream.numel() % 8)]).view(-1, 8)
@@ -178,12 +187,17 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` codes of ``_pack``'s bytes (uint8)."""
     if bits == 8:
         return packed[:n]
+    if 8 % bits == 0:
+        mask = (1 << bits) - 1
+        parts = [(packed >> (j * bits)) & mask if j else packed & mask for j in range(8 // bits)]
+        return torch.stack(parts, dim=1).view(-1)[:n]
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     stream = ((packed[:, None] >> shifts) & 1).view(-1)[: n * bits].view(n, bits)
     weights = (1 << torch.arange(bits, dtype=torch.int32, device=packed.device))
-    return (stream.to(torch.int32) * weights).sum(dim=1)
+    return (stream.to(torch.int32) * weights).sum(dim=1).to(torch.uint8)
 
 
 @dataclass
