@@ -45,10 +45,22 @@ CODECS = {
     "up randk 10%": ["aggregation.uplink.name=randk", "aggregation.uplink.fraction=0.1"],
     "down qsgd 8 bit": ["aggregation.downlink.name=qsgd", "aggregation.downlink.bits=8"],
 }
+# the same FedAvg federation twice: the harness's own spread (a configuration that differs in
+# nothing from FedAvg, measured the same way)
+CONTROL = {"fedavg (control)": []}
 SETS = {"all": {**ALGORITHMS, **CODECS}, "algorithms": ALGORITHMS,
-        "codecs": {"fedavg": [], **CODECS}}
+        "codecs": {"fedavg": [], **CONTROL, **CODECS}}
 SHAPE = ["num_clients=4", "local_steps=4", "rounds=100000", "sample.every=0", "checkpoint.every=0",
          "eval.every=0", "logging.wandb=false", "logging.progress=false", "threads=1"]
+
+
+def median_interval(values, resamples: int = 4000, seed: int = 0) -> list:
+    """95 % percentile-bootstrap interval of the median of ``values``."""
+    import random
+
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
 
 
 def codec_times(numel: int, repeats: int = 20) -> dict:
@@ -110,6 +122,8 @@ def measure(repeats: int, root: Path, algorithms: dict) -> dict:
                   for key in ("round_s", "local_compute_s", "aggregation_s", "server_s")}
         summary[name] = {
             **{f"{key}_ratio": [statistics.median(v), min(v), max(v)] for key, v in ratios.items()},
+            "round_s_ratios": ratios["round_s"],  # every kept repeat
+            "round_s_ratio_median_ci95": median_interval(ratios["round_s"]),
             **{f"{key}_median": statistics.median(r[key] for r in kept[name])
                for key in ("round_s", "local_compute_s", "aggregation_s", "server_s")},
             "buffer_bytes": kept[name][-1]["buffer_bytes"],
@@ -129,13 +143,16 @@ def to_markdown(result: dict) -> str:
              f"aggregation), one process, one thread; {result['repeats'] - 2} repeats of one round "
              "each, rotated order; ratio to FedAvg's round of the same repeat: median [min–max]. "
              "`python -m bench.algorithm_costs`.", "",
-             "| algorithm | round / FedAvg | local compute / FedAvg | aggregation / FedAvg | "
+             "| algorithm | round / FedAvg | 95 % interval of that median | local compute / FedAvg | aggregation / FedAvg | "
              "server step / FedAvg | round s (median) | server step ms | all-reduce buffer | "
              "bytes sent per client | bytes received per client |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda r: f"{r[0]:.2f} [{r[1]:.2f}–{r[2]:.2f}]"  # noqa: E731
     for name, s in result["summary"].items():
-        lines.append(f"| {name} | {fmt(s['round_s_ratio'])} | {fmt(s['local_compute_s_ratio'])} | "
+        ci = s.get("round_s_ratio_median_ci95")
+        lines.append(f"| {name} | {fmt(s['round_s_ratio'])} | "
+                     + (f"{ci[0]:.3f}–{ci[1]:.3f}" if ci else "–")
+                     + f" | {fmt(s['local_compute_s_ratio'])} | "
                      f"{fmt(s['aggregation_s_ratio'])} | {fmt(s['server_s_ratio'])} | "
                      f"{s['round_s_median']:.2f} | {1000 * s['server_s_median']:.1f} | "
                      f"{s['buffer_bytes'] / 1e6:.2f} MB | {s['bytes_sent_per_client'] / 1e6:.3f} MB | "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 from fedrun.errors import FedrunError
 from fedrun.experiments.collect import collect_all
@@ -74,6 +74,21 @@ def as_found(spec: RunSpec) -> Outcome:
     return Outcome(spec, MISSING, error=error, log=record.get("log"))
 
 
+def bytes_groups(grid: Grid, summary: Dict[str, dict]) -> Dict[str, List[str]]:
+    """The configurations compared on quality against bytes, grouped like the grid's first
+    table (``by``: e.g. one group per partition, each with its own Pareto front, and the table's
+    reference rows ``with`` in every group); one group of all of them when the grid has no
+    table."""
+    if not grid.tables:
+        return {"": list(summary)}
+    table = grid.tables[0]
+    axis = grid.axis(table.by)
+    groups = {v.title or v.name: [n for n in [*table.with_, *grid.select({axis.axis: v.name})]
+                                  if n in summary]
+              for v in axis.values}
+    return {title: names for title, names in groups.items() if names}
+
+
 def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str, wall_s: float,
                  collected: int = 0, failures: Optional[List[dict]] = None) -> Path:
     """README.md (tables, findings, figures, per-seed numbers, failed runs) and results.json."""
@@ -82,8 +97,9 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     summary = summarise(results, [r.name for r in grid.runs])
     figures = [*plots.plot_curves(grid, summary, report_dir),
                *plots.plot_class_mixes(grid, summary, report_dir)]
+    groups = bytes_groups(grid, summary)
     if grid.bytes_plot:
-        figures.append(plots.plot_bytes(summary, report_dir, grid.untrained_fid))
+        figures.append(plots.plot_bytes(summary, report_dir, grid.untrained_fid, groups))
     findings = check_findings(grid, summary)
     commit = describe_commits(results)
     lines = [*_introduction(grid, results, command, wall_s, collected, commit),
@@ -91,7 +107,7 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     for item in grid.tables:
         lines += tables.axis_tables(grid, summary, item)
     if grid.bytes_plot:
-        lines += tables.pareto_table(summary, grid.untrained_fid)
+        lines += tables.pareto_table(summary, grid.untrained_fid, groups)
     lines += _findings(findings)
     lines += ["## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "", "## Per seed", "",
               *tables.per_seed_table(results), "", *tables.failures_list(failures)]

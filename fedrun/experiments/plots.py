@@ -128,38 +128,44 @@ def _common_axis(grid: Grid, names: List[str]) -> Optional[str]:
     return None
 
 
-def plot_bytes(summary: Dict[str, dict], report_dir: Path, untrained_fid: Optional[float] = None) -> Path:
-    """FID against cumulative bytes (both directions): a line per configuration through its
-    evaluations (mean over seeds), its final point with the seeds' std, the Pareto front of the
-    final points, the floor and the untrained anchor (log; symlog when a centralized run at 0
-    bytes is in)."""
+def plot_bytes(summary: Dict[str, dict], report_dir: Path, untrained_fid: Optional[float] = None,
+               groups: Optional[Dict[str, List[str]]] = None) -> Path:
+    """FID against cumulative bytes (both directions), a panel per group (e.g. partition): a
+    line per configuration through its evaluations (mean over seeds), its final point with the
+    seeds' std, the group's Pareto front, the floor and the untrained anchor (log; symlog when a
+    centralized run at 0 bytes is in)."""
     from fedrun.experiments.stats import pareto_front
 
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, s in summary.items():
-        curve = np.array(s.get("bytes_curve") or [], dtype=float).reshape(-1, 3)
-        line = ax.plot(curve[:, 0] / 1e6, curve[:, 1], alpha=0.5, linewidth=1)[0] if len(curve) else None
-        ax.errorbar(s["bytes_total"][0] / 1e6, s["fid"][0], yerr=np.nan_to_num(s["fid"][1]),
-                    marker="s" if s["kind"] == "central" else "o", capsize=3, label=name,
-                    color=line.get_color() if line is not None else None)
-    front = pareto_front(summary)
-    if len(front) > 1:
-        ax.plot([summary[n]["bytes_total"][0] / 1e6 for n in front],
-                [summary[n]["fid"][0] for n in front], "k--", linewidth=1, label="Pareto front")
-    floor = np.mean([s["floor_fid"][0] for s in summary.values()])
-    ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
-    if untrained_fid is not None:
-        ax.axhline(untrained_fid, color="firebrick", linestyle=":", label="untrained model")
+    groups = groups or {"": list(summary)}
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.8), squeeze=False,
+                             sharey=True)
     totals = [s["bytes_total"][0] / 1e6 for s in summary.values()]
-    if min(totals) <= 0:
-        ax.set_xscale("symlog", linthresh=1.0)
-        ax.set_xlim(-0.5, 3 * max(1.0, max(totals)))
-        ax.set_xlabel("cumulative bytes, up + down (MB; symlog, 0 = one-process centralized)")
-    else:
-        ax.set_xscale("log")
-        ax.set_xlabel("cumulative bytes, up + down (MB)")
-    ax.set_ylabel("FID")
-    ax.set_title("Quality against communication (lines: evaluations; points: final)", fontsize=10)
-    ax.legend(fontsize=7, ncol=2)
+    floor = np.mean([s["floor_fid"][0] for s in summary.values()])
+    for ax, (title, names) in zip(axes[0], groups.items()):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # distinct colours for up to 20 configurations
+        for name in names:
+            s = summary[name]
+            curve = np.array(s.get("bytes_curve") or [], dtype=float).reshape(-1, 3)
+            line = ax.plot(curve[:, 0] / 1e6, curve[:, 1], alpha=0.5, linewidth=1)[0] if len(curve) else None
+            ax.errorbar(s["bytes_total"][0] / 1e6, s["fid"][0], yerr=np.nan_to_num(s["fid"][1]),
+                        marker="s" if s["kind"] == "central" else "o", capsize=3, label=name,
+                        color=line.get_color() if line is not None else None)
+        front = pareto_front({n: summary[n] for n in names})
+        if len(front) > 1:
+            ax.plot([summary[n]["bytes_total"][0] / 1e6 for n in front],
+                    [summary[n]["fid"][0] for n in front], "k--", linewidth=1, label="Pareto front")
+        ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
+        if untrained_fid is not None:
+            ax.axhline(untrained_fid, color="firebrick", linestyle=":", label="untrained model")
+        if min(totals) <= 0:
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(-0.5, 3 * max(1.0, max(totals)))
+            ax.set_xlabel("cumulative bytes, up + down (MB; symlog, 0 = one-process centralized)")
+        else:
+            ax.set_xscale("log")
+            ax.set_xlabel("cumulative bytes, up + down (MB)")
+        ax.set_title(title or "Quality against communication", fontsize=10)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel("FID (lines: evaluations; points: final)")
     return save_figure(fig, report_dir / "bytes_vs_fid.png")

@@ -137,23 +137,30 @@ def ddp_note(results: List[dict]) -> List[str]:
             f"{steps:,} steps (P = {model_bytes // 4:,} parameters).", ""]
 
 
-def pareto_table(summary: Dict[str, dict], untrained_fid: Optional[float] = None) -> List[str]:
-    """Bytes each way and final FID of every configuration, the Pareto front's marked (no other
-    configuration has both fewer bytes and a lower FID), with the metric's floor and the
-    untrained model's score."""
-    front = set(pareto_front(summary))
+def pareto_table(summary: Dict[str, dict], untrained_fid: Optional[float] = None,
+                 groups: Optional[Dict[str, List[str]]] = None) -> List[str]:
+    """Bytes each way and final FID of every configuration, per group (e.g. partition) with the
+    group's Pareto front marked (no other configuration of the group has both fewer bytes and
+    a lower FID), with the metric's floor and the untrained model's score."""
+    groups = groups or {"": list(summary)}
     floor = np.mean([s["floor_fid"][0] for s in summary.values()])
     anchor = f"; an untrained model scores {fmt(untrained_fid)}" if untrained_fid is not None else ""
     out = ["## Quality against communication", "",
-           "Mean over seeds (± std). **Bold**: on the Pareto front of final FID against total bytes. "
-           f"The FID floor (real vs real) is {fmt(float(floor))}{anchor}.",
-           "", *header("configuration", "MB up", "MB down", "MB total", "final FID")]
-    for name, s in sorted(summary.items(), key=lambda item: item[1]["bytes_total"][0]):
-        label = f"**{name}**" if name in front else name
-        up, down = s.get("bytes_up_total", (math.nan,)), s.get("bytes_down_total", (math.nan,))
-        out.append(row(label, fmt(up[0], scale=1e6), fmt(down[0], scale=1e6),
-                       fmt(s["bytes_total"][0], scale=1e6), fmt(s["fid"])))
-    return out + [""]
+           "Mean over seeds (± std). **Bold**: on the Pareto front of final FID against total bytes"
+           + (" within the group" if len(groups) > 1 else "")
+           + f". The FID floor (real vs real) is {fmt(float(floor))}{anchor}.", ""]
+    for title, names in groups.items():
+        mine = {n: summary[n] for n in names}
+        front = set(pareto_front(mine))
+        out += ([f"### {title}", ""] if title else []) + header(
+            "configuration", "MB up", "MB down", "MB total", "final FID")
+        for name, s in sorted(mine.items(), key=lambda item: item[1]["bytes_total"][0]):
+            label = f"**{name}**" if name in front else name
+            up, down = s.get("bytes_up_total", (math.nan,)), s.get("bytes_down_total", (math.nan,))
+            out.append(row(label, fmt(up[0], scale=1e6), fmt(down[0], scale=1e6),
+                           fmt(s["bytes_total"][0], scale=1e6), fmt(s["fid"])))
+        out.append("")
+    return out
 
 
 def per_seed_table(results: List[dict]) -> List[str]:
