@@ -694,33 +694,21 @@ def _drop_legacy(raw: dict, task_cls: type) -> None:
             continue
         name = _selected(raw, section, key, types[section])
         registry.check(name, f"{section}.{key}")
-        params = registry.params_of(name)
-        taken = {f.name for f in dataclasses.fields(types[section])}
-        taken |= {f.name for f in dataclasses.fields(params)} if params else set()
+        taken = _taken(types[section], registry.params_of(name))
         for item in [k for k in values if k not in taken]:
             if item in LEGACY_KEYS.get(section, {}) and values[item] == LEGACY_KEYS[section][item]:
                 del values[item]
                 continue
-            takers = registry.taking(item)
-            raise ConfigError(
-                f"config key '{section}.{item}': not a parameter of {registry.kind} '{name}' "
-                + (f"(it belongs to {', '.join(repr(t) for t in takers)}); " if takers else "; ")
-                + f"'{name}' takes: {', '.join(sorted(taken - {key})) or 'nothing else'}")
+            raise _not_a_parameter(section, item, registry, name, taken - {key})
     for (section, sub), (key, registry) in NESTED_PIECES.items():
         values = (raw.get(section) or {}).get(sub)
         if not values:
             continue
         name = _nested_name(raw, section, sub)
         registry.check(name, f"{section}.{sub}.{key}")
-        params = registry.params_of(name)
-        taken = {f.name for f in dataclasses.fields(_nested_type(section, sub))}
-        taken |= {f.name for f in dataclasses.fields(params)} if params else set()
+        taken = _taken(_nested_type(section, sub), registry.params_of(name))
         for item in [k for k in values if k not in taken]:
-            takers = registry.taking(item)
-            raise ConfigError(
-                f"config key '{section}.{sub}.{item}': not a parameter of {registry.kind} '{name}' "
-                + (f"(it belongs to {', '.join(repr(t) for t in takers)}); " if takers else "; ")
-                + f"'{name}' takes: {', '.join(sorted(taken - {key}))}")
+            raise _not_a_parameter(f"{section}.{sub}", item, registry, name, taken - {key})
     for section in [k for k in raw if k not in types and k not in task_cls.config_sections
                     and k not in LEGACY_SECTIONS]:
         owners = [name for name in TASKS.names()
@@ -740,6 +728,21 @@ def _drop_legacy(raw: dict, task_cls: type) -> None:
                               f"config trains task '{task_cls.name}': set task.name={owner}"
                               + (" (or use `fedrun finetune`)" if owner == "sd_lora" else "")
                               + ", or remove the section")
+
+
+def _taken(base: type, params: Optional[type]) -> set:
+    """The keys of a piece section: its own fields and the named piece's parameters."""
+    return ({f.name for f in dataclasses.fields(base)}
+            | ({f.name for f in dataclasses.fields(params)} if params else set()))
+
+
+def _not_a_parameter(where: str, item: str, registry: Registry, name: str, takes: set) -> ConfigError:
+    """The error for key ``where.item``, which the named piece does not take."""
+    takers = registry.taking(item)
+    return ConfigError(
+        f"config key '{where}.{item}': not a parameter of {registry.kind} '{name}' "
+        + (f"(it belongs to {', '.join(repr(t) for t in takers)}); " if takers else "; ")
+        + f"'{name}' takes: {', '.join(sorted(takes)) or 'nothing else'}")
 
 
 def _nested_type(section: str, sub: str) -> type:

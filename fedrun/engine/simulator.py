@@ -68,23 +68,15 @@ class Seams:
     algorithm: ClientAlgorithm
     update_transforms: List[UpdateTransform]
     server_transforms: List[ServerTransform]
+    uplink: Channel  # aggregation.uplink: the clients' messages
+    downlink: Channel  # aggregation.downlink: the round's change of the model
     privacy: Optional[PrivacySpec] = None  # DP-FedAvg's parameters (privacy.enabled)
-    uplink: Channel = field(default_factory=lambda: build_channel(_FP32))
-    downlink: Channel = field(default_factory=lambda: build_channel(_FP32))
 
     @property
     def keeps_client_state(self) -> bool:
         """Whether clients keep state between their rounds (the client state store)."""
         return self.algorithm.stateful or self.uplink.error_feedback
 
-
-@dataclass(frozen=True)
-class _Fp32:
-    name: str = "fp32"
-    error_feedback: bool = False
-
-
-_FP32 = _Fp32()
 
 
 def build_seams(cfg: Config) -> Seams:
@@ -118,18 +110,14 @@ class Tracking:
 
 @dataclass(frozen=True)
 class Federation:
-    """A federated run: the run, its seams, the client state store (stateful algorithms only)
-    and what is tracked between rounds."""
+    """A federated run: the run, its seams, what of the vector travels, the client state store
+    (when clients keep state) and what is tracked between rounds."""
 
     run: Run
     seams: Seams
+    exchange: Exchange  # what of the vector travels (aggregation.shared)
     store: Optional[ClientStateStore] = None
     tracking: Tracking = field(default_factory=Tracking)
-    exchange: Optional[Exchange] = None  # what of the vector travels (None: all of it)
-
-    @property
-    def partial(self) -> Exchange:
-        return self.exchange if self.exchange is not None else Exchange(self.run.params.numel)
 
 
 # ---------------------------------------------------------------- set-up
@@ -148,7 +136,7 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
     keeps_state = (seams.keeps_client_state or exchange.personal is not None
                    or task.keeps_client_state())
     store = ClientStateStore(Path(cfg.output_dir)) if keeps_state else None
-    fed = Federation(run, seams, store, exchange=exchange)
+    fed = Federation(run, seams, exchange, store)
     if run.resume_from is not None:
         restore(fed, load_checkpoint(run.resume_from))
     return fed
@@ -233,7 +221,7 @@ def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
 def train_local(fed: Federation, cohort: list, mine: list, global_round: int) -> RoundBuffer:
     """Step 2: run the client algorithm for this rank's clients, each from the global weights,
     into the round buffer."""
-    run, cfg, algorithm, store, exchange = fed.run, fed.run.cfg, fed.seams.algorithm, fed.store, fed.partial
+    run, cfg, algorithm, store, exchange = fed.run, fed.run.cfg, fed.seams.algorithm, fed.store, fed.exchange
     buffer = new_round_buffer(fed, cohort)
     started = time.perf_counter()
     for client in mine:
@@ -303,18 +291,7 @@ class _Uplink:
         generator = (derived_generator(*self.keys, device=delta.device)
                      if self.channel.codec.random else None)
         residual = self.residual.to(delta.device) if self.residual is not None else None
-        if self.sent is None:
-            _, self.residual = self.channel.transmit_(delta, generator, residual)
-            return
-        # the residual covers the whole vector (usplit sends other parts in other rounds)
-        part = delta[self.sent]
-        _, new = self.channel.transmit_(part, generator,
-                                        residual[self.sent] if residual is not None else None)
-        delta.zero_()
-        delta[self.sent] = part
-        if new is not None:
-            self.residual = residual if residual is not None else torch.zeros_like(delta)
-            self.residual[self.sent] = new
+        _, self.residual = self.channel.transmit_(delta, generator, residual, self.sent)
 
 
 def _with_task_extras(result, extras) -> tuple:
@@ -360,13 +337,7 @@ def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundRe
         change = weights.sub_(before)
         generator = (derived_generator(seed, global_round, _DOWNLINK_STREAM, device=weights.device)
                      if seams.downlink.codec.random else None)
-        if shared is None:
-            seams.downlink.transmit_server_(change, generator)
-        else:
-            part = change[shared]
-            seams.downlink.transmit_server_(part, generator)
-            change.zero_()
-            change[shared] = part
+        seams.downlink.transmit_server_(change, generator, shared)
         weights.add_(before)
     seams.algorithm.server_update(result)
     ema.update(weights)
@@ -378,7 +349,7 @@ def show_personal_model(fed: Federation, result: RoundResult) -> None:
     personal parts (from the client state store, on every rank) overwrite the server's copy of
     them in the global and EMA vectors -- no client reads those -- so that sampling, evaluation,
     checkpoints and the export show that client's model."""
-    exchange, run = fed.partial, fed.run
+    exchange, run = fed.exchange, fed.run
     client = exchange.personal_client
     if exchange.personal is None or result.client_weight.get(client, 0.0) <= 0:
         return
@@ -442,7 +413,7 @@ def client_bytes(fed: Federation, result: RoundResult, global_round: int) -> tup
     coordinates that travel count (``aggregation.shared``: the shared parts both ways; usplit:
     the whole model down, the client's parts up). With the default fp32 codecs and a full
     exchange that is the whole vector both ways."""
-    exchange = fed.partial
+    exchange = fed.exchange
     segment_bytes = BYTES_PER_FLOAT * sum(s.numel() for s in result.segments.values())
     received = exchange.received_numel()
     full = BYTES_PER_FLOAT * received
@@ -515,7 +486,7 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     started = time.perf_counter()
     # Step 1: cohort, minus the clients that dropped out (usplit: who sends which part)
     cohort, dropped, mine = select_clients(fed, global_round)
-    fed.tracking.assignment = fed.partial.assignment([c for c in cohort if c not in dropped],
+    fed.tracking.assignment = fed.exchange.assignment([c for c in cohort if c not in dropped],
                                                      run.cfg.seed, global_round)
     # Step 2: local training
     buffer = train_local(fed, cohort, mine, global_round)
@@ -527,14 +498,14 @@ def run_round(fed: Federation, global_round: int, logger: RunLogger) -> dict:
     task_metrics = run.task.round_metrics(run, global_round, result)
     # Step 4: server step
     server_started = time.perf_counter()
-    if fed.partial.split:  # each part's mean over the clients that sent it
+    if fed.exchange.split:  # each part's mean over the clients that sent it
         reporters: Dict[str, float] = {}
         for client, parts in fed.tracking.assignment.items():
             for part in parts:
                 reporters[part] = reporters.get(part, 0.0) + result.client_weight.get(client, 0.0)
-        fed.partial.rescale_(result.update_sum, result.total_weight, reporters)
+        fed.exchange.rescale_(result.update_sum, result.total_weight, reporters)
     updated, server_metrics = server_update(fed.seams, run.global_weights, run.ema, result,
-                                            global_round, run.cfg.seed, fed.partial.shared,
+                                            global_round, run.cfg.seed, fed.exchange.shared,
                                             task_step=lambda reduced: run.task.server_step(run, reduced))
     track_states_and_rejections(fed, result, global_round)
     show_personal_model(fed, result)

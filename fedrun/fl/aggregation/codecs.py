@@ -277,10 +277,29 @@ class Channel:
         return self.codec.lossless and not self.error_feedback
 
     def transmit_(self, x: torch.Tensor, generator: Optional[torch.Generator],
-                  residual: Optional[torch.Tensor] = None) -> Tuple[int, Optional[torch.Tensor]]:
+                  residual: Optional[torch.Tensor] = None,
+                  coords: Optional[torch.Tensor] = None) -> Tuple[int, Optional[torch.Tensor]]:
         """Replace ``x`` (in place) by what the receiver decodes. With error feedback, ``residual``
         (None: zero) is added first and the new residual -- what the message left out -- is
-        returned. Returns (message bytes, new residual or None)."""
+        returned. ``coords``: the coordinates of ``x`` that are sent (None: all); the others are
+        zeroed, as they never reach the receiver, and the residual keeps the size of ``x``
+        (updated in place on ``coords``: a partial exchange may send other coordinates next
+        time). Returns (message bytes, new residual or None)."""
+        if coords is None:
+            return self._transmit(x, generator, residual)
+        part = x[coords]
+        nbytes, new = self._transmit(part, generator,
+                                     residual[coords] if residual is not None else None)
+        x.zero_()
+        x[coords] = part
+        if new is None:
+            return nbytes, residual
+        full = residual if residual is not None else torch.zeros_like(x)
+        full[coords] = new
+        return nbytes, full
+
+    def _transmit(self, x: torch.Tensor, generator: Optional[torch.Generator],
+                  residual: Optional[torch.Tensor]) -> Tuple[int, Optional[torch.Tensor]]:
         if self.lossless:
             return self.codec.message_bytes(x.numel()), None
         if not math.isfinite(float(x.sum())):  # sent as it is: the non-finite guard rejects it
@@ -300,9 +319,10 @@ class Channel:
     def message_bytes(self, numel: int) -> int:
         return self.codec.message_bytes(numel)
 
-    def transmit_server_(self, x: torch.Tensor, generator: Optional[torch.Generator]) -> int:
+    def transmit_server_(self, x: torch.Tensor, generator: Optional[torch.Generator],
+                         coords: Optional[torch.Tensor] = None) -> int:
         """``transmit_`` with the residual kept here (the downlink's, on the server)."""
-        nbytes, residual = self.transmit_(x, generator, self.residual)
+        nbytes, residual = self.transmit_(x, generator, self.residual, coords)
         if self.error_feedback:
             self.residual = residual
         return nbytes
@@ -319,11 +339,3 @@ def build_channel(section: Any) -> Channel:
     codec_cls = CODECS.get(section.name)
     codec = codec_cls(CODECS.build_params(section.name, section), section.error_feedback)
     return Channel(codec, section.error_feedback)
-
-
-def relative_error(codec: Codec, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> float:
-    """||decode(encode(x)) - x|| / ||x||: a codec's distortion on ``x`` (for benchmarks)."""
-    out = torch.empty_like(x)
-    codec.decode(codec.encode(x, generator), out)
-    norm = float(x.norm())
-    return float((out - x).norm()) / norm if norm > 0 else math.nan

@@ -79,10 +79,6 @@ class Exchange:
     initial_personal: Optional[torch.Tensor] = None  # new clients' personal parts
 
     @property
-    def partial(self) -> bool:
-        return self.shared is not None or bool(self.groups)
-
-    @property
     def split(self) -> bool:
         return bool(self.groups)
 
