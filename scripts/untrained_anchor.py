@@ -1,10 +1,12 @@
-"""The FID anchor of an untrained model: the same architecture, sampler and number of samples as
-a config's evaluation, with the weights it starts from. A score near it says the model learnt
+"""The anchor of an untrained model: the same architecture, sampler and number of samples as a
+config's evaluation, with the weights it starts from. A score near it says the model learnt
 nothing this metric can see.
 
     python -m scripts.untrained_anchor --config configs/digits_fedavg.yaml [key=value ...]
 
-Prints one JSON line (fid, kid and their floor, the sample count). DDPM configs (task ddpm).
+Prints two JSON lines: the grid key ``untrained`` (fid, kid and, with the digits features, the
+confident-sample rate, the classes covered and the class TV: paste it into a grid file), then
+every score with its real-vs-real floor and the sample count. DDPM configs (task ddpm).
 """
 
 import argparse
@@ -33,8 +35,10 @@ def main(argv=None) -> int:
     unet = build_unet(cfg.model, cfg.data.image_size, train.num_channels, cfg.seed).eval()
     images = generate(unet, build_noise_scheduler(cfg.diffusion), cfg.eval)
     record = build_evaluator(cfg.eval, train, heldout).report(to_model_range(images))
-    print(json.dumps({key: record[key] for key in ("fid", "kid", "floor_fid", "floor_kid",
-                                                   "eval_samples", "eval_feature")}))
+    anchor = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv")
+    print(json.dumps({"untrained": {key: round(record[key], 4) for key in anchor if key in record}}))
+    print(json.dumps({key: value for key, value in record.items()
+                      if not isinstance(value, list) and key != "eval_warning"}))
     return 0
 
 

@@ -1,9 +1,10 @@
 """Reading a grid's results back from its run directories: one dict of numbers per finished run
-(``collect``), and the failed or missing runs with their errors and logs (``collect_all``)."""
+(``collect``), the failed or missing runs with their errors and logs (``collect_all``), and the
+results as the report compares them at one budget (``at_budget``, ``budget_view``)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -33,14 +34,19 @@ def collect(spec: RunSpec) -> dict:
         min_class = int(np.argmin(fractions))
     return {
         "name": spec.name, "seed": spec.seed, "kind": spec.kind, "commit": record.get("commit"),
-        "fid": final["fid"], "kid": final["kid"], "floor_fid": final["floor_fid"],
-        "floor_kid": final["floor_kid"], "class_tv": final.get("class_tv"),
+        **evaluation(final), "final_loss": last["train_loss"],
         "class_fractions": fractions, "reference_class_fractions": final.get("reference_class_fractions"),
         "min_class": min_class, "min_class_fraction": None if min_class is None else fractions[min_class],
-        "final_loss": last["train_loss"], "samples": last["samples"], "bytes_total": last["bytes_total"],
+        "samples": last["samples"], "bytes_total": last["bytes_total"],
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
         "curve": [(r["samples"], r["fid"]) for r in evals],
+        # every evaluation's scores, by samples seen: the report's earlier budgets read them
+        "at": {str(r["samples"]): {**evaluation(r), "final_loss": r["train_loss"],
+                                   "class_fractions": r.get("class_fractions"),
+                                   "min_class": r.get("min_class"),
+                                   "min_class_fraction": r.get("min_class_fraction")}
+               for r in evals},
         "bytes_curve": [(r.get("bytes_total", 0), r["fid"]) for r in evals],
         # runs from before the directions were counted apart: half each way (fp32 FedAvg)
         "bytes_up_total": last.get("bytes_up_total", last["bytes_total"] // 2),
@@ -48,6 +54,42 @@ def collect(spec: RunSpec) -> dict:
         "params_bytes": last.get("bytes_sent_per_client"),
         "steps": last.get("steps"),  # central runs: optimizer steps taken
     }
+
+
+EVALUATED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "confident_fraction",
+             "class_coverage", "floor_confident_fraction", "floor_class_coverage")
+
+
+def evaluation(record: dict) -> dict:
+    """The scores of one evaluation record (None where a record predates a score)."""
+    return {key: record.get(key) for key in EVALUATED}
+
+
+def at_budget(result: dict, budget: int) -> dict:
+    """``result`` as if its run had stopped at ``budget`` samples: the scores of its evaluation
+    there (a result collected before evaluations were kept by budget: only its final one)."""
+    if result["samples"] == budget:
+        return result
+    found = (result.get("at") or {}).get(str(budget))
+    if found is None:
+        raise FedrunError(f"run '{result['name']}' seed {result['seed']} has no evaluation at "
+                          f"{budget:,} samples seen")
+    return {**result, **found, "samples": budget}
+
+
+def budget_view(results: List[dict], budget: int,
+                chosen: Optional[Dict[str, Dict[int, str]]] = None) -> List[dict]:
+    """The results the report compares at ``budget``, named by their grid run: every untuned
+    run's, and a tuned run's (named '<run>@<point>') only at the point ``chosen`` for it at
+    this budget (run -> budget -> point label)."""
+    out = []
+    for result in results:
+        run, _, point = result["name"].partition("@")
+        if point and (chosen or {}).get(run, {}).get(budget) != point:
+            continue
+        if result["samples"] >= budget:
+            out.append({**at_budget(result, budget), "name": run, "point": point or None})
+    return out
 
 
 def collect_all(outcomes: Dict[str, Outcome]) -> Tuple[List[dict], List[dict]]:

@@ -5,9 +5,12 @@ sample budget and seeds, and write a report folder (markdown tables, curves, fin
     python -m fedrun compare --grid configs/grids/paper.yaml --quick      # tiny, for tests
     python -m fedrun compare --grid configs/grids/noniid.yaml --jobs 8 --backend slurm
 
-grid file -> ``grid.plan`` (runner steps) -> ``runner.execute`` (finished runs are skipped, a
-failed run is recorded and the others go on) -> ``collect`` -> ``stats`` -> this module's
-report (``tables``, ``plots``): README.md (the failed runs marked) and results.json.
+grid file -> (``tuning.tune``: the tuning runs, the choice per method and budget, tuning.json)
+-> ``grid.plan`` (runner steps, tuned runs with their chosen points) -> ``runner.execute``
+(finished runs are skipped, a failed run is recorded and the others go on) -> ``collect`` ->
+``stats`` -> this module's report (``tables``, ``plots``): README.md (the failed runs marked),
+results.json and, with tuning, tuning.json. Tuning and reporting runs go through the same
+runner, so ``--jobs`` and ``--backend slurm`` apply to both.
 """
 
 from __future__ import annotations
@@ -18,11 +21,12 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 from fedrun.errors import FedrunError
-from fedrun.experiments.collect import collect_all
+from fedrun.experiments.collect import budget_view, collect_all
 from fedrun.experiments.grid import Grid, load_grid, plan
 from fedrun.experiments.runner import execute
 from fedrun.experiments.stats import check_findings, describe_commits, summarise
 from fedrun.experiments.steps import FINISHED_EARLIER, MISSING, Outcome, RunSpec, read_record
+from fedrun.experiments.tuning import TUNING_FILE, Sweep, tune
 from fedrun.experiments import plots, tables
 
 
@@ -35,17 +39,25 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
             report_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
             command: str = "", say=print, output_dir: Optional[str] = None,
             backend: Optional[str] = None) -> Compared:
-    """Run (``collect_only``: only collect) the grid and write its report."""
+    """Run (``collect_only``: only collect) the grid, its tuning first, and write its report."""
     grid = load_grid(grid_file, quick, overrides)
     if output_dir:
         grid.output_dir = output_dir
-    specs = plan(grid)
+    target = Path(report_dir) if report_dir else Path(grid.output_dir) / "report"
     started = time.perf_counter()
-    if collect_only:
-        outcomes = {s.id: as_found(s) for s in specs}
-    else:
-        outcomes = execute(specs, jobs, backend, say=lambda m: say(f"compare: {m}"))
+    progress = lambda message: say(f"compare: {message}")  # noqa: E731
+
+    def run(specs: List[RunSpec]) -> Dict[str, Outcome]:
+        if collect_only:
+            return {s.id: as_found(s) for s in specs}
+        return execute(specs, jobs, backend, say=progress)
+
+    sweep = None
+    if grid.tuning is not None:
+        sweep = tune(grid, run, target / TUNING_FILE, progress, collect_only)
+    outcomes = run(plan(grid, sweep.tuned() if sweep else None))
     results, failures = collect_all(outcomes)
+    failures += untuned(grid, sweep)
     if not results:
         raise FedrunError(f"no run of the grid '{grid_file}' has results: " + "; ".join(
             f"{f['name']} seed {f['seed']}: {f['error']}" for f in failures[:3]))
@@ -55,9 +67,17 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     else:
         wall = time.perf_counter() - started
         collected = sum(o.status == FINISHED_EARLIER for o in outcomes.values())
-    target = Path(report_dir) if report_dir else Path(grid.output_dir) / "report"
-    readme = write_report(grid, results, target, command, wall, collected, failures)
+    readme = write_report(grid, results, target, command, wall, collected, failures, sweep)
     return Compared(readme, failures)
+
+
+def untuned(grid: Grid, sweep: Optional[Sweep]) -> List[dict]:
+    """The tuned runs that could not be planned: no point of their tuning has results."""
+    if sweep is None:
+        return []
+    return [{"name": name, "seed": seed, "kind": grid.run(name).kind, "status": MISSING,
+             "error": f"no tuning point of '{sweep.group_of(name).name}' has results", "log": None}
+            for name, points in sweep.tuned().items() if not points for seed in grid.seeds]
 
 
 def as_found(spec: RunSpec) -> Outcome:
@@ -90,47 +110,90 @@ def bytes_groups(grid: Grid, summary: Dict[str, dict]) -> Dict[str, List[str]]:
 
 
 def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str, wall_s: float,
-                 collected: int = 0, failures: Optional[List[dict]] = None) -> Path:
-    """README.md (tables, findings, figures, per-seed numbers, failed runs) and results.json."""
+                 collected: int = 0, failures: Optional[List[dict]] = None,
+                 sweep: Optional[Sweep] = None) -> Path:
+    """README.md (the tuning's sweeps, then per budget the tables and findings; figures,
+    per-seed numbers, failed runs) and results.json."""
     failures = failures or []
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarise(results, [r.name for r in grid.runs])
+    budgets = grid.budget_list
+    names = [r.name for r in grid.runs]
+    chosen = sweep.chosen() if sweep else {}
+    summaries = {b: summarise(budget_view(results, b, chosen), names) for b in budgets}
+    summary = summaries[budgets[-1]]
     figures = [*plots.plot_curves(grid, summary, report_dir),
                *plots.plot_class_mixes(grid, summary, report_dir)]
     groups = bytes_groups(grid, summary)
     if grid.bytes_plot:
-        figures.append(plots.plot_bytes(summary, report_dir, grid.untrained_fid, groups))
-    findings = check_findings(grid, summary)
+        figures.append(plots.plot_bytes(summary, report_dir, grid.untrained.get("fid"), groups))
+    findings = {b: check_findings(grid, summaries[b]) for b in budgets}
     commit = describe_commits(results)
-    lines = [*_introduction(grid, results, command, wall_s, collected, commit),
-             *tables.main_table(grid, summary, failures), *_legend(grid, summary, results)]
-    for item in grid.tables:
-        lines += tables.axis_tables(grid, summary, item)
+    study = study_time(results, sweep)
+    lines = [*_introduction(grid, results, command, wall_s, collected, commit, study),
+             *(tables.sweep_tables(sweep, grid.untrained.get(sweep.metric)) if sweep else [])]
+    for budget in budgets:
+        lines += _budget_section(grid, summaries[budget], results, failures, findings[budget],
+                                 budget if len(budgets) > 1 else None)
     if grid.bytes_plot:
-        lines += tables.pareto_table(summary, grid.untrained_fid, groups)
-    lines += _findings(findings)
+        lines += tables.pareto_table(summary, grid.untrained.get("fid"), groups)
     lines += ["## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "", "## Per seed", "",
-              *tables.per_seed_table(results), "", *tables.failures_list(failures)]
+              *tables.per_seed_table(results, budgets), "", *tables.failures_list(failures)]
     (report_dir / "README.md").write_text("\n".join(lines).rstrip("\n") + "\n")
     (report_dir / "results.json").write_text(json.dumps(
-        {"grid": grid.source, "samples": grid.samples, "seeds": grid.seeds, "wall_s": wall_s,
-         "command": command, "commit": commit, "runs": results, "findings": findings,
-         "failures": failures}, indent=1))
+        {"grid": grid.source, "samples": grid.samples, "budgets": budgets, "seeds": grid.seeds,
+         "wall_s": wall_s, "study": study, "command": command, "commit": commit,
+         "chosen": {run: {str(b): p for b, p in points.items()} for run, points in chosen.items()},
+         "runs": results, "findings": findings[budgets[-1]],
+         "findings_by_budget": {str(b): f for b, f in findings.items()}, "failures": failures},
+        indent=1))
     return report_dir / "README.md"
 
 
+def _budget_section(grid: Grid, summary: Dict[str, dict], results: List[dict], failures: List[dict],
+                    findings: List[dict], budget: Optional[int]) -> List[str]:
+    """The main table, its legend, the axis tables and the findings at one budget."""
+    lines = [f"## At {budget:,} samples seen", ""] if budget else []
+    lines += [*tables.main_table(grid, summary, failures), *_legend(grid, summary, results)]
+    for item in grid.tables:
+        lines += tables.axis_tables(grid, summary, item)
+    return lines + _findings(findings, budget)
+
+
+def study_time(results: List[dict], sweep: Optional[Sweep]) -> dict:
+    """The study's wall time, from its first run's start to its last run's end (the tuning's
+    included), and the run time summed over its runs, tuning and reporting apart."""
+    starts = [r["ended"] - r["wall_s"] for r in results]
+    ends = [r["ended"] for r in results]
+    cost = sweep.cost if sweep else {}
+    if cost.get("started") is not None:
+        starts.append(cost["started"])
+        ends.append(cost["ended"])
+    return {"span_s": max(ends) - min(starts), "reporting_runs": len(results),
+            "reporting_run_s": sum(r["wall_s"] for r in results),
+            "tuning_runs": int(cost.get("runs", 0)), "tuning_run_s": cost.get("wall_s", 0.0)}
+
+
 def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, collected: int,
-                  commit: str) -> List[str]:
+                  commit: str, study: dict) -> List[str]:
     from fedrun.eval.features import bias_warning
 
     first = results[0]
     timing = (f"Wall time of the grid: {wall_s / 60:.1f} min." if not collected else
               f"Wall time of this invocation: {wall_s / 60:.1f} min ({len(results) - collected} runs "
               f"trained, {collected} finished earlier and collected; each run's own time is below).")
+    hours = tables.duration
+    timing += (f" The study, from its first run's start to its last run's end: {hours(study['span_s'])}; "
+               f"run time summed over its runs: {hours(study['reporting_run_s'])} for "
+               f"{study['reporting_runs']} reporting runs"
+               + (f" and {hours(study['tuning_run_s'])} for {study['tuning_runs']} tuning runs"
+                  if study["tuning_runs"] else "") + ".")
+    budgets = grid.budget_list
+    seen = (f"every run {grid.samples:,} samples seen" if len(budgets) == 1 else
+            f"compared at {', '.join(f'{b:,}' for b in budgets)} samples seen")
     warning = bias_warning(first["eval_samples"])
     return ["# fedrun compare report", "",
-            f"Grid `{grid.source}`: {len(grid.runs)} configurations × seeds {grid.seeds}, every run "
-            f"{grid.samples:,} samples seen; FID/KID from {first['eval_samples']} generated samples "
+            f"Grid `{grid.source}`: {len(grid.runs)} configurations × seeds {grid.seeds}, {seen}; "
+            f"FID/KID from {first['eval_samples']} generated samples "
             f"({first['eval_feature']} features) against {first['eval_reference']} held-out "
             f"images, every {grid.eval_every_samples:,} samples. " + timing,
             "", f"Command (the runs trained with the code of commit `{commit}`):", "", "```bash",
@@ -139,26 +202,25 @@ def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, 
 
 def _legend(grid: Grid, summary: dict, results: List[dict]) -> List[str]:
     return ["", "Mean ± standard deviation over the seeds (sample std, n = "
-            f"{len(grid.seeds)}). FID and KID are of the EMA model at the end of the budget. The floor is "
-            "the same metric for as many real training images against the same held-out images: a "
-            "model cannot be expected to score below it. Class TV is the total variation distance "
+            f"{len(grid.seeds)}). FID and KID are of the EMA model at the end of the budget. "
+            "Class TV is the total variation distance "
             "between the classifier's class distribution of the samples and the held-out labels' "
             f"(0 = the same mix of digits); rarest class: the share of the samples in their least "
             f"frequent class{tables.reference_rarest(summary)}, with that class per seed in brackets. "
             "Bytes: federated = 2 × 4 P bytes per client per round "
             "(the model down, the update up; P parameters, fp32); centralized = gradient all-reduce "
             "volume 2 (W − 1) × 4 P per step over W ranks (0 for one process).", "",
-            *tables.ddp_note(results)]
+            *tables.range_legend(grid), *tables.ddp_note(results)]
 
 
-def _findings(findings: List[dict]) -> List[str]:
+def _findings(findings: List[dict], budget: Optional[int] = None) -> List[str]:
     if not findings:
         return []
-    return ["## The grid's findings", "",
+    return ["## The grid's findings" + (f" at {budget:,} samples seen" if budget else ""), "",
             *[f"- **{f['claim']}**: {f['verdict']}. {f['detail']}." for f in findings],
             "", "Rules: 'close' holds when the difference of the mean FIDs is at most max(10 % of the "
             "reference, 2 standard errors of the difference); 'increasing'/'decreasing' hold when "
             "every step of the series moves the mean FID that way, 'partly' when some do; "
-            "'better' holds when the first run's mean FID is lower than the second's by more "
-            "than 2 standard errors of the difference; a claim on a configuration without results "
-            "is not decided.", ""]
+            "'better' holds when the first run's FID is lower than the second's in a paired t test "
+            "over the seeds, Holm-corrected over the grid's 'better' claims (adjusted p <= 0.05); "
+            "a claim on a configuration without results is not decided.", ""]

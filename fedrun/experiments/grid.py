@@ -9,6 +9,13 @@ one panel per value of an axis, or draw the class mix of the samples (``kind: cl
 ``tables`` write one table per value of an axis with each row's difference to a baseline row.
 A ``quick`` section replaces keys (its ``overrides`` are appended) for a tiny variant.
 
+``budgets`` adds earlier sample counts at which the report compares the runs too (each an
+evaluation point of the runs, which train to ``samples``). A ``tuning`` section declares the
+tuning protocol (``fedrun.experiments.tuning``): per method (a value of a matrix axis, or an
+explicit run), its tuning axes, every method with the same number of points; seeds disjoint from
+the reporting seeds; the setting chosen by ``metric`` at each budget. ``untrained`` (and the older
+``untrained_fid``) give the untrained model's scores, the anchor every table and FID plot shows.
+
 ``plan`` derives, for every run,
 
     rounds     = samples / (K x E x B)          (federated; central: central.samples = samples)
@@ -24,6 +31,7 @@ the mean age approaches H geometrically from below.
 from __future__ import annotations
 
 import itertools
+import math
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -33,6 +41,10 @@ from fedrun.errors import ConfigError
 from fedrun.experiments.steps import RunSpec
 
 FINDING_RUNS = {"close": 2, "better": 2, "increasing": None, "decreasing": None}  # None: any number
+# What a tuning may select on (a metric of the final evaluation) and whether lower is better.
+TUNING_METRICS = {"fid": True, "kid": True, "class_tv": True, "confident_fraction": False,
+                  "class_coverage": False}
+ANCHOR_METRICS = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv")
 KEY_NAMES = {"with": "with_"}  # YAML keys that are Python keywords
 
 
@@ -94,6 +106,41 @@ class Table:
 
 
 @dataclass
+class TuningAxis:
+    """One tuning axis of a method: the config ``key`` its points set, and the ``values``."""
+
+    key: str
+    values: List[Any]
+    extend: Optional[List[Any]] = None
+    """[below, above]: the values tried when the optimum sits on the low / high edge (null: that
+    side is only flagged). Without it, an axis of positive numbers extends geometrically (the
+    ratio of the two values at that end); other axes are only flagged."""
+
+
+@dataclass
+class Tuning:
+    """The tuning protocol (``fedrun.experiments.tuning``)."""
+
+    methods: Dict[str, List[TuningAxis]]
+    """Per method (a value of ``axis``, or the name of an explicit run): its tuning axes; every
+    method the same number of points (the product of its axes' lengths)."""
+    seeds: List[int]
+    """Seeds of the tuning runs, disjoint from the reporting ``seeds``."""
+    axis: Optional[str] = None
+    """The matrix axis whose values are the methods (every value tuned)."""
+    at: Dict[str, str] = field(default_factory=dict)
+    """The value of each other matrix axis the tuning runs train at (e.g. one partition)."""
+    per: List[str] = field(default_factory=list)
+    """Other matrix axes tuned separately for each of their values (each its own choice)."""
+    metric: str = "fid"
+    """What the choice minimises (maximises for confident_fraction, class_coverage): the mean
+    over the tuning seeds at each budget."""
+    extend_edges: bool = False
+    """An optimum on the edge of an axis: false = flag it; true = also try one point beyond it
+    (once) and choose again."""
+
+
+@dataclass
 class Grid:
     seeds: List[int]
     samples: int
@@ -113,7 +160,18 @@ class Grid:
     """FID of an untrained model of the runs' architecture, sampler and sample count
     (``python -m scripts.untrained_anchor``): drawn and printed beside the results, a score near
     it is not informative."""
+    untrained: Dict[str, Union[float, int]] = field(default_factory=dict)
+    """The untrained model's scores (``python -m scripts.untrained_anchor`` prints them): fid,
+    kid, confident_fraction, class_coverage, class_tv; ``untrained_fid`` fills ``fid``."""
+    budgets: List[int] = field(default_factory=list)
+    """Earlier sample counts (evaluation points) the report compares at too; ``samples`` always."""
+    tuning: Optional[Tuning] = None
     source: str = ""
+
+    @property
+    def budget_list(self) -> List[int]:
+        """The budgets the report compares at, ascending; the last is ``samples``."""
+        return sorted(set(self.budgets) | {self.samples})
 
     def run(self, name: str) -> GridRun:
         return next(r for r in self.runs if r.name == name)
@@ -160,6 +218,9 @@ def load_grid(path: str, quick: bool = False, extra_overrides: Optional[List[str
         raise ConfigError(f"grid file '{path}': missing key 'runs' (or 'matrix')")
     grid = _convert(Grid, raw, "", path)
     grid.source = str(path)
+    if grid.untrained_fid is not None:
+        if grid.untrained.setdefault("fid", grid.untrained_fid) != grid.untrained_fid:
+            raise ConfigError(f"grid file '{path}': keys 'untrained_fid' and 'untrained.fid' differ")
     grid.runs += expand_matrix(grid.matrix, path)
     check_grid(grid, path)
     return grid
@@ -187,7 +248,10 @@ def _convert(kind, value, where: str, path: str):
     if origin is Union:
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the key at fault
+            return _convert(options[0], value, where, path)
+        for option in options:
             try:
                 return _convert(option, value, where, path)
             except ConfigError:
@@ -255,6 +319,9 @@ def check_grid(grid: Grid, path: str) -> None:
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"grid file '{path}': every run needs a unique 'name', repeated: {duplicates}")
+    reserved = [n for n in names if "@" in n or "/" in n]
+    if reserved:  # '@' names a tuned run's point, '/' a folder
+        raise ConfigError(f"grid file '{path}': run names cannot hold '@' or '/': {reserved}")
     for i, run in enumerate(grid.runs):
         if run.kind not in ("train", "central"):
             raise ConfigError(f"grid file '{path}': key 'runs[{i}].kind' must be 'train' or 'central', "
@@ -271,6 +338,101 @@ def check_grid(grid: Grid, path: str) -> None:
     for i, item in enumerate(grid.tables):
         _axis_values(grid, item.by, f"tables[{i}].by", path)
         _check_selection(grid, item.baseline, f"tables[{i}].baseline", path)
+    _check_budgets(grid, path)
+    unknown = sorted(set(grid.untrained) - set(ANCHOR_METRICS))
+    if unknown:
+        raise ConfigError(f"grid file '{path}': key 'untrained' has unknown metrics {unknown} "
+                          f"(known: {list(ANCHOR_METRICS)})")
+    if grid.tuning is not None:
+        _check_tuning(grid, grid.tuning, path)
+
+
+def _check_budgets(grid: Grid, path: str) -> None:
+    for budget in grid.budgets:
+        if not 0 < budget <= grid.samples or (budget % grid.eval_every_samples and budget != grid.samples):
+            raise ConfigError(f"grid file '{path}': key 'budgets': {budget} must be an evaluation point "
+                              f"of the runs: a multiple of eval_every_samples ({grid.eval_every_samples}) "
+                              f"up to samples ({grid.samples})")
+
+
+def _check_tuning(grid: Grid, tuning: Tuning, path: str) -> None:
+    """Seeds disjoint from the reporting seeds; methods that exist, the same number of points for
+    each; every other matrix axis either fixed (``at``) or tuned per value (``per``)."""
+    where = f"grid file '{path}': key 'tuning"
+    shared = sorted(set(tuning.seeds) & set(grid.seeds))
+    if not tuning.seeds or shared:
+        raise ConfigError(f"{where}.seeds': tuning seeds must be given and disjoint from the reporting "
+                          f"seeds {grid.seeds}; shared: {shared}")
+    if tuning.metric not in TUNING_METRICS:
+        raise ConfigError(f"{where}.metric': must be one of {sorted(TUNING_METRICS)}, got '{tuning.metric}'")
+    explicit = [r.name for r in grid.runs if not r.axes]
+    values = _axis_values(grid, tuning.axis, "tuning.axis", path) if tuning.axis else []
+    unknown = [m for m in tuning.methods if m not in values and m not in explicit]
+    if unknown or not tuning.methods:
+        raise ConfigError(f"{where}.methods': {unknown or 'none given'}: a method is a value of the "
+                          f"axis '{tuning.axis}' {values} or an explicit run {explicit}")
+    untuned = [v for v in values if v not in tuning.methods]
+    if untuned:
+        raise ConfigError(f"{where}.methods': every value of the axis '{tuning.axis}' is tuned; "
+                          f"missing {untuned}")
+    for method, axes in tuning.methods.items():
+        _check_tuning_axes(axes, f"{where}.methods.{method}'")
+    _check_equal_points(tuning, where)
+    _check_tuning_axes_cover(grid, tuning, where, path)
+
+
+def _check_tuning_axes(axes: List[TuningAxis], where: str) -> None:
+    keys = [a.key for a in axes]
+    if not axes or len(set(keys)) != len(keys):
+        raise ConfigError(f"{where}: needs tuning axes with distinct keys, got {keys}")
+    for axis in axes:
+        axis.values = [_number(v) for v in axis.values]  # YAML reads 1e-3 as a string
+        if not axis.values or len({repr(v) for v in axis.values}) != len(axis.values):
+            raise ConfigError(f"{where}: axis '{axis.key}' needs distinct values, got {axis.values}")
+        if axis.extend is not None:
+            if len(axis.extend) != 2:
+                raise ConfigError(f"{where}: axis '{axis.key}': 'extend' is [below, above], "
+                                  f"got {axis.extend}")
+            axis.extend = [None if v is None else _number(v) for v in axis.extend]
+
+
+def _number(value):
+    """A YAML string that reads as a number (``1e-3``; YAML 1.1 wants ``1.0e-3``) as that float."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def points_of(axes: List[TuningAxis]) -> int:
+    return math.prod(len(a.values) for a in axes)
+
+
+def _check_equal_points(tuning: Tuning, where: str) -> None:
+    counts = {m: points_of(axes) for m, axes in tuning.methods.items()}
+    first, wanted = next(iter(counts.items()))
+    odd = [m for m, n in counts.items() if n != wanted]
+    if odd:
+        shape = lambda m: " x ".join(f"{a.key} {len(a.values)}" for a in tuning.methods[m])  # noqa: E731
+        raise ConfigError(f"{where}.methods': every method needs the same number of points; "
+                          + "; ".join(f"'{m}' has {counts[m]} ({shape(m)})" for m in odd)
+                          + f", '{first}' has {wanted} ({shape(first)})")
+
+
+def _check_tuning_axes_cover(grid: Grid, tuning: Tuning, where: str, path: str) -> None:
+    """Each matrix axis other than the methods' is in exactly one of ``at`` and ``per``."""
+    others = [a.axis for a in grid.matrix if a.axis != tuning.axis] if tuning.axis else []
+    both = sorted(set(tuning.at) & set(tuning.per))
+    stray = sorted((set(tuning.at) | set(tuning.per)) - set(others))
+    missing = [a for a in others if a not in tuning.at and a not in tuning.per]
+    if both or stray or missing:
+        raise ConfigError(f"{where}': every matrix axis but '{tuning.axis}' ({others}) goes in exactly "
+                          f"one of 'at' (tune at one value) and 'per' (tune per value); "
+                          + (f"in both: {both}" if both else f"unknown: {stray}" if stray
+                             else f"in neither: {missing}"))
+    _check_selection(grid, tuning.at, "tuning.at", path)
 
 
 def _check_finding(item: Finding, where: str, path: str) -> None:
@@ -323,26 +485,44 @@ def _divide(total: int, unit: int, what: str, name: str) -> int:
     return total // unit
 
 
-def plan(grid: Grid) -> List[RunSpec]:
+def plan(grid: Grid, tuned: Optional[Dict[str, Dict[str, tuple]]] = None) -> List[RunSpec]:
     """Every (run, seed) as a runner step with its derived overrides; checks the budgets divide
-    into rounds. A step is finished when its run holds final/ and an FID at its last round."""
+    into rounds. A step is finished when its run holds final/ and an FID at its last round.
+
+    ``tuned`` (``fedrun.experiments.tuning``): run name -> {point label: (the point's overrides,
+    the largest budget it is reported at)}. Such a run trains once per point, as
+    ``<run>@<point>`` in runs/<run>/<point>/seed<k>, up to that budget; one without points (its
+    tuning has no result) is left out."""
     if grid.ema_horizon_samples < 0:
         raise ConfigError(f"grid: ema_horizon_samples must be >= 0, got {grid.ema_horizon_samples}")
+    tuned = tuned or {}
     specs = []
     for run in grid.runs:
-        overrides = list(grid.overrides) + list(run.overrides)
-        round_samples, derived = _derived(grid, run, overrides)
-        for seed in grid.seeds:
-            run_dir = Path(grid.output_dir) / "runs" / run.name / f"seed{seed}"
-            specs.append(RunSpec(run.name, run.kind, run_dir, seed=seed, config=grid.base_config,
-                                 overrides=overrides + derived + [f"seed={seed}"], metric="fid",
-                                 round_samples=round_samples))
+        folder = Path(grid.output_dir) / "runs" / run.name
+        if run.name not in tuned:
+            specs += run_specs(grid, run, run.name, folder, [], grid.seeds, grid.samples)
+            continue
+        for label, (overrides, samples) in tuned[run.name].items():
+            specs += run_specs(grid, run, f"{run.name}@{label}", folder / label, overrides,
+                               grid.seeds, samples)
     return specs
 
 
-def _derived(grid: Grid, run: GridRun, overrides: List[str]) -> tuple:
-    """(samples of one round, the overrides that give the run the grid's budget, evaluation
-    points and EMA horizon)."""
+def run_specs(grid: Grid, run: GridRun, name: str, folder: Path, extra: List[str], seeds: List[int],
+              samples: int) -> List[RunSpec]:
+    """The steps of ``run`` with the ``extra`` overrides (a tuning point), one per seed in
+    ``folder``/seed<k>, each trained to ``samples``."""
+    overrides = list(grid.overrides) + list(run.overrides) + list(extra)
+    round_samples, derived = _derived(grid, run, overrides, samples)
+    return [RunSpec(name, run.kind, folder / f"seed{seed}", seed=seed, config=grid.base_config,
+                    overrides=overrides + derived + [f"seed={seed}"], metric="fid",
+                    round_samples=round_samples)
+            for seed in seeds]
+
+
+def _derived(grid: Grid, run: GridRun, overrides: List[str], samples: int) -> tuple:
+    """(samples of one round, the overrides that give the run its budget ``samples``, the grid's
+    evaluation points and EMA horizon)."""
     from fedrun.config import load_config
     from fedrun.engine.central import federated_steps_per_round
     from fedrun.engine.central import plan as central_plan
@@ -358,12 +538,12 @@ def _derived(grid: Grid, run: GridRun, overrides: List[str]) -> tuple:
         round_samples = schedule["steps_per_round"] * schedule["batch"]
     else:
         round_samples = federated_steps_per_round(cfg, client_sizes) * cfg.optim.batch_size
-    rounds = _divide(grid.samples, round_samples, "samples", run.name)
+    rounds = _divide(samples, round_samples, "samples", run.name)
     every = _divide(grid.eval_every_samples, round_samples, "eval_every_samples", run.name)
     # Mean age d / (1 - d) rounds = H samples (fedrun.engine.ema.EMA).
     decay = grid.ema_horizon_samples / (grid.ema_horizon_samples + round_samples)
     derived = [f"rounds={rounds}", f"eval.every={every}", f"ema.decay={decay:.6g}"]
     if run.kind == "central":
-        derived += [f"central.samples={grid.samples}",
+        derived += [f"central.samples={samples}",
                     f"central.steps_per_round={schedule['steps_per_round']}"]
     return round_samples, derived

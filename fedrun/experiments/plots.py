@@ -1,6 +1,7 @@
 """The report figures (matplotlib, Agg): FID vs samples seen per series (optionally one panel
 per value of an axis), the class mix of the final samples, bytes communicated vs FID; and the
-two helpers every report's figures use (``pyplot``, ``save_figure``)."""
+two helpers every report's figures use (``pyplot``, ``save_figure``). Every FID figure draws the
+metric's range: the real-vs-real floor and, when the grid gives it, the untrained model."""
 
 from __future__ import annotations
 
@@ -84,6 +85,10 @@ def _draw_curves(ax, grid: Grid, summary: Dict[str, dict], names: List[str],
             ax.fill_between(curve[:, 0], curve[:, 1] - np.nan_to_num(curve[:, 2]),
                             curve[:, 1] + np.nan_to_num(curve[:, 2]), alpha=0.15)
     ax.axhline(floor, color="gray", linestyle=":", label="real-vs-real floor")
+    if grid.untrained.get("fid") is not None:  # above it the FID does not track training
+        ax.axhline(grid.untrained["fid"], color="firebrick", linestyle=":", label="untrained model")
+    for budget in grid.budget_list[:-1]:  # the earlier budgets the report compares at
+        ax.axvline(budget, color="lightgray", linewidth=0.8)
     ax.set_xlabel("samples seen")
     ax.set_ylabel("FID (mean ± std over seeds)")
     ax.set_yscale("log")

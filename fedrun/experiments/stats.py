@@ -1,18 +1,26 @@
-"""The grid's statistics: mean ± sample std over seeds per configuration (``summarise``), the
-difference of two configurations against 2 standard errors (``difference``), and the verdicts
-of the grid's claims (``check_findings``)."""
+"""The grid's statistics: mean ± sample std over seeds per configuration (``summarise``); paired
+comparisons of two configurations over the same seeds (``paired_t``: the mean difference, its
+t interval and two-sided p) corrected for the number of comparisons in a table (``holm``,
+``compare_family``); the verdicts of the grid's claims (``check_findings``).
+
+The statistics are pure functions (numbers in, numbers out), checked against hand computations
+in tests/unit/test_stats.py. The t quantiles come from scipy (a dependency of
+scikit-learn, which fedrun requires).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from fedrun.experiments.grid import Finding, Grid
 
 NOT_DECIDED = "not decided"
-
+ALPHA = 0.05  # family-wise error rate of a table's comparisons
+NO_DIFFERENCE = "no detected difference"
 
 def mean_std(values) -> tuple:
     """(mean, sample std) of the values that are not None; nan std for one value."""
@@ -24,16 +32,18 @@ def mean_std(values) -> tuple:
 
 def summarise(results: List[dict], run_names: List[str]) -> Dict[str, dict]:
     """Per configuration with results: each number's (mean, std) over its seeds, the class mix
-    per class, and the FID curve (mean, std) per evaluation point."""
+    per class, the FID curve (mean, std) per evaluation point, and ``per_seed``: the compared
+    metrics seed by seed (what paired comparisons pair)."""
     out = {}
     for name in run_names:
         mine = [r for r in results if r["name"] == name]
         if not mine:
             continue  # every seed failed: the report says so
         summary = {"seeds": [r["seed"] for r in mine], "kind": mine[0]["kind"]}
-        for key in ("fid", "kid", "floor_fid", "floor_kid", "class_tv", "min_class_fraction",
-                    "final_loss", "samples", "bytes_total", "wall_s"):
-            summary[key] = mean_std([r[key] for r in mine])
+        for key in SUMMARISED:
+            summary[key] = mean_std([r.get(key) for r in mine])  # records before a key: None
+        summary["per_seed"] = {key: {r["seed"]: r[key] for r in mine if r.get(key) is not None}
+                               for key in PAIRED}
         summary["min_class"] = [r["min_class"] for r in mine]  # per seed
         fractions = [r["class_fractions"] for r in mine if r["class_fractions"]]
         if fractions:  # per class, over the seeds
@@ -54,6 +64,12 @@ def summarise(results: List[dict], run_names: List[str]) -> Dict[str, dict]:
     return out
 
 
+SUMMARISED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "min_class_fraction",
+              "confident_fraction", "class_coverage", "floor_confident_fraction",
+              "floor_class_coverage", "final_loss", "samples", "bytes_total", "wall_s")
+PAIRED = ("fid", "kid", "confident_fraction", "class_coverage")  # per seed in a summary
+
+
 def pareto_front(summary: Dict[str, dict]) -> List[str]:
     """The configurations no other beats on both final FID and total bytes (mean over seeds;
     ties on both kept), cheapest first."""
@@ -64,44 +80,152 @@ def pareto_front(summary: Dict[str, dict]) -> List[str]:
     return sorted(front, key=lambda n: points[n])
 
 
-def difference(a: tuple, b: tuple, n_seeds: int) -> tuple:
-    """(mean_a - mean_b, its standard error, verdict) of two (mean, std) over n_seeds seeds each.
+# ---------------------------------------------------------------- paired comparisons
 
-    The verdict is 'lower' / 'higher' when the difference exceeds 2 standard errors
-    sqrt((std_a^2 + std_b^2) / n), else 'within the seeds' spread'; with one seed (no std) it is
-    'no spread known'."""
-    diff = a[0] - b[0]
-    if not (math.isfinite(a[1]) and math.isfinite(b[1])):
-        return diff, float("nan"), "no spread known"
-    se = math.sqrt((a[1] ** 2 + b[1] ** 2) / n_seeds)
-    if abs(diff) <= 2 * se:
-        return diff, se, "within the seeds' spread"
-    return diff, se, ("lower" if diff < 0 else "higher")
+def t_interval(mean: float, se: float, df: int, confidence: float) -> Tuple[float, float]:
+    """mean ± t(1 - (1 - confidence) / 2, df) · se: the t interval at that confidence."""
+    from scipy.stats import t
 
+    half = float(t.ppf(1 - (1 - confidence) / 2, df)) * se
+    return mean - half, mean + half
+
+
+@dataclass
+class PairedT:
+    """A paired t test of a - b over n pairs: the mean difference, its standard error, the
+    two-sided p of 'no difference' and the interval at the confidence asked for."""
+
+    n: int
+    mean: float
+    se: float
+    p: float
+    low: float
+    high: float
+
+
+def paired_t(a: Sequence[float], b: Sequence[float], confidence: float = 1 - ALPHA) -> PairedT:
+    """Paired t test of a[i] - b[i] (n >= 2 pairs): mean d, se = s_d / sqrt(n) (s_d the sample
+    std), t = d / se with n - 1 degrees of freedom. With s_d = 0 the p is 0 (1 when d = 0)."""
+    from scipy.stats import t
+
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if len(d) < 2:
+        raise ValueError(f"a paired t test needs at least 2 pairs, got {len(d)}")
+    mean, se = float(d.mean()), float(d.std(ddof=1)) / math.sqrt(len(d))
+    if se == 0:
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        p = float(2 * t.sf(abs(mean / se), len(d) - 1))
+    return PairedT(len(d), mean, se, p, *t_interval(mean, se, len(d) - 1, confidence))
+
+
+@dataclass
+class Holm:
+    """One hypothesis of Holm's step-down procedure: its rank among the p-values (1 = smallest),
+    the level it is tested at (alpha / (m - rank + 1)), the adjusted p and whether it is rejected."""
+
+    rank: int
+    level: float
+    adjusted: float
+    rejected: bool
+
+
+def holm(p_values: Sequence[float], alpha: float = ALPHA) -> List[Optional[Holm]]:
+    """Holm-Bonferroni over the finite p-values (m of them; nan: not tested, None out): sorted
+    ascending, the i-th is tested at alpha / (m - i + 1) and rejected only while every smaller
+    one was; adjusted p_(i) = max over j <= i of min(1, (m - j + 1) p_(j)), so rejected exactly
+    when adjusted <= alpha."""
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None and math.isfinite(p))
+    m = len(tested)
+    out: List[Optional[Holm]] = [None] * len(p_values)
+    adjusted = 0.0
+    for rank, (p, i) in enumerate(tested, start=1):
+        adjusted = max(adjusted, min(1.0, (m - rank + 1) * p))
+        out[i] = Holm(rank, alpha / (m - rank + 1), adjusted, adjusted <= alpha)
+    return out
+
+
+@dataclass
+class Comparison:
+    """A row's paired difference to its baseline within a table (a family of comparisons):
+    the paired t test, its 95 % interval, Holm's adjusted p, the interval at the level Holm
+    tests it at (``holm_low``, ``holm_high``) and the verdict."""
+
+    n: int
+    diff: float
+    low: float = math.nan
+    high: float = math.nan
+    p: float = math.nan
+    p_holm: float = math.nan
+    holm_level: float = math.nan
+    holm_low: float = math.nan
+    holm_high: float = math.nan
+    verdict: str = "fewer than 2 paired seeds"
+
+
+def compare_family(pairs: Dict[str, Tuple[Dict[int, float], Dict[int, float]]],
+                   lower_is_better: bool = True, alpha: float = ALPHA) -> Dict[str, Comparison]:
+    """Each key's (values by seed of a row, of its baseline) compared on their common seeds
+    (paired t), then Holm over the keys with at least 2 pairs. The verdict is 'better' or
+    'worse' only when Holm rejects (adjusted p <= alpha): then the interval at Holm's level
+    1 - alpha / (m - rank + 1) excludes 0; otherwise 'no detected difference'."""
+    tests = {}
+    for key, (a, b) in pairs.items():
+        seeds = sorted(set(a) & set(b))
+        tests[key] = (paired_t([a[s] for s in seeds], [b[s] for s in seeds], 1 - alpha)
+                      if len(seeds) >= 2 else len(seeds))
+    keys = list(tests)
+    ranks = holm([t.p if isinstance(t, PairedT) else math.nan for t in tests.values()], alpha)
+    out = {}
+    for key, rank in zip(keys, ranks):
+        test = tests[key]
+        if rank is None:
+            a, b = pairs[key]
+            common = sorted(set(a) & set(b))
+            diff = a[common[0]] - b[common[0]] if common else math.nan
+            out[key] = Comparison(len(common), diff)
+            continue
+        low, high = t_interval(test.mean, test.se, test.n - 1, 1 - rank.level)
+        verdict = NO_DIFFERENCE
+        if rank.rejected:
+            verdict = "better" if (test.mean < 0) == lower_is_better else "worse"
+        out[key] = Comparison(test.n, test.mean, test.low, test.high, test.p, rank.adjusted,
+                              rank.level, low, high, verdict)
+    return out
+
+
+# ---------------------------------------------------------------- the grid's claims
 
 def check_findings(grid: Grid, summary: Dict[str, dict]) -> List[dict]:
-    """Each claim of the grid, decided on the mean final FID over seeds (rules in the report);
-    a claim on a configuration without results is not decided."""
+    """Each claim of the grid, decided on the final FID (rules in the report); a claim on a
+    configuration without results is not decided. The 'better' claims are paired comparisons
+    over the seeds, Holm-corrected together."""
+    decidable = {i: item for i, item in enumerate(grid.findings)
+                 if all(n in summary for n in item.runs)}
+    better = compare_family({i: tuple(summary[n]["per_seed"]["fid"] for n in item.runs)
+                             for i, item in decidable.items() if item.kind == "better"})
     out = []
-    for item in grid.findings:
-        missing = [n for n in item.runs if n not in summary]
-        if missing:
+    for i, item in enumerate(grid.findings):
+        if i not in decidable:
+            missing = [n for n in item.runs if n not in summary]
             verdict, detail = NOT_DECIDED, f"no results for {', '.join(missing)} (failed)"
+        elif item.kind == "better":
+            verdict, detail = _better(item, summary, better[i], len(better))
         else:
-            decide = {"better": _better, "close": _close}.get(item.kind, _monotone)
+            decide = _close if item.kind == "close" else _monotone
             verdict, detail = decide(item, summary, len(grid.seeds))
         out.append({"claim": item.claim, "verdict": verdict, "detail": detail})
     return out
 
 
-def _better(item: Finding, summary: Dict[str, dict], n_seeds: int) -> tuple:
+def _better(item: Finding, summary: Dict[str, dict], test: Comparison, family: int) -> tuple:
     a, b = item.runs
-    diff, se, verdict = difference(summary[a]["fid"], summary[b]["fid"], n_seeds)
-    spread = (f"± {se:.2g} (standard error; 'better' needs a difference below −2 standard errors)"
-              if math.isfinite(se) else "(one seed: the spread is unknown)")
-    detail = (f"{a} {summary[a]['fid'][0]:.3g} vs {b} {summary[b]['fid'][0]:.3g}: "
-              f"difference {diff:+.3g} {spread}")
-    return ("holds" if verdict == "lower" else "does not hold"), detail
+    detail = f"{a} {summary[a]['fid'][0]:.3g} vs {b} {summary[b]['fid'][0]:.3g}: "
+    if not math.isfinite(test.p):
+        return "does not hold", detail + f"difference {test.diff:+.3g} ({test.verdict}: no test)"
+    detail += (f"difference {test.diff:+.3g} [{test.low:+.3g}, {test.high:+.3g}] over {test.n} paired "
+               f"seeds, p {test.p:.2g}, Holm-adjusted over the {family} 'better' claims {test.p_holm:.2g}")
+    return ("holds" if test.verdict == "better" else "does not hold"), detail
 
 
 def _close(item: Finding, summary: Dict[str, dict], n_seeds: int) -> tuple:

@@ -1,5 +1,9 @@
 """Markdown tables of the experiment reports, and ``fmt``, the one number formatter of every
-report (compare, the privacy report, the LoRA demo)."""
+report (compare, the privacy report, the LoRA demo).
+
+Every table of a grid report shows the metric's range: the real-vs-real floor and, when the grid
+gives it (``untrained``), the untrained model's anchor; a mean FID or KID at or beyond the anchor
+carries a dagger (not informative)."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from fedrun.experiments.grid import Grid, Table
-from fedrun.experiments.stats import difference, pareto_front
+from fedrun.experiments.stats import ALPHA, compare_family, pareto_front
+
+NOT_INFORMATIVE = " †"
 
 
 def fmt(value, digits: int = 3, scale: float = 1.0) -> str:
@@ -27,6 +33,11 @@ def fmt(value, digits: int = 3, scale: float = 1.0) -> str:
     return str(value)
 
 
+def duration(seconds: float) -> str:
+    """A wall or run time for a report: minutes up to 2 hours, then hours."""
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.2f} h"
+
+
 def row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -36,20 +47,69 @@ def header(*columns) -> List[str]:
 
 
 def main_table(grid: Grid, summary: Dict[str, dict], failures: List[dict]) -> List[str]:
-    """A row per configuration: mean ± std over its seeds; configurations without results say so."""
-    lines = header("configuration", "FID", "KID ×100", "floor FID", "floor KID ×100", "class TV",
-                   "rarest class", "final loss", "samples seen", "bytes communicated", "wall time (s)")
+    """A row per configuration: mean ± std over its seeds; configurations without results say
+    so; then the floor's and the untrained anchor's rows."""
+    lines = header("configuration", "FID", "KID ×100", "confident", "classes covered", "floor FID",
+                   "floor KID ×100", "class TV", "rarest class", "final loss", "samples seen",
+                   "bytes communicated", "wall time (s)")
     for run in grid.runs:
         s = summary.get(run.name)
         name = run.name + failed_seeds(failures, run.name)
         if s is None:
-            lines.append(row(name, "no results", *["–"] * 9))
+            lines.append(row(name, "no results", *["–"] * 11))
             continue
-        lines.append(row(name, fmt(s["fid"]), fmt(s["kid"], scale=0.01), fmt(s["floor_fid"]),
-                         fmt(s["floor_kid"], scale=0.01), fmt(s["class_tv"], 2), rarest(s),
-                         fmt(s["final_loss"]), f"{s['samples'][0]:,.0f}", f"{s['bytes_total'][0]:,.0f}",
-                         fmt(s["wall_s"], 3)))
-    return lines
+        lines.append(row(name, scored(grid, s, "fid"), scored(grid, s, "kid", 0.01),
+                         fmt(s["confident_fraction"], 2), fmt(s["class_coverage"], 2),
+                         fmt(s["floor_fid"]), fmt(s["floor_kid"], scale=0.01), fmt(s["class_tv"], 2),
+                         rarest(s), fmt(s["final_loss"]), f"{s['samples'][0]:,.0f}",
+                         f"{s['bytes_total'][0]:,.0f}", fmt(s["wall_s"], 3)))
+    floor, anchor = range_rows(grid, summary)
+    return lines + [row(floor[0], *floor[1:5], *["–"] * 8)] + (
+        [row(anchor[0], *anchor[1:5], *["–"] * 8)] if anchor else [])
+
+
+def scored(grid: Grid, s: dict, key: str, scale: float = 1.0) -> str:
+    """A score's mean ± std, with a dagger when the mean is at or beyond the untrained anchor."""
+    anchor = grid.untrained.get(key)
+    beyond = anchor is not None and math.isfinite(s[key][0]) and s[key][0] >= anchor
+    return fmt(s[key], scale=scale) + (NOT_INFORMATIVE if beyond else "")
+
+
+def beyond_anchor(grid: Grid, s: dict) -> bool:
+    anchor = grid.untrained.get("fid")
+    return anchor is not None and s["fid"][0] >= anchor
+
+
+def range_rows(grid: Grid, summary: Dict[str, dict]) -> tuple:
+    """(floor row, anchor row or None): name, FID, KID ×100, confident, classes covered. The
+    floor is the mean over the configurations (every run scores the same real images)."""
+    def mean(key):
+        values = [s[key][0] for s in summary.values() if math.isfinite(s[key][0])]
+        return float(np.mean(values)) if values else None
+
+    floor = ("real vs real (floor)", fmt(mean("floor_fid")), fmt(mean("floor_kid"), scale=0.01),
+             fmt(mean("floor_confident_fraction"), 2), fmt(mean("floor_class_coverage"), 2))
+    u = grid.untrained
+    anchor = None if not u else (
+        "untrained model (anchor)", fmt(u.get("fid")), fmt(u.get("kid"), scale=0.01),
+        fmt(u.get("confident_fraction"), 2), fmt(u.get("class_coverage"), 2))
+    return floor, anchor
+
+
+def range_legend(grid: Grid) -> List[str]:
+    """What the floor and anchor rows and the dagger mean."""
+    anchor = ("The untrained model (anchor): the same architecture, sampler and number of samples "
+              "with the weights training starts from (`python -m scripts.untrained_anchor`); "
+              f"{NOT_INFORMATIVE.strip()} marks a mean FID or KID at or beyond it: such a score does not "
+              "track training (not informative)." if grid.untrained.get("fid") is not None else
+              "No untrained anchor is given (grid key `untrained`), so scores near the ceiling "
+              "cannot be told apart from an untrained model here.")
+    return ["Range of the metric: the floor is the same metric for as many real training images "
+            "against the same held-out images: no model can be expected to score below it. "
+            + anchor + " Confident: the share of the samples the digits classifier assigns a class "
+            "with probability >= 0.9; classes covered: the classes whose confident samples are at "
+            "least half their share among the held-out images (of 10). Both stay informative where "
+            "FID saturates.", ""]
 
 
 def failed_seeds(failures: List[dict], name: str) -> str:
@@ -73,40 +133,72 @@ def reference_rarest(summary: Dict[str, dict]) -> str:
 
 def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table) -> List[str]:
     """One markdown table per value of the axis ``item.by``: a row per run with that value
-    (named by its other axes' values), the ``with`` runs as reference rows, and each row's
-    difference of mean FID to the row matching ``item.baseline`` (rule of ``difference``)."""
+    (named by its other axes' values), the ``with`` runs as reference rows, each row's paired
+    FID difference to the row matching ``item.baseline`` (Holm-corrected within the table),
+    and the floor's and the anchor's rows."""
     lines = []
     for value in grid.axis(item.by).values:
         names = grid.select({item.by: value.name})
         base = baseline_of(grid, names, item.baseline, None)
+        tests = _table_tests(grid, summary, item, names)
         lines += [f"### {item.name or item.by}: {value.label}", "",
-                  *header("run", "FID", f"ΔFID vs {grid.label(base, item.by) if base else '–'}",
-                          "class TV", "rarest class", "KID ×100", "final loss")]
+                  *header("run", "FID", f"ΔFID vs {grid.label(base, item.by) if base else '–'} [95 % CI]",
+                          "Holm interval", "p (Holm)", "verdict", "confident", "classes covered",
+                          "class TV", "rarest class", "KID ×100")]
         for name in item.with_ + names:
             s = summary.get(name)
             if s is None:
-                lines.append(row(grid.label(name, item.by), "no results (failed)", *["–"] * 5))
+                lines.append(row(grid.label(name, item.by), "no results (failed)", *["–"] * 9))
                 continue
-            lines.append(row(grid.label(name, item.by), fmt(s["fid"]),
-                             _delta(grid, summary, item, names, name, base), fmt(s["class_tv"], 2),
-                             rarest(s), fmt(s["kid"], scale=0.01), fmt(s["final_loss"])))
+            lines.append(row(grid.label(name, item.by), scored(grid, s, "fid"),
+                             *_test_cells(grid, summary, item, names, name, base, tests.get(name)),
+                             fmt(s["confident_fraction"], 2), fmt(s["class_coverage"], 2),
+                             fmt(s["class_tv"], 2), rarest(s), scored(grid, s, "kid", 0.01)))
+        floor, anchor = range_rows(grid, summary)
+        for reference in (floor, anchor) if anchor else (floor,):
+            lines.append(row(reference[0], reference[1], *["–"] * 4, *reference[3:5], "–", "–",
+                             reference[2]))
         lines.append("")
-    lines += ["ΔFID: difference of the mean final FIDs ± its standard error sqrt((std² + std_base²) "
-              f"/ n), n = {len(grid.seeds)} seeds; **better**/**worse** when it exceeds 2 standard "
-              "errors.", ""]
-    return lines
+    return lines + statistics_legend(len(grid.seeds))
 
 
-def _delta(grid: Grid, summary: Dict[str, dict], item: Table, names: List[str], name: str,
-           base: Optional[str]) -> str:
+def _table_tests(grid: Grid, summary: Dict[str, dict], item: Table, names: List[str]) -> dict:
+    """The table's family: every row with results against its own baseline, paired by seed."""
+    pairs = {}
+    for name in item.with_ + names:
+        own = baseline_of(grid, names, item.baseline, name)
+        if name in summary and own in summary and own != name:
+            pairs[name] = (summary[name]["per_seed"]["fid"], summary[own]["per_seed"]["fid"])
+    return compare_family(pairs)
+
+
+def _test_cells(grid: Grid, summary: Dict[str, dict], item: Table, names: List[str], name: str,
+                base: Optional[str], test) -> List[str]:
+    """ΔFID [95 % CI], Holm interval, p (Holm), verdict of one row."""
+    if test is None:
+        return ["–"] * 4
     own = baseline_of(grid, names, item.baseline, name)
-    if not own or name == own or own not in summary:
-        return "–"
-    diff, se, verdict = difference(summary[name]["fid"], summary[own]["fid"], len(grid.seeds))
-    verdict = {"lower": "**better**", "higher": "**worse**",
-               "no spread known": "one seed"}.get(verdict, "within spread")
-    return (f"{diff:+.3g}" + (f" ± {se:.2g}" if math.isfinite(se) else "") + f" ({verdict})"
-            + (f" vs {grid.label(own, item.by)}" if own != base else ""))
+    against = f" vs {grid.label(own, item.by)}" if own != base else ""
+    if not math.isfinite(test.p):
+        return [f"{test.diff:+.3g}{against}", "–", "–", test.verdict]
+    verdict = f"**{test.verdict}**" if test.verdict in ("better", "worse") else test.verdict
+    if beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own]):
+        verdict = "not informative (both †)"
+    return [f"{test.diff:+.3g} [{test.low:+.3g}, {test.high:+.3g}]{against}",
+            f"[{test.holm_low:+.3g}, {test.holm_high:+.3g}] at {100 * (1 - test.holm_level):.3g} %",
+            f"{test.p_holm:.2g}", verdict]
+
+
+def statistics_legend(n_seeds: int) -> List[str]:
+    return [f"ΔFID: the mean over the paired seeds (n = {n_seeds}, the same seeds for every row) of "
+            "the row's FID minus its baseline's, with its 95 % paired t interval (mean ± t(0.975, "
+            "n − 1) · s_d / √n). Within each table the m comparisons are corrected by Holm's "
+            "step-down procedure: ordered by p, the i-th is tested at level 0.05 / (m − i + 1) and "
+            "only while every smaller p was rejected; p (Holm) is the adjusted p, max over j <= i of "
+            "(m − j + 1) · p_(j). The Holm interval is the paired t interval at the level its test "
+            "uses (1 − 0.05 / (m − i + 1)). **better** / **worse** only when p (Holm) <= "
+            f"{ALPHA:g} (its Holm interval then excludes 0), otherwise 'no detected difference'; "
+            "'not informative' when both FIDs are beyond the untrained anchor.", ""]
 
 
 def baseline_of(grid: Grid, names: List[str], baseline: dict, name: Optional[str]) -> Optional[str]:
@@ -163,10 +255,87 @@ def pareto_table(summary: Dict[str, dict], untrained_fid: Optional[float] = None
     return out
 
 
-def per_seed_table(results: List[dict]) -> List[str]:
-    lines = header("configuration", "seed", "FID", "KID ×100", "final loss", "wall time (s)")
-    return lines + [row(r["name"], r["seed"], f"{r['fid']:.3g}", f"{r['kid'] * 100:.3g}",
-                        f"{r['final_loss']:.3g}", f"{r['wall_s']:.0f}") for r in results]
+def per_seed_table(results: List[dict], budgets: Optional[List[int]] = None) -> List[str]:
+    """A row per run directory: FID at each budget it reached, then its final scores."""
+    from fedrun.experiments.collect import at_budget
+
+    budgets = budgets or sorted({r["samples"] for r in results})
+    fids = [f"FID at {b:,}" for b in budgets] if len(budgets) > 1 else ["FID"]
+    lines = header("configuration", "seed", *fids, "KID ×100 (± subset std)", "confident",
+                   "classes covered", "final loss", "wall time (s)")
+    for r in results:
+        reached = [fmt(at_budget(r, b)["fid"]) if r["samples"] >= b else "–" for b in budgets]
+        kid = fmt(r["kid"], scale=0.01) + (f" ± {r['kid_std'] * 100:.2g}" if r.get("kid_std") else "")
+        lines.append(row(r["name"], r["seed"], *reached, kid, fmt(r.get("confident_fraction"), 2),
+                         fmt(r.get("class_coverage")), fmt(r["final_loss"]), f"{r['wall_s']:.0f}"))
+    return lines
+
+
+def sweep_tables(sweep, anchor: Optional[float] = None) -> List[str]:
+    """The tuning's report: the protocol and its cost, then per sweep a table of every point
+    (its metric per tuning seed and mean at each budget, the chosen one in bold with ✓, a mean
+    at or beyond the untrained model's ``anchor`` with a dagger) and its edge flags."""
+    lines = ["## Tuning", "", *_protocol(sweep), ""]
+    if anchor is not None:
+        lines[-1:-1] = [f"The untrained model scores {sweep.metric} {fmt(anchor)}; "
+                        f"{NOT_INFORMATIVE.strip()}: a mean at or beyond it.", ""]
+    for group in sweep.groups:
+        keys = [a["key"] for a in group.axes]
+        columns = [c for b in sweep.budgets for c in (f"{sweep.metric} at {b:,}: per seed", "mean")]
+        lines += [f"### {group.name}", "", f"Tuning runs train `{group.run}`; the choice is reported "
+                  f"for {', '.join(f'`{n}`' for n in group.serves)}.", "",
+                  *header("point", *keys, *columns)]
+        for point in group.points:
+            cells = []
+            for budget in sweep.budgets:
+                values = group.scores.get(point.label, {}).get(str(budget), {})
+                per_seed = ", ".join(fmt(values.get(str(s))) for s in sweep.seeds)
+                chosen = (group.choice.get(str(budget)) or {}).get("point") == point.label
+                mean = (sum(values.values()) / len(values)) if len(values) == len(sweep.seeds) else None
+                text = fmt(mean) + (NOT_INFORMATIVE if _beyond(mean, anchor, sweep.lower_is_better) else "")
+                cells += [per_seed, f"**{text}** ✓" if chosen else text]
+            label = point.label + (" (beyond an edge)" if point.extension else "")
+            lines.append(row(label, *[fmt(point.values[k]) for k in keys], *cells))
+        lines += ["", *_edge_notes(sweep, group), ""]
+    return lines
+
+
+def _beyond(value: Optional[float], anchor: Optional[float], lower_is_better: bool) -> bool:
+    if value is None or anchor is None:
+        return False
+    return value >= anchor if lower_is_better else value <= anchor
+
+
+def _protocol(sweep) -> List[str]:
+    cost = sweep.cost
+    points = {len([p for p in g.points if not p.extension]) for g in sweep.groups}
+    extended = sum(p.extension for g in sweep.groups for p in g.points)
+    better = "lower" if sweep.lower_is_better else "higher"
+    return [f"Every method is tuned over {'/'.join(map(str, sorted(points)))} points "
+            f"({extended} more beyond optima on an edge) on the tuning seeds {sweep.seeds}, disjoint "
+            f"from the reporting seeds; at each budget the point of best mean {sweep.metric} over the "
+            f"tuning seeds ({better} is better; a point missing a seed is not a candidate) is the "
+            "setting the reporting runs train with. Cost of the tuning: "
+            f"{cost.get('runs', 0):.0f} runs, {duration(cost.get('wall_s') or 0)} of run time "
+            "(summed over the runs)" + (f"; {len(sweep.failures)} tuning runs without results"
+                                         if sweep.failures else "") + "."
+            + (" Reused from tuning.json (the same tuning runs)." if sweep.reused else "")]
+
+
+def _edge_notes(sweep, group) -> List[str]:
+    notes = []
+    for budget in sweep.budgets:
+        chosen = group.choice.get(str(budget))
+        if chosen is None:
+            notes.append(f"- {budget:,} samples: **no point has results for every tuning seed**")
+            continue
+        for key, side, label in chosen.get("extended", []):
+            notes.append(f"- {budget:,} samples: the optimum was on the {side} edge of `{key}`; "
+                         f"extended once to {label} ({key} = {fmt(group.point(label).values[key])})")
+        for key, side in chosen["edges"]:
+            notes.append(f"- {budget:,} samples: **chosen {chosen['point']} is on the {side} edge of "
+                         f"`{key}`** (the optimum may lie beyond the tried values)")
+    return notes or ["No chosen point is on the edge of an axis."]
 
 
 def failures_list(failures: List[dict]) -> List[str]:

@@ -1,7 +1,8 @@
 """``fedrun compare`` training real (tiny) runs: a re-run trains only what is unfinished; a
 failing run is recorded with its error and marked in the report while the others finish;
-every run records its commit; the processes backend runs a grid with --jobs 2; and the non-IID
-grid's quick variant end to end."""
+every run records its commit; the processes backend runs a grid with --jobs 2; a grid with a
+tuning section runs its tuning first, reports the sweeps and the paired statistics at each
+budget, and reuses both on a re-run; and the non-IID grid's quick variant end to end."""
 
 import json
 
@@ -93,16 +94,95 @@ def test_processes_backend_runs_a_grid_with_two_jobs(tmp_path, capsys):
     assert [r["name"] for r in results["runs"]] == ["a", "b"] and not results["failures"]
 
 
+# Two methods of one partition, each tuned over 2 points on 1 tuning seed, then reported on 2
+# seeds at 2 budgets (16 and 32 samples: 2 and 4 rounds of 2 clients x 1 step x batch 4).
+TUNED = """  - {{name: central, kind: central, overrides: [num_clients=2, local_steps=1]}}
+budgets: [16]
+eval_every_samples: 16
+untrained: {{fid: 400.0, confident_fraction: 0.4, class_coverage: 2}}
+matrix:
+  - axis: partition
+    values: [{{name: iid, overrides: [partition.method=iid]}}]
+  - axis: method
+    values:
+      - {{name: fedavg, overrides: [num_clients=2, local_steps=1]}}
+      - {{name: fedavgm, overrides: [num_clients=2, local_steps=1, server.strategy=fedavgm]}}
+tuning:
+  axis: method
+  at: {{partition: iid}}
+  seeds: [{tuning_seed}]
+  methods:
+    fedavg: [{{key: optim.lr, values: [1.0e-3, 4.0e-3]}}]
+    fedavgm: [{{key: server.momentum, values: [0.5, 0.9]}}]
+tables:
+  - {{name: Partition, by: partition, baseline: {{method: fedavg}}, with: [central]}}
+findings:
+  - {{claim: momentum helps, kind: better, runs: [iid-fedavgm, iid-fedavg]}}
+"""
+
+
+@pytest.mark.slow
+def test_a_tuned_grid_tunes_first_reports_every_sweep_and_reuses_its_choice(tmp_path, capsys):
+    """The --quick path of the tuning protocol: 4 tuning runs, then the reporting runs with the
+    chosen points (inline, ~2 s a run: well under a minute)."""
+    grid_file, out = tiny_grid(tmp_path, TUNED.format(tuning_seed=7)), tmp_path / "grid"
+    text = grid_file.read_text().replace("eval_every_samples: 32\n", "").replace(
+        "seeds: [0]\n", "seeds: [0, 1]\n").replace(
+        "runs:\n  - {name: a, overrides: [num_clients=2, local_steps=1]}\n"
+        "  - {name: b, overrides: [num_clients=4, local_steps=1]}\n", "runs:\n")
+    grid_file.write_text(text)
+    args = ["compare", "--grid", str(grid_file), "--out", str(out)]
+    assert fedrun_main(args) == 0
+    report = out / "report"
+    sweep = json.loads((report / "tuning.json").read_text())
+    assert sweep["complete"] and sweep["cost"]["runs"] == 4 and sweep["cost"]["wall_s"] > 0
+    chosen = {g["name"]: {b: c["point"] for b, c in g["choice"].items()} for g in sweep["groups"]}
+    assert set(chosen) == {"fedavg", "fedavgm"} and set(chosen["fedavg"]) == {"16", "32"}
+    for group in sweep["groups"]:  # every point scored on the tuning seed at both budgets
+        assert {p: set(by_budget) for p, by_budget in group["scores"].items()} == {
+            "p00": {"16", "32"}, "p01": {"16", "32"}}
+        assert all(list(seeds) == ["7"] for by_budget in group["scores"].values()
+                   for seeds in by_budget.values())
+    for budget, point in chosen["fedavg"].items():  # the reporting runs train the chosen points
+        assert (out / "runs" / "iid-fedavg" / point / "seed1" / "final").is_dir()
+        record = json.loads((out / "runs" / "iid-fedavg" / point / "seed1" / "runner_train.json").read_text())
+        lr = {"p00": "optim.lr=0.001", "p01": "optim.lr=0.004"}[point]
+        assert lr in record["overrides"]
+    readme = (report / "README.md").read_text()
+    assert "## Tuning" in readme and "### fedavg" in readme and "### fedavgm" in readme
+    assert "Cost of the tuning: 4 runs" in readme and readme.count(" ✓ |") >= 4
+    assert "## At 16 samples seen" in readme and "## At 32 samples seen" in readme
+    assert readme.count("| untrained model (anchor) | 400 |") == 4  # main and partition table x 2 budgets
+    assert "Holm's step-down procedure" in readme and "[95 % CI]" in readme
+    assert "for 4 tuning runs" in readme  # the study's wall time counts the tuning
+    results = json.loads((report / "results.json").read_text())
+    assert results["study"]["tuning_runs"] == 4 and results["study"]["span_s"] > 0
+    assert results["chosen"]["iid-fedavg"] == chosen["fedavg"]
+    assert {r["seed"] for r in results["runs"]} == {0, 1}
+    assert all("confident_fraction" in r and "at" in r for r in results["runs"])
+    capsys.readouterr()
+    # again: the tuning is reused and every reporting run is finished; nothing trains
+    metrics = next((out / "runs" / "iid-fedavgm").rglob("metrics.jsonl"))
+    before = metrics.stat().st_mtime_ns
+    assert fedrun_main(args) == 0
+    err = capsys.readouterr().err
+    assert "tuning: reusing" in err and "already finished" in err and "started" not in err
+    assert metrics.stat().st_mtime_ns == before
+    assert fedrun_main(args + ["--collect"]) == 0
+
+
 @pytest.mark.slow
 def test_noniid_quick_grid_runs_and_reports(tmp_path, monkeypatch):
-    """The whole non-IID matrix at toy size, in this process (~2 s a run: about 1-2 min)."""
+    """The whole non-IID study at toy size, in this process (~2 s a run: about 2 min): one
+    tuning run per method, then 41 configurations compared at 2 budgets."""
     monkeypatch.chdir(REPO)  # base_config is relative to the repository root
     report = compare(str(REPO / "configs" / "grids" / "noniid.yaml"), quick=True,
                      output_dir=str(tmp_path / "noniid"), say=lambda *_: None).readme
     text = report.read_text()
-    assert "### Partition: shards, 1 per client" in text
+    assert "### Partition: shards, 1 per client" in text and "## Tuning" in text
     for png in ("fid_vs_samples_partitions.png", "class_mix_shard1.png"):
         assert (report.parent / png).stat().st_size > 5000
     results = json.loads((report.parent / "results.json").read_text())
-    assert len(results["runs"]) == 35 and {r["samples"] for r in results["runs"]} == {256}
+    assert len(results["runs"]) == 41 and {r["samples"] for r in results["runs"]} == {64}
+    assert results["study"]["tuning_runs"] == 8 and not results["failures"]
     assert all(0.0 <= r["min_class_fraction"] <= 0.1 for r in results["runs"])

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from fedrun.errors import ConfigError
-from fedrun.experiments import stats, tables
+from fedrun.experiments import stats, tables, tuning
 from fedrun.experiments.compare import write_report
 from fedrun.experiments.grid import Finding, Grid, GridRun, load_grid, plan
 
@@ -35,6 +35,38 @@ def test_every_grid_file_loads_and_plans(path, quick, monkeypatch):
         assert (spec.kind == "central") == (f"central.samples={grid.samples}" in spec.overrides)
         assert derived["seed"] == str(spec.seed)
         assert spec.outputs == ("final",) and spec.metric == "fid"  # what "finished" means here
+    if grid.tuning is not None:  # every tuning point makes a valid config (load_config checks it)
+        groups = tuning.build_groups(grid)
+        runs = [s for g in groups for s in tuning.group_specs(grid, g, g.points)]
+        assert len(runs) == len(groups) * len(groups[0].points) * len(grid.tuning.seeds)
+        assert not {s.seed for s in runs} & set(grid.seeds)
+
+
+@pytest.mark.parametrize("study", ["compare_paper", "communication", "noniid"])
+def test_committed_results_are_reported_again_by_the_current_code(study, tmp_path, monkeypatch):
+    """The committed reports' raw results (collected before the confident-sample rate, the
+    evaluations by budget and the tuning existed) render with today's tables; the non-IID
+    results (10 rounds, 3 seeds, untuned) against their grid at that commit, 5ca3854."""
+    import json
+
+    monkeypatch.chdir(REPO)
+    data = json.loads((REPO / "docs" / "results" / study / "results.json").read_text())
+    if study == "noniid":
+        import subprocess
+
+        old = subprocess.run(["git", "show", "5ca3854:configs/grids/noniid.yaml"], cwd=REPO,
+                             capture_output=True, text=True)
+        if old.returncode != 0:
+            pytest.skip("the grid at 5ca3854 is not in this checkout's history")
+        (tmp_path / "grid.yaml").write_text(old.stdout)
+        grid = load_grid(str(tmp_path / "grid.yaml"))
+    else:
+        grid = load_grid(data["grid"])
+    text = write_report(grid, data["runs"], tmp_path / "report", data["command"], data["wall_s"]).read_text()
+    assert "| real vs real (floor) | 1.4 |" in text
+    assert "| configuration | FID | KID ×100 | confident |" in text
+    if grid.tables:
+        assert "Holm interval" in text
 
 
 def grid_with(findings, seeds=(0, 1)):
@@ -77,34 +109,37 @@ def test_monotone_claims_compare_consecutive_means(kind, fids, verdict):
     assert verdicts(findings, {f"r{i + 1}": (fid, 0.5) for i, fid in enumerate(fids)}) == [verdict]
 
 
-def test_better_finding():
+def per_seed_summary(values):
+    """Summaries of configurations from their FIDs seed by seed (seeds 0, 1, ...)."""
+    return {name: {"fid": stats.mean_std(fids), "per_seed": {"fid": dict(enumerate(fids))}}
+            for name, fids in values.items()}
+
+
+def test_better_finding_is_a_paired_test_holm_corrected_over_the_better_claims():
+    """a - b = (-1, -2, 0, -2, -1): mean -1.2, s_d^2 = 0.7, t = -1.2 / sqrt(0.7 / 5) = -3.207,
+    p = 0.0327 (df 4; tests/unit/test_stats.py checks paired_t by hand): alone it holds; two
+    such claims are tested at 0.05 / 2 first, so neither holds."""
     better = [{"claim": "a better than b", "kind": "better", "runs": ["a", "b"]}]
-    # n = 2: se = sqrt((0.2^2 + 0.2^2) / 2) = 0.2
-    assert verdicts(better, {"a": (10.0, 0.2), "b": (10.5, 0.2)}) == ["holds"]
-    assert verdicts(better, {"a": (10.0, 0.2), "b": (10.3, 0.2)}) == ["does not hold"]
-    assert verdicts(better, {"a": (11.0, 0.2), "b": (10.0, 0.2)}) == ["does not hold"]
-    assert verdicts(better, {"a": (9.0, math.nan), "b": (10.0, math.nan)}, seeds=(0,)) == ["does not hold"]
+    a, b = [10.0, 12.0, 12.0, 13.0, 14.0], [11.0, 14.0, 12.0, 15.0, 15.0]
+    found = stats.check_findings(grid_with(better, seeds=range(5)), per_seed_summary({"a": a, "b": b}))
+    assert found[0]["verdict"] == "holds"
+    assert "difference -1.2 [-2.24, -0.161] over 5 paired seeds, p 0.033" in found[0]["detail"]
+    reverse = [{"claim": "b better than a", "kind": "better", "runs": ["b", "a"]}]
+    assert stats.check_findings(grid_with(reverse, seeds=range(5)),
+                                per_seed_summary({"a": a, "b": b}))[0]["verdict"] == "does not hold"
+    twice = better + [{"claim": "c better than d", "kind": "better", "runs": ["c", "d"]}]
+    found = stats.check_findings(grid_with(twice, seeds=range(5)),
+                                 per_seed_summary({"a": a, "b": b, "c": a, "d": b}))
+    assert [f["verdict"] for f in found] == ["does not hold"] * 2
+    assert "Holm-adjusted over the 2 'better' claims 0.065" in found[0]["detail"]
+    one_seed = stats.check_findings(grid_with(better, seeds=(0,)), per_seed_summary({"a": [9.0], "b": [10.0]}))
+    assert one_seed[0]["verdict"] == "does not hold" and "no test" in one_seed[0]["detail"]
 
 
 def test_a_claim_on_a_configuration_without_results_is_not_decided():
     better = [{"claim": "a better than b", "kind": "better", "runs": ["a", "b"]}]
     found = stats.check_findings(grid_with(better), {"a": {"fid": (10.0, 0.2)}})
     assert found[0]["verdict"] == "not decided" and "no results for b" in found[0]["detail"]
-
-
-@pytest.mark.parametrize("a, b, n, expected", [
-    # se = sqrt((0.3^2 + 0.4^2) / 1) = 0.5: |diff| 1.2 > 2 se
-    ((10.0, 0.3), (11.2, 0.4), 1, (-1.2, 0.5, "lower")),
-    ((12.0, 0.3), (11.0, 0.4), 1, (1.0, 0.5, "within the seeds' spread")),  # 1.0 <= 2 se exactly
-    ((12.1, 0.3), (11.0, 0.4), 1, (1.1, 0.5, "higher")),
-    # n = 4: se = sqrt((0.6^2 + 0.8^2) / 4) = 0.5
-    ((10.0, 0.6), (11.2, 0.8), 4, (-1.2, 0.5, "lower")),
-    ((10.0, math.nan), (10.5, math.nan), 1, (-0.5, math.nan, "no spread known")),  # one seed
-])
-def test_difference_against_two_standard_errors(a, b, n, expected):
-    diff, se, verdict = stats.difference(a, b, n)
-    assert (diff, verdict) == (pytest.approx(expected[0]), expected[2])
-    assert se == pytest.approx(expected[1], nan_ok=True)
 
 
 @pytest.mark.parametrize("value, digits, scale, text", [
@@ -206,7 +241,9 @@ def test_quick_variant_replaces_keys_and_appends_overrides(tmp_path):
 def fake_result(name, seed, fid, fractions, kind="train"):
     """What collect.collect returns for a run, made up."""
     return {"name": name, "seed": seed, "kind": kind, "fid": fid, "kid": fid / 100, "floor_fid": 1.4,
-            "floor_kid": 0.0, "class_tv": 0.5 * sum(abs(f - 0.25) for f in fractions),
+            "floor_kid": 0.0, "kid_std": 0.001, "confident_fraction": 0.8, "class_coverage": 4,
+            "floor_confident_fraction": 0.97, "floor_class_coverage": 4,
+            "class_tv": 0.5 * sum(abs(f - 0.25) for f in fractions),
             "class_fractions": fractions, "reference_class_fractions": [0.25] * 4,
             "min_class": int(np.argmin(fractions)), "min_class_fraction": min(fractions),
             "final_loss": 0.1, "samples": 64, "bytes_total": 0 if kind == "central" else 1000,
@@ -215,32 +252,65 @@ def fake_result(name, seed, fid, fractions, kind="train"):
             "steps": 16, "commit": "abc"}
 
 
+def cauchy_p(t):
+    """Two-sided p of Student's t with 1 degree of freedom (2 seeds): 1 - (2 / pi) atan(|t|)."""
+    return 1 - 2 / math.pi * math.atan(abs(t))
+
+
+# FIDs of seeds 0 and 1; the paired differences (hand-computed in the test below)
+MATRIX_FIDS = {"central": [5.0, 5.1], "iid-fedavg": [10.0, 10.4], "iid-fedavgm": [10.1, 10.3],
+               "iid-fedavgm2": [11.0, 11.6], "dir0.1-fedavg": [15.0, 15.4],
+               "dir0.1-fedavgm": [12.0, 12.2], "dir0.1-fedavgm2": [11.0, 11.3]}
+
+
 def test_report_of_a_matrix_grid_has_a_table_per_partition_and_the_figures(tmp_path):
     grid = load_text(tmp_path, MATRIX_GRID)
     grid.bytes_plot = False
-    fids = {"central": 5.0, "iid-fedavg": 10.0, "iid-fedavgm": 10.1, "iid-fedavgm2": 11.0,
-            "dir0.1-fedavg": 15.0, "dir0.1-fedavgm": 12.0, "dir0.1-fedavgm2": 11.0}
+    grid.untrained = {"fid": 11.5, "confident_fraction": 0.02, "class_coverage": 0}
     skewed = {0: [0.4, 0.3, 0.3, 0.0], 1: [0.4, 0.2, 0.3, 0.1]}
-    results = [fake_result(name, seed, fid + 0.1 * seed,
+    results = [fake_result(name, seed, fids[seed],
                            skewed[seed] if name.startswith("dir") else [0.25] * 4,
                            "central" if name == "central" else "train")
-               for name, fid in fids.items() for seed in (0, 1)]
+               for name, fids in MATRIX_FIDS.items() for seed in (0, 1)]
     summary = stats.summarise(results, [r.name for r in grid.runs])
     s = summary["dir0.1-fedavg"]
     assert s["min_class_fraction"] == pytest.approx((0.05, math.sqrt(0.005)))
     assert s["min_class"] == [3, 3]
     assert s["class_fractions"][3] == pytest.approx((0.05, math.sqrt(0.005)))
+    assert s["per_seed"]["fid"] == {0: 15.0, 1: 15.4}
     report = write_report(grid, results, tmp_path / "report", "cmd", 60.0)
     text = report.read_text()
     assert "### Partition: iid" in text and "### Partition: Dirichlet 0.1" in text
-    # rows named by method; ΔFID = -3 ± sqrt((0.0707^2 * 2) / 2) = 0.0707 -> better; iid: +0.1 within
-    assert "| fedavgm | 12.1 ± 0.0707 | -3 ± 0.071 (**better**) |" in text
-    assert "| fedavgm | 10.1 ± 0.0707 | +0.1 ± 0.071 (within spread) |" in text
-    assert "| central | 5.05 ± 0.0707 | -10 ± 0.071 (**better**) |" in text  # vs dir0.1-fedavg
-    assert "| fedavgm2 | 11.1 ± 0.0707 | -1 ± 0.071 (**better**) vs fedavgm |" in text  # its own baseline
+    # Dirichlet: fedavgm - fedavg = (-3.0, -3.2): mean -3.1, se 0.1, t -31; 95 %: ± t(0.975, 1)
+    # 0.1 = ± 1.27062. central - fedavg = (-10, -10.3): t -67.7; fedavgm2 - fedavgm (its own
+    # baseline) = (-1.0, -0.9): t -19. Holm over m = 3: p sorted central, fedavgm, fedavgm2.
+    p = [cauchy_p(-10.15 / 0.15), cauchy_p(-31), cauchy_p(-19)]
+    adjusted = [3 * p[0], max(3 * p[0], 2 * p[1]), max(3 * p[0], 2 * p[1], p[2])]
+    assert adjusted == pytest.approx([0.02822, 0.04106, 0.04106], abs=1e-5)  # all <= 0.05
+    # fedavgm (rank 2, tested at 0.025): its Holm interval is -3.1 ± tan(0.4875 pi) 0.1 = ± 2.545;
+    # both its FID (12.1) and its baseline's (15.2) are beyond the anchor 11.5: not informative
+    assert "| fedavgm | 12.1 ± 0.141 † | -3.1 [-4.37, -1.83] | [-5.65, -0.555] at 97.5 % | 0.041 " \
+           "| not informative (both †) |" in text
+    assert "| fedavgm2 | 11.2 ± 0.212 | -0.95 [-1.59, -0.315] vs fedavgm | " in text  # ± 12.706 x 0.05
+    assert "| 0.041 | **better** | 0.8 ± 0 | 4 ± 0 |" in text  # fedavgm2's verdict, then scores
+    assert "| central | 5.05 ± 0.0707 | -10.2 [-12.1, -8.24] | " in text
+    # IID: central - fedavg = (-5, -5.3), p 0.0185 < 0.05 alone, but the smallest of m = 3
+    # is tested at 0.05 / 3: adjusted 3 x 0.0185 = 0.056, no verdict; fedavgm - fedavg = (0.1,
+    # -0.1): no difference at all. central's Holm interval, at 1 - 0.05 / 3: -5.15 ± 0.15 x
+    # tan(pi (1 - 0.05 / 6 - 0.5)) = ± 0.15 x 38.19, holds 0
+    assert 3 * cauchy_p(-5.15 / 0.15) == pytest.approx(0.0556, abs=1e-4)
+    assert "| central | 5.05 ± 0.0707 | -5.15 [-7.06, -3.24] | [-10.9, +0.578] at 98.3 % | 0.056 " \
+           "| no detected difference |" in text
+    assert "| fedavgm | 10.2 ± 0.141 | +0 [-1.27, +1.27] | [-1.27, +1.27] at 95 % | 1 |" in text
+    # the range of the metric in every table: floor and anchor rows, the dagger's legend
+    assert text.count("| real vs real (floor) | 1.4 | – | – | – | – | 0.97 | 4 | – | – | 0 |") == 2
+    assert text.count("| untrained model (anchor) | 11.5 | – | – | – | – | 0.02 | 0 | – | – | – |") == 2
+    assert "| untrained model (anchor) | 11.5 | – | 0.02 | 0 |" in text  # the main table's
+    assert "† marks a mean FID or KID at or beyond it" in text
     # TV: (0.15 + 0.05 + 0.05 + 0.25) / 2 = 0.25 and (0.15 + 0.05 + 0.05 + 0.15) / 2 = 0.2
-    assert "| fedavg | 15.1 ± 0.0707 | – | 0.23 ± 0.035 | 0.05 ± 0.071 [3, 3] |" in text
-    assert "**momentum helps under skew**: holds" in text
+    assert "| fedavg | 15.2 ± 0.283 † | – | – | – | – | 0.8 ± 0 | 4 ± 0 | 0.23 ± 0.035 | 0.05 ± 0.071 [3, 3] |" in text
+    assert "Holm's step-down procedure" in text
+    assert "**momentum helps under skew**: holds" in text  # one 'better' claim: p = cauchy_p(-31)
     assert "code of commit `abc`" in text
     for png in ("panels.png", "mix.png"):
         assert (tmp_path / "report" / png).stat().st_size > 5000
@@ -283,7 +353,7 @@ def test_pareto_front_and_the_bytes_report(tmp_path):
     assert stats.pareto_front(federated) == ["dir0.1-fedavg", "iid-fedavgm", "dir0.1-fedavgm",
                                              "dir0.1-fedavgm2"]
     assert summary["iid-fedavg"]["bytes_curve"] == [(2000.0, 20.0, 0.0), (4000.0, 10.05, pytest.approx(0.0707, abs=1e-4))]
-    grid.untrained_fid = 39.5
+    grid.untrained["fid"] = 39.5
     text = write_report(grid, results, tmp_path / "report", "cmd", 60.0).read_text()
     assert "## Quality against communication" in text
     assert "The FID floor (real vs real) is 1.4; an untrained model scores 39.5." in text

@@ -1,7 +1,7 @@
 """The experiment runner without training: custom steps (functions of this module) run inline
 and as subprocesses; dependencies order them; finished steps are skipped and stale ones rerun;
 a failing step is recorded with its error (and log) while the others go on; every step records
-its commit and wall time; the Slurm backend's sweep lines and waves."""
+its commit and wall time; the Slurm backend's sweep lines and waves, tuning runs among them."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 
 from fedrun.errors import ConfigError, DataError
-from fedrun.experiments import slurm
+from fedrun.experiments import slurm, tuning
+from fedrun.experiments.grid import load_grid
+
+# The processes backend's subprocesses import this module (for write_output) with this folder
+# on their path only: no import from the tests' conftest here.
+REPO = Path(__file__).resolve().parents[2]
 from fedrun.experiments.runner import dependency_order, execute
 from fedrun.experiments.steps import BLOCKED, FAILED, FINISHED_EARLIER, RAN, RunSpec
 
@@ -121,3 +126,25 @@ def test_slurm_sweep_lines_waves_and_run_times(tmp_path):
         slurm.check_step(step(tmp_path, "custom"))
     with pytest.raises(ConfigError, match="overrides with spaces"):
         slurm.check_step(RunSpec("s", "train", tmp_path, config="x.yaml", overrides=["a=b c"]))
+
+
+def test_tuning_runs_are_ordinary_steps_for_every_backend(tmp_path):
+    """A tuning run (``fedrun.experiments.tuning``) is a training verb with a config: the Slurm
+    backend takes it as an array line with its point's overrides, its log lies beside its run
+    directory, and its id names the sweep, the point and the seed."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"base_config: {REPO / 'configs' / 'digits_fedavg.yaml'}\nseeds: [0]\nsamples: 32\n"
+                    "eval_every_samples: 16\noverrides: [num_clients=2, local_steps=1, optim.batch_size=4]\n"
+                    "runs:\n  - {name: fedavg}\n"
+                    "tuning:\n  seeds: [5]\n  methods:\n    fedavg: [{key: optim.lr, values: [1.0e-3, 4.0e-3]}]\n")
+    grid = load_grid(str(path))
+    grid.output_dir = str(tmp_path / "out")
+    group = tuning.build_groups(grid)[0]
+    first, second = tuning.group_specs(grid, group, group.points)
+    slurm.check_step(first)  # accepted by the Slurm backend
+    assert first.id == "tuning/fedavg@p00/seed5/train"
+    assert slurm.sweep_line(second).startswith("num_clients=2 local_steps=1 optim.batch_size=4 optim.lr=0.004 "
+                                               "rounds=4 eval.every=2 ")
+    assert slurm.sweep_line(second).endswith(f"seed=5 output_dir={second.run_dir} resume=never overwrite=true")
+    assert second.log_path == tmp_path / "out" / "tuning" / "fedavg" / "p01" / "seed5.train.log"
+    assert [[s.id for s in wave] for wave in slurm.waves([first, second])] == [[first.id, second.id]]

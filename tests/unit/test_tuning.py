@@ -1,0 +1,316 @@
+"""The tuning protocol without training: a grid's tuning section loads and is checked (the same
+number of points for every method, seeds disjoint from the reporting seeds, every other axis
+fixed or tuned per value); its sweeps and their runs; the choice per budget (mean over the
+tuning seeds, a point missing a seed left out, edges flagged); one extension beyond an edge;
+the reporting plan with the chosen points; the results seen at each budget; tuning.json reused
+only for the same tuning runs. ``tune`` runs here on run directories written by a stand-in for
+the runner (a made-up FID per point), so which point wins is known."""
+
+import json
+import math
+
+import pytest
+
+from conftest import REPO
+from fedrun.errors import ConfigError, FedrunError
+from fedrun.experiments import tuning
+from fedrun.experiments.collect import at_budget, budget_view
+from fedrun.experiments.grid import load_grid, plan
+from fedrun.experiments.steps import FAILED, RAN, Outcome
+
+TUNING_GRID = f"""
+base_config: {REPO / "configs" / "digits_fedavg.yaml"}
+seeds: [0, 1]
+samples: 64
+budgets: [32]
+eval_every_samples: 32
+overrides: [num_clients=4, local_steps=2, optim.batch_size=4, clients_per_round=2]
+runs:
+  - {{name: central, kind: central}}
+matrix:
+  - axis: partition
+    values:
+      - {{name: iid, overrides: [partition.method=iid]}}
+      - {{name: dir0.1, overrides: [partition.method=dirichlet, partition.alpha=0.1]}}
+  - axis: method
+    values:
+      - {{name: fedavg, overrides: []}}
+      - {{name: fedavgm, overrides: [server.strategy=fedavgm]}}
+tuning:
+  axis: method
+  at: {{partition: dir0.1}}
+  seeds: [7, 8]
+  methods:
+    fedavg:
+      - {{key: optim.lr, values: [1e-3, 2e-3, 4e-3]}}
+      - {{key: server.lr, values: [0.5, 1.0]}}
+    fedavgm:
+      - {{key: server.momentum, values: [0.5, 0.7, 0.9], extend: [0.3, 0.95]}}
+      - {{key: server.lr, values: [0.5, 1.0]}}
+    central:
+      - {{key: optim.lr, values: [1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2]}}
+"""
+
+
+def load_text(tmp_path, text=TUNING_GRID):
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    grid = load_grid(str(path))
+    grid.output_dir = str(tmp_path / "out")
+    return grid
+
+
+def test_groups_and_their_tuning_runs(tmp_path):
+    grid = load_text(tmp_path)
+    assert grid.budget_list == [32, 64]
+    groups = tuning.build_groups(grid)
+    assert [(g.name, g.run, g.serves) for g in groups] == [
+        ("fedavg", "dir0.1-fedavg", ["iid-fedavg", "dir0.1-fedavg"]),
+        ("fedavgm", "dir0.1-fedavgm", ["iid-fedavgm", "dir0.1-fedavgm"]),
+        ("central", "central", ["central"])]
+    fedavg = groups[0]
+    assert [p.label for p in fedavg.points] == ["p00", "p01", "p02", "p03", "p04", "p05"]
+    assert fedavg.points[3].values == {"optim.lr": 0.002, "server.lr": 1.0}  # YAML's '2e-3' a number
+    assert fedavg.points[3].overrides == ["optim.lr=0.002", "server.lr=1.0"]
+    specs = tuning.group_specs(grid, fedavg, fedavg.points[3:4])
+    assert [s.id for s in specs] == ["tuning/fedavg@p03/seed7/train", "tuning/fedavg@p03/seed8/train"]
+    assert specs[0].run_dir == tmp_path / "out" / "tuning" / "fedavg" / "p03" / "seed7"
+    # the dir0.1 run's overrides, the point's, then the budget of the whole grid
+    assert specs[0].overrides[4:9] == ["partition.method=dirichlet", "partition.alpha=0.1",
+                                       "optim.lr=0.002", "server.lr=1.0", "rounds=4"]
+    assert specs[0].overrides[-1] == "seed=7"
+
+
+def test_per_axis_tunes_each_value_apart(tmp_path):
+    grid = load_text(tmp_path, TUNING_GRID.replace("at: {partition: dir0.1}", "per: [partition]"))
+    assert [(g.name, g.run, g.serves) for g in tuning.build_groups(grid)][:2] == [
+        ("iid-fedavg", "iid-fedavg", ["iid-fedavg"]), ("dir0.1-fedavg", "dir0.1-fedavg", ["dir0.1-fedavg"])]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("values: [0.5, 0.7, 0.9], extend", "values: [0.5, 0.9], extend"),
+     "every method needs the same number of points; 'fedavgm' has 4 \\(server.momentum 2 x server.lr 2\\), "
+     "'fedavg' has 6 \\(optim.lr 3 x server.lr 2\\)"),
+    (("seeds: [7, 8]", "seeds: [7, 1]"), "key 'tuning.seeds': tuning seeds must be given and disjoint "
+                                          "from the reporting seeds \\[0, 1\\]; shared: \\[1\\]"),
+    (("    central:\n", "    fedprox:\n"), "key 'tuning.methods': \\['fedprox'\\]: a method is a value of"),
+    (("    fedavgm:\n      - {key: server.momentum, values: [0.5, 0.7, 0.9], extend: [0.3, 0.95]}\n"
+      "      - {key: server.lr, values: [0.5, 1.0]}\n", ""),
+     "every value of the axis 'method' is tuned; missing \\['fedavgm'\\]"),
+    (("at: {partition: dir0.1}", "per: []"), "in neither: \\['partition'\\]"),
+    (("at: {partition: dir0.1}", "at: {partition: dir0.1}\n  per: [partition]"),
+     "in both: \\['partition'\\]"),
+    (("at: {partition: dir0.1}", "at: {partition: dir9}"), "axis 'partition' has no values \\['dir9'\\]"),
+    (("seeds: [7, 8]", "seeds: [7, 8]\n  metric: loss"), "key 'tuning.metric': must be one of"),
+    (("extend: [0.3, 0.95]", "extend: [0.3]"), "'extend' is \\[below, above\\]"),
+    (("values: [0.5, 1.0]}\n    central", "values: [0.5, 0.5]}\n    central"), "needs distinct values"),
+    (("budgets: [32]", "budgets: [48]"), "key 'budgets': 48 must be an evaluation point"),
+    (("seeds: [0, 1]\n", "seeds: [0, 1]\nuntrained: {fid: 39.5, is: 1}\n"),
+     "key 'untrained' has unknown metrics"),
+])
+def test_bad_tuning_sections_are_clear_errors(tmp_path, edit, message):
+    assert edit[0] in TUNING_GRID
+    with pytest.raises(ConfigError, match=message):
+        load_text(tmp_path, TUNING_GRID.replace(*edit))
+
+
+def sweep_of(grid, scores):
+    """A Sweep whose groups hold ``scores``: group -> point label -> budget -> {seed: metric}."""
+    groups = tuning.build_groups(grid)
+    for group in groups:
+        group.scores = {label: {str(b): {str(s): v for s, v in seeds.items()}
+                                for b, seeds in by_budget.items()}
+                        for label, by_budget in scores.get(group.name, {}).items()}
+        tuning.choose(group, grid.budget_list, grid.tuning.seeds, lower_is_better=True)
+    return tuning.Sweep("sig", "fid", True, grid.tuning.seeds, grid.budget_list, groups)
+
+
+def test_the_choice_per_budget_is_the_best_mean_over_complete_points(tmp_path):
+    grid = load_text(tmp_path)
+    sweep = sweep_of(grid, {"fedavg": {
+        "p00": {32: {7: 10.0, 8: 12.0}, 64: {7: 9.0, 8: 9.0}},   # mean 11 at 32, 9 at 64
+        "p03": {32: {7: 11.0, 8: 10.0}, 64: {7: 7.0, 8: 9.0}},   # 10.5 at 32, 8 at 64
+        "p04": {32: {7: 1.0}, 64: {7: 1.0}},                      # a seed missing: no candidate
+        "p05": {32: {7: 10.0, 8: 11.0}, 64: {7: 9.0, 8: 7.0}}}})  # ties with p03 at 32 and 64
+    fedavg = sweep.groups[0]
+    assert fedavg.choice["32"] == {"point": "p03", "mean": 10.5, "extended": [],
+                                   "edges": [["server.lr", "high"]]}  # optim.lr 2e-3: inside
+    assert fedavg.choice["64"]["point"] == "p03" and fedavg.choice["64"]["mean"] == 8.0
+    assert sweep.groups[1].choice == {"32": None, "64": None}  # no results at all
+    assert sweep.tuned()["iid-fedavg"] == {"p03": (["optim.lr=0.002", "server.lr=1.0"], 64)}
+    assert sweep.tuned()["dir0.1-fedavgm"] == {}
+    assert sweep.chosen()["dir0.1-fedavg"] == {32: "p03", 64: "p03"}
+    highest = sweep_of(grid, {})
+    highest.groups[0].scores = fedavg.scores
+    tuning.choose(highest.groups[0], [64], [7, 8], lower_is_better=False)  # e.g. coverage
+    assert highest.groups[0].choice["64"]["point"] == "p00"
+
+
+def test_edges_and_the_point_beyond_them(tmp_path):
+    grid = load_text(tmp_path)
+    sweep = sweep_of(grid, {"fedavg": {"p05": {32: {7: 5.0, 8: 5.0}}},
+                            "fedavgm": {"p00": {32: {7: 5.0, 8: 5.0}, 64: {7: 5.0, 8: 5.0}},
+                                        "p05": {64: {7: 4.0, 8: 4.0}}}})
+    fedavg, fedavgm = sweep.groups[:2]
+    # p05 = (4e-3, 1.0): the top of both axes
+    assert fedavg.choice["32"]["edges"] == [["optim.lr", "high"], ["server.lr", "high"]]
+    assert tuning.beyond(fedavg.axes[0], "high") == pytest.approx(8e-3)  # geometric: 4e-3^2 / 2e-3
+    assert tuning.beyond(fedavg.axes[0], "low") == pytest.approx(5e-4)
+    assert tuning.beyond(fedavgm.axes[0], "low") == 0.3  # its 'extend'
+    assert tuning.beyond({"values": [0.0, 0.01], "extend": None}, "high") is None  # not all positive
+    new = tuning.extension_points(fedavg, [32, 64])
+    assert [(p.label, p.values, p.extension) for p in new] == [
+        ("x00", {"optim.lr": pytest.approx(8e-3), "server.lr": 1.0}, True),
+        ("x01", {"optim.lr": 4e-3, "server.lr": 2.0}, True)]
+    assert fedavg.choice["32"]["extended"] == [["optim.lr", "high", "x00"], ["server.lr", "high", "x01"]]
+    # p00 = (momentum 0.5, lr 0.5) at 32: low edges; p05 = (0.9, 1.0) at 64: high edges
+    assert [p.values for p in tuning.extension_points(fedavgm, [32, 64])] == [
+        {"server.momentum": 0.3, "server.lr": 0.5}, {"server.momentum": 0.5, "server.lr": 0.25},
+        {"server.momentum": 0.95, "server.lr": 1.0}, {"server.momentum": 0.9, "server.lr": 2.0}]
+    # choosing again: the extension x00 wins at 32, still on the (new) high edge of optim.lr
+    fedavg.scores["x00"] = {"32": {"7": 4.0, "8": 4.0}}
+    fedavg.scores["x01"] = {"32": {"7": 6.0, "8": 6.0}}
+    tuning.choose(fedavg, [32], [7, 8], True)
+    assert fedavg.choice["32"]["point"] == "x00"
+    assert fedavg.choice["32"]["edges"] == [["optim.lr", "high"]]  # server.lr 1.0: now inside
+    assert fedavg.choice["32"]["extended"][0] == ["optim.lr", "high", "x00"]  # kept
+
+
+def test_reporting_runs_train_the_chosen_points_to_the_largest_budget_choosing_them(tmp_path):
+    grid = load_text(tmp_path)
+    sweep = sweep_of(grid, {"fedavg": {"p00": {32: {7: 1.0, 8: 1.0}, 64: {7: 9.0, 8: 9.0}},
+                                       "p01": {32: {7: 5.0, 8: 5.0}, 64: {7: 2.0, 8: 2.0}}}})
+    specs = plan(grid, sweep.tuned())
+    by_id = {s.id: s for s in specs}
+    assert not [i for i in by_id if i.startswith(("central", "iid-fedavgm"))]  # tuned, no choice
+    short, long = by_id["iid-fedavg@p00/seed1/train"], by_id["iid-fedavg@p01/seed1/train"]
+    assert short.run_dir == tmp_path / "out" / "runs" / "iid-fedavg" / "p00" / "seed1"
+    assert "rounds=2" in short.overrides and "rounds=4" in long.overrides  # 32 and 64 samples
+    assert "optim.lr=0.001" in short.overrides and "server.lr=1.0" in long.overrides
+    assert len(specs) == 2 * 2 * 2  # {iid, dir0.1}-fedavg at 2 points, 2 seeds
+
+
+def made_up(name, seed, fids, samples=64):
+    """A collected result with an evaluation at each of ``fids`` (samples -> FID)."""
+    at = {str(s): {"fid": f, "kid": f / 100, "final_loss": 0.1} for s, f in fids.items()}
+    return {"name": name, "seed": seed, "kind": "train", "samples": samples, "fid": fids[samples],
+            "kid": fids[samples] / 100, "final_loss": 0.1, "at": at}
+
+
+def test_results_at_each_budget():
+    results = [made_up("central", 0, {32: 8.0, 64: 6.0}), made_up("a@p00", 0, {32: 5.0}, samples=32),
+               made_up("a@p01", 0, {32: 7.0, 64: 3.0}), made_up("old", 0, {64: 4.0})]
+    results[-1].pop("at")  # collected before evaluations were kept by budget
+    assert at_budget(results[0], 32)["fid"] == 8.0 and at_budget(results[0], 32)["samples"] == 32
+    assert at_budget(results[-1], 64)["fid"] == 4.0
+    with pytest.raises(FedrunError, match="run 'old' seed 0 has no evaluation at 32 samples seen"):
+        at_budget(results[-1], 32)
+    chosen = {"a": {32: "p00", 64: "p01"}}
+    early = budget_view(results[:3], 32, chosen)
+    assert [(r["name"], r["point"], r["fid"]) for r in early] == [("central", None, 8.0), ("a", "p00", 5.0)]
+    assert [(r["name"], r["fid"]) for r in budget_view(results, 64, chosen)] == [
+        ("central", 6.0), ("a", 3.0), ("old", 4.0)]
+
+
+def write_run(spec, fid_of):
+    """What a finished grid run leaves: final/ and its evaluations in metrics.jsonl, with the
+    FID ``fid_of(spec, samples)`` at each evaluation point."""
+    rounds = int(next(o for o in spec.overrides if o.startswith("rounds="))[7:])
+    every = int(next(o for o in spec.overrides if o.startswith("eval.every="))[11:])
+    (spec.run_dir / "final").mkdir(parents=True, exist_ok=True)
+    records = []
+    for done in range(1, rounds + 1):
+        samples = done * spec.round_samples
+        record = {"round": done, "samples": samples, "train_loss": 0.1, "bytes_total": 8 * done}
+        if done % every == 0 or done == rounds:
+            record.update(fid=fid_of(spec, samples), kid=0.01, floor_fid=1.4, floor_kid=0.0,
+                          eval_samples=24, eval_reference=180, eval_feature="digits")
+        records.append(json.dumps(record))
+    (spec.run_dir / "metrics.jsonl").write_text("\n".join(records) + "\n")
+
+
+def test_tune_chooses_extends_once_saves_and_reuses(tmp_path):
+    """A made-up FID: (log2(lr / 4e-3))^2 + |server lr - 1| + samples / 64, lowest at lr 4e-3
+    and server lr 1, the top of fedavg's axes: flagged, extended once to 8e-3 and to 2 (both
+    worse), chosen again, inside now."""
+    grid = load_text(tmp_path)
+    grid.tuning.extend_edges = True
+    ran = []
+
+    def fid_of(spec, samples):
+        values = dict(o.split("=", 1) for o in spec.overrides)
+        lr = float(values.get("optim.lr", 2e-3))
+        return math.log2(lr / 4e-3) ** 2 + abs(float(values.get("server.lr", 1.0)) - 1) + samples / 64
+
+    def run(specs):
+        for spec in specs:
+            write_run(spec, fid_of)
+        ran.append(len(specs))
+        return {spec.id: Outcome(spec, RAN, wall_s=2.0) for spec in specs}
+
+    sweep = tuning.tune(grid, run, tmp_path / "report" / "tuning.json", say=lambda *_: None)
+    fedavg = sweep.groups[0]
+    assert fedavg.choice["64"]["point"] == "p05" and fedavg.choice["64"]["mean"] == pytest.approx(1.0)
+    assert fedavg.choice["64"]["extended"] == [["optim.lr", "high", "x00"], ["server.lr", "high", "x01"]]
+    assert fedavg.choice["64"]["edges"] == []  # inside once 8e-3 and 2 were tried
+    assert fedavg.scores["x00"]["64"] == {"7": pytest.approx(2.0), "8": pytest.approx(2.0)}
+    # 3 groups x 6 points x 2 seeds, then the points beyond: fedavg 2; fedavgm 2 (the momentum
+    # makes no difference: the first of the tied points, p01 = (0.5, 1.0), is on the low edge of
+    # the momentum and the high edge of the server lr); central none (4e-3 is inside)
+    assert ran == [36, 2 * (2 + 2)]
+    assert sweep.groups[1].choice["64"]["point"] == "p01" and sweep.groups[1].choice["64"]["edges"] == []
+    assert sweep.complete and sweep.cost["runs"] == 44 and sweep.cost["wall_s"] == pytest.approx(0.0)
+    saved = json.loads((tmp_path / "report" / "tuning.json").read_text())
+    assert saved["signature"] == sweep.signature and saved["groups"][0]["choice"]["64"]["point"] == "p05"
+    # again: the same tuning runs, reused from the file without running anything
+    again = tuning.tune(grid, run, tmp_path / "report" / "tuning.json", say=lambda *_: None)
+    assert again.reused and len(ran) == 2 and again.groups[0].choice == fedavg.choice
+    assert again.tuned() == sweep.tuned()
+    # other tuning runs (another seed): not the same sweep, tuned again
+    grid.tuning.seeds = [7, 9]
+    tuning.tune(grid, run, tmp_path / "report" / "tuning.json", say=lambda *_: None)
+    assert len(ran) == 4
+
+
+def test_a_tuning_with_failed_runs_chooses_among_the_rest_and_is_tuned_again(tmp_path):
+    grid = load_text(tmp_path)
+    calls = []
+
+    def run(specs):
+        calls.append(len(specs))
+        outcomes = {}
+        for spec in specs:
+            if spec.name == "tuning/fedavg@p00" and spec.seed == 8:
+                outcomes[spec.id] = Outcome(spec, FAILED, wall_s=1.0, error="boom")
+                continue
+            write_run(spec, lambda spec, samples: 1.0 if "optim.lr=0.001" in spec.overrides else 2.0)
+            outcomes[spec.id] = Outcome(spec, RAN)
+        return outcomes
+
+    sweep = tuning.tune(grid, run, tmp_path / "tuning.json", say=lambda *_: None)
+    assert not sweep.complete
+    assert [(f["name"], f["seed"]) for f in sweep.failures] == [("tuning/fedavg@p00", 8)]
+    assert sweep.groups[0].choice["64"]["point"] == "p01"  # p00 (lower FID) lacks seed 8
+    assert sweep.cost["wall_s"] == 1.0  # the failed run's time; the others wrote no record
+    tuning.tune(grid, run, tmp_path / "tuning.json", say=lambda *_: None)
+    assert calls == [36, 36]  # incomplete: not reused (the runner skips what is finished)
+    collected = tuning.tune(grid, run, tmp_path / "tuning.json", say=lambda *_: None, collect_only=True)
+    assert collected.reused and calls == [36, 36]  # collecting: the saved sweep as it is
+
+
+def test_the_sweep_tables_of_the_report(tmp_path):
+    from fedrun.experiments.tables import sweep_tables
+
+    grid = load_text(tmp_path)
+    sweep = sweep_of(grid, {"fedavg": {"p00": {32: {7: 50.0, 8: 52.0}, 64: {7: 9.0, 8: 11.0}},
+                                       "p03": {32: {7: 30.0, 8: 32.0}, 64: {7: 20.0, 8: 22.0}}}})
+    sweep.cost = {"runs": 36, "wall_s": 7200.0}
+    text = "\n".join(sweep_tables(sweep, anchor=40.0))
+    assert "Cost of the tuning: 36 runs, 2.00 h of run time" in text
+    assert "The untrained model scores fid 40; †: a mean at or beyond it." in text
+    assert "| point | optim.lr | server.lr | fid at 32: per seed | mean | fid at 64: per seed | mean |" in text
+    assert "| p00 | 0.001 | 0.5 | 50, 52 | 51 † | 9, 11 | **10** ✓ |" in text
+    assert "| p03 | 0.002 | 1 | 30, 32 | **31** ✓ | 20, 22 | 21 |" in text
+    assert "| p01 | 0.001 | 1 | –, – | – | –, – | – |" in text  # not run (or failed)
+    assert "- 64 samples: **chosen p00 is on the low edge of `optim.lr`**" in text
+    assert "### fedavgm" in text and "- 32 samples: **no point has results for every tuning seed**" in text
