@@ -137,6 +137,18 @@ class ClientConfig:
     stateful_optimizer: bool = False
     """Keep each client's optimizer state (AdamW moments, SGD momentum) across its rounds, in the
     client state store; false = a fresh optimizer every round (FedAvg as published)."""
+    vectorize: int = 0
+    """Vectorized clients (``fedrun.fl.vectorized``): train groups of up to this many clients
+    at once with torch.func (vmap over their stacked weights; one optimizer over the stack),
+    each with its own (seed, client, round) randomness; the result equals one-by-one training
+    up to fp32 rounding. Groups hold clients with equal local step counts and are dealt to
+    ranks whole, so 1, 2, 3, ... processes stay bit-identical. Fast for many small clients
+    (one image, a few steps); needs a task that splits its loss (ddpm, dit), client.algorithm=fedavg
+    without stateful_optimizer, precision=fp32. 0 = off (one client after another)."""
+
+    def __post_init__(self) -> None:
+        _require(self.vectorize >= 0, "client.vectorize",
+                 f"must be >= 0 (clients per group; 0 = off), got {self.vectorize}")
 
 
 @dataclass
@@ -309,6 +321,12 @@ class EvalConfig:
     """Noise seed of the evaluation samples (the same at every evaluation) and of the floor subset."""
     kid_subset_size: int = 100
     """KID subset size (capped by the number of reference and generated images)."""
+    tstr: bool = False
+    """Also score train-on-synthetic, test-on-real (``fedrun.eval.tstr``): a small classifier
+    trained on the samples (labelled by the digits classifier, or a conditional task's labels),
+    tested on the held-out images: ``tstr_accuracy``, beside ``trtr_accuracy`` (the same
+    classifier trained on as many real images) and ``tstr_chance``. Needs labelled held-out
+    images; costs a few seconds per evaluation on a CPU core."""
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
@@ -354,7 +372,9 @@ class PrivacyConfig:
     each client's whole update is clipped to L2 norm ``clip_norm`` (update transform 'dp_clip'),
     Gaussian noise N(0, (noise_multiplier * clip_norm)^2) is added once to the round's sum
     (server transform 'dp_noise', seeded by (seed, round): the same on every rank), the sum is
-    divided by the expected cohort size, and dp-accounting's RDP accountant reports epsilon."""
+    divided by the expected cohort size, and dp-accounting's RDP (or PLD) accountant reports
+    epsilon. Optionally the clip norm adapts to a quantile of the update norms (Andrew et al.
+    2021). A DP run prints a pre-flight check of noise against the weights before round 1."""
 
     enabled: bool = False
     """Turn DP-FedAvg on: 'dp_clip' and 'dp_noise' are appended to aggregation.update_transforms /
@@ -375,6 +395,22 @@ class PrivacyConfig:
     without replacement under replace-one adjacency)."""
     max_noise_multiplier: float = 20.0
     """A target_epsilon that needs a larger sigma than this within ``rounds`` is refused."""
+    accountant: str = "rdp"
+    """Which dp_accounting accountant reports epsilon (every record's 'epsilon') and calibrates
+    target_epsilon: 'rdp' (RdpAccountant) or 'pld' (PLDAccountant, privacy loss distributions:
+    tighter; Poisson sampling only). final/privacy.json holds both where both apply."""
+    clip_quantile: Optional[float] = None
+    """Adaptive clipping (Andrew et al. 2021): the target quantile gamma of the clients' update
+    norms that the clip norm tracks (e.g. 0.5: half the clients unclipped); clip_norm is then
+    the initial clip. null = a fixed clip_norm."""
+    clip_lr: float = 0.2
+    """eta_C of adaptive clipping: C <- C * exp(-eta_C * (b - gamma)) after each round, b the
+    noised fraction of unclipped clients."""
+    count_noise_std: Optional[float] = None
+    """sigma_b of adaptive clipping: std of the Gaussian noise on the count of unclipped clients
+    (null = 0.05 * clients_per_round). noise_multiplier (or the calibrated sigma) stays the
+    total that is accounted; the update's noise multiplier is raised to
+    (sigma^-2 - (2 sigma_b)^-2)^-1/2, so 2 * sigma_b must exceed sigma."""
 
     def __post_init__(self) -> None:
         _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
@@ -387,6 +423,17 @@ class PrivacyConfig:
                  f"must be 'poisson' or 'fixed', got '{self.sampling}'")
         _require(self.max_noise_multiplier > 0, "privacy.max_noise_multiplier",
                  f"must be > 0, got {self.max_noise_multiplier}")
+        _require(self.accountant in ("rdp", "pld"), "privacy.accountant",
+                 f"must be 'rdp' or 'pld', got '{self.accountant}'")
+        _require(not (self.accountant == "pld" and self.sampling == "fixed"), "privacy.accountant",
+                 "'pld' accounts Poisson cohorts only: dp_accounting's PLDAccountant refuses the "
+                 "replace-one adjacency that privacy.sampling=fixed is analysed under; use "
+                 "privacy.accountant=rdp or privacy.sampling=poisson")
+        _require(self.clip_quantile is None or 0 < self.clip_quantile < 1, "privacy.clip_quantile",
+                 f"must be in (0, 1) or null, got {self.clip_quantile}")
+        _require(self.clip_lr > 0, "privacy.clip_lr", f"must be > 0, got {self.clip_lr}")
+        _require(self.count_noise_std is None or self.count_noise_std > 0, "privacy.count_noise_std",
+                 f"must be > 0 or null, got {self.count_noise_std}")
         if self.enabled:
             _require((self.noise_multiplier is None) != (self.target_epsilon is None),
                      "privacy.noise_multiplier",
@@ -845,6 +892,29 @@ def _check_pieces(cfg: Any, task_cls: type) -> None:
                               f"'{name}' is lossless, so there is nothing to feed back")
     FEATURE_EXTRACTORS.check(cfg.eval.feature)
     task_cls.check_config(cfg)
+    _check_vectorize(cfg, task_cls)
+
+
+def _check_vectorize(cfg: Any, task_cls: type) -> None:
+    """What vectorized clients (client.vectorize > 0) cannot run, refused by name."""
+    if not cfg.client.vectorize:
+        return
+    key = "config key 'client.vectorize'"
+    if not getattr(task_cls, "supports_vectorized_clients", False):
+        raise ConfigError(f"{key}: task '{task_cls.name}' does not split its loss into a step's "
+                          "drawn inputs and the loss of them (Task.draw_step / step_loss), which "
+                          "vectorized clients need; set client.vectorize=0")
+    algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
+    if not getattr(algorithm, "vectorizable", False):
+        raise ConfigError(f"{key}: client algorithm '{cfg.client.algorithm}' changes the local "
+                          "steps (gradient hooks or state), which vectorized clients do not run; "
+                          "use client.algorithm=fedavg, or client.vectorize=0")
+    if cfg.client.stateful_optimizer:
+        raise ConfigError(f"{key}: vectorized clients start a fresh optimizer every round; set "
+                          "client.stateful_optimizer=false, or client.vectorize=0")
+    if cfg.precision != "fp32":
+        raise ConfigError(f"{key}: vectorized clients train in fp32 only, got "
+                          f"precision={cfg.precision}; set precision=fp32, or client.vectorize=0")
 
 
 def _build_params(registry: Registry, name: str, values: Any, where: str) -> Any:

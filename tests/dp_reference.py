@@ -19,3 +19,24 @@ def library_epsilon(q, sigma, rounds, delta, fixed=None):
             *fixed, dp_accounting.GaussianDpEvent(sigma / 2))
     accountant.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     return accountant.get_epsilon(delta)
+
+
+def library_pld_epsilon(q, sigma, rounds, delta):
+    """dp_accounting's PLDAccountant for ``rounds`` Poisson-sampled Gaussian rounds (add/remove-one,
+    noise multiplier sigma), built here independently of fedrun.fl.privacy."""
+    import dp_accounting
+    from dp_accounting.pld import PLDAccountant
+
+    accountant = PLDAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), rounds))
+    return accountant.get_epsilon(delta)
+
+
+def pld_by_hand(q, sigma, rounds, delta):
+    """The same guarantee from the privacy loss distribution itself, without an accountant: the
+    subsampled Gaussian's PLD, self-composed ``rounds`` times."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    pld = privacy_loss_distribution.from_gaussian_mechanism(sigma, sampling_prob=q)
+    return pld.self_compose(rounds).get_epsilon_for_delta(delta)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from fedrun.config import Config
@@ -47,8 +48,13 @@ from fedrun.fl.aggregation.transforms import (RoundInfo, ServerTransform, Update
                                               UpdateTransform, build_server_transforms,
                                               build_update_transforms)
 from fedrun.fl.clients import ClientAlgorithm, build_client_algorithm
-from fedrun.fl.local import ClientJob, batch_indices, client_generator, num_local_steps
+from fedrun.fl.local import (ClientJob, ClientResult, batch_indices, client_generator,
+                             num_local_steps)
+from fedrun.fl.vectorized import GroupTrainer, client_groups, deal_groups, draw_client_steps, stack_steps
 from fedrun.fl.privacy.accountant import PrivacySpec, privacy_spec, write_privacy_file
+from fedrun.fl.privacy.adaptive import ClipNorm
+from fedrun.fl.privacy.preflight import Preflight, privacy_preflight
+from fedrun.fl.privacy.transforms import share_clip_norm
 from fedrun.fl.strategies import ServerStrategy, build_server
 from fedrun.rng import derived_generator
 from fedrun.tasks.base import Task, build_task
@@ -71,6 +77,7 @@ class Seams:
     uplink: Channel  # aggregation.uplink: the clients' messages
     downlink: Channel  # aggregation.downlink: the round's change of the model
     privacy: Optional[PrivacySpec] = None  # DP-FedAvg's parameters (privacy.enabled)
+    clip_norm: Optional[ClipNorm] = None  # DP's clip norm in use (moves: privacy.clip_quantile)
 
     @property
     def keeps_client_state(self) -> bool:
@@ -82,10 +89,11 @@ class Seams:
 def build_seams(cfg: Config) -> Seams:
     """Every seam of ``cfg``; DP's sigma is calibrated (or an unreachable budget refused) here,
     before anything is built."""
+    update_transforms, server_transforms = build_update_transforms(cfg), build_server_transforms(cfg)
     return Seams(server=build_server(cfg.server), algorithm=build_client_algorithm(cfg),
-                 update_transforms=build_update_transforms(cfg),
-                 server_transforms=build_server_transforms(cfg),
+                 update_transforms=update_transforms, server_transforms=server_transforms,
                  privacy=privacy_spec(cfg) if cfg.privacy.enabled else None,
+                 clip_norm=share_clip_norm(update_transforms, server_transforms),
                  uplink=build_channel(cfg.aggregation.uplink),
                  downlink=build_channel(cfg.aggregation.downlink))
 
@@ -118,6 +126,8 @@ class Federation:
     exchange: Exchange  # what of the vector travels (aggregation.shared)
     store: Optional[ClientStateStore] = None
     tracking: Tracking = field(default_factory=Tracking)
+    vectorized: Optional[GroupTrainer] = None  # client.vectorize: trains a group of clients at once
+    preflight: Optional[Preflight] = None  # DP's signal-against-noise check, from the initial weights
 
 
 # ---------------------------------------------------------------- set-up
@@ -136,7 +146,11 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
     keeps_state = (seams.keeps_client_state or exchange.personal is not None
                    or task.keeps_client_state())
     store = ClientStateStore(Path(cfg.output_dir)) if keeps_state else None
-    fed = Federation(run, seams, exchange, store)
+    vectorized = (GroupTrainer(task.functional_model(run.model), run.params, task.step_loss, cfg.optim)
+                  if cfg.client.vectorize else None)
+    preflight = (privacy_preflight(seams.privacy, cfg.rounds, run.global_weights)
+                 if seams.privacy is not None else None)  # before a restore: the initial weights
+    fed = Federation(run, seams, exchange, store, vectorized=vectorized, preflight=preflight)
     if run.resume_from is not None:
         restore(fed, load_checkpoint(run.resume_from))
     return fed
@@ -154,6 +168,8 @@ def restore(fed: Federation, ckpt) -> None:
             f"gives {sigma}: privacy.target_epsilon calibrates sigma for 'rounds', so a DP run "
             "resumes only with the 'rounds' it was calibrated for (its past rounds would otherwise "
             "be accounted with the wrong sigma)")
+    if seams.privacy is not None and seams.privacy.adaptive is not None:
+        seams.clip_norm.value = float(ckpt.state["privacy_clip_norm"])  # the next round's clip
     if fed.store is not None and ckpt.path.resolve().parent.parent != Path(run.cfg.output_dir).resolve():
         raise CheckpointError(f"checkpoint '{ckpt.path}' belongs to another run directory, and "
                               f"client algorithm '{seams.algorithm.name}' keeps per-client state "
@@ -182,6 +198,8 @@ def select_clients(fed: Federation, global_round: int) -> tuple[list, list, list
                               global_round)
     survivors = [c for c in cohort if c not in dropped]
     costs = [client_steps(run, c) for c in survivors]
+    if cfg.client.vectorize:  # whole groups, fixed whatever the world size
+        return cohort, dropped, deal_groups(survivors, costs, cfg.client.vectorize, run.world_size)[run.rank]
     return cohort, dropped, assign_to_ranks(survivors, run.world_size, costs)[run.rank]
 
 
@@ -213,64 +231,121 @@ def new_round_buffer(fed: Federation, cohort: list) -> RoundBuffer:
                       for s in segments})
     buffer = RoundBuffer(run.params.numel, cohort, run.world_size, run.device,
                          reuse=fed.tracking.round_buffer, segments=segments, exact=exact,
-                         transforms=fed.seams.update_transforms)
+                         transforms=fed.seams.update_transforms,
+                         scalars=[s for t in fed.seams.update_transforms for s in t.scalar_slots])
     fed.tracking.round_buffer = buffer
     return buffer
 
 
 def train_local(fed: Federation, cohort: list, mine: list, global_round: int) -> RoundBuffer:
     """Step 2: run the client algorithm for this rank's clients, each from the global weights,
-    into the round buffer."""
-    run, cfg, algorithm, store, exchange = fed.run, fed.run.cfg, fed.seams.algorithm, fed.store, fed.exchange
+    into the round buffer: one after another, or (client.vectorize) a group of clients at once,
+    whose weights then enter the buffer one by one as a sequential client's do."""
+    run = fed.run
     buffer = new_round_buffer(fed, cohort)
     started = time.perf_counter()
-    for client in mine:
-        run.params.load_(run.global_weights)
-        generator = client_generator(cfg.seed, client, global_round)
-        batches = batch_indices(run.client_indices[client], client_steps(run, client),
-                                cfg.optim.batch_size, generator)
-        state = (store.load(client, global_round, fed.tracking.state_versions.get(client))
-                 if store is not None else None)
-        residual = state.pop(UPLINK_RESIDUAL, None) if state is not None else None
-        if exchange.personal is not None:  # the client's own parts (the initial ones at first)
-            personal = state.pop(PERSONAL, None) if state is not None else None
-            run.params.flat[exchange.personal] = (personal.to(run.device) if personal is not None
-                                                  else exchange.initial_personal)
-        run.task.start_client(run, client, global_round, state)
-        result = algorithm.train(ClientJob(
-            client, global_round, run.model, run.params, run.global_weights, batches, generator,
-            run.task.loss, cfg.optim, run.device, cfg.precision,
-            state if algorithm.stateful and state else None))
-        if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
-            run.params.flat[0] = float("nan")
-        weight = _weight(run, client)
-        segments, new_state = _with_task_extras(
-            result, run.task.finish_client(run, client, weight, global_round))
-        info = UpdateInfo(client, global_round, cfg.seed, weight, result.mean_loss)
-        uplink = _Uplink(fed.seams.uplink, cfg.seed, global_round, client, residual,
-                         exchange.sent(fed.tracking.assignment.get(client)))
-        if buffer.add_client(client, run.params.flat, run.global_weights, weight, result.mean_loss,
-                             result.samples, info=info, segments=segments,
-                             uplink=uplink if uplink.needed else None):
-            new_state = dict(new_state or {})
-            if uplink.residual is not None:
-                new_state[UPLINK_RESIDUAL] = uplink.residual
-            if exchange.personal is not None:
-                new_state[PERSONAL] = run.params.flat[exchange.personal].clone()
-            if store is not None and new_state:
-                store.save(client, global_round + 1, new_state)
-                if cfg.checkpoint.every == 0:
-                    # no periodic checkpoint can need an older version (the final one reads the
-                    # newest): keep one per client, so the disk holds C x state, not
-                    # rounds x K x state. With periodic checkpoints, rank 0 prunes after each
-                    # (``_prune_client_states``): a rule that reads the checkpoint folder here
-                    # would depend on how far rank 0 has got, and differ between ranks.
-                    store.prune(global_round + 1, clients=[client])
-            run.task.observe_client(run, client, weight, global_round)
+    if fed.vectorized is None:
+        for client in mine:
+            _train_client(fed, buffer, client, global_round)
+    else:  # the groups select_clients dealt to this rank (cut again, they come back whole)
+        steps = [client_steps(run, client) for client in mine]
+        for group in client_groups(mine, steps, run.cfg.client.vectorize):
+            _train_group(fed, buffer, group, global_round)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     buffer.set_compute_time(run.rank, time.perf_counter() - started)
     return buffer
+
+
+@dataclass
+class _ClientStart:
+    """A client ready to train (the replica holds its starting weights)."""
+
+    client: int
+    generator: torch.Generator  # its (seed, client, round) stream, the batches already drawn
+    batches: np.ndarray  # (steps, batch) sample indices
+    state: Optional[Dict[str, torch.Tensor]]  # its stored state, less what the engine keeps
+    residual: Optional[torch.Tensor]  # the uplink's error feedback
+
+
+def _start_client(fed: Federation, client: int, global_round: int) -> _ClientStart:
+    """The global weights (with the client's personal parts) into the replica, the client's
+    generator, batches and stored state, and the task's start."""
+    run, cfg, store, exchange = fed.run, fed.run.cfg, fed.store, fed.exchange
+    run.params.load_(run.global_weights)
+    generator = client_generator(cfg.seed, client, global_round)
+    batches = batch_indices(run.client_indices[client], client_steps(run, client),
+                            cfg.optim.batch_size, generator)
+    state = (store.load(client, global_round, fed.tracking.state_versions.get(client))
+             if store is not None else None)
+    residual = state.pop(UPLINK_RESIDUAL, None) if state is not None else None
+    if exchange.personal is not None:  # the client's own parts (the initial ones at first)
+        personal = state.pop(PERSONAL, None) if state is not None else None
+        run.params.flat[exchange.personal] = (personal.to(run.device) if personal is not None
+                                              else exchange.initial_personal)
+    run.task.start_client(run, client, global_round, state)
+    return _ClientStart(client, generator, batches, state, residual)
+
+
+def _train_client(fed: Federation, buffer: RoundBuffer, client: int, global_round: int) -> None:
+    """One client: the client algorithm from the global weights, then its contribution."""
+    run, cfg, algorithm = fed.run, fed.run.cfg, fed.seams.algorithm
+    start = _start_client(fed, client, global_round)
+    result = algorithm.train(ClientJob(
+        client, global_round, run.model, run.params, run.global_weights, start.batches,
+        start.generator, run.task.loss, cfg.optim, run.device, cfg.precision,
+        start.state if algorithm.stateful and start.state else None))
+    _contribute(fed, buffer, start, result, global_round)
+
+
+def _train_group(fed: Federation, buffer: RoundBuffer, group: List[int], global_round: int) -> None:
+    """A group of clients with equal step counts trained at once (``fedrun.fl.vectorized``):
+    each one's starting weights and drawn inputs as a sequential client's, then each one's
+    final weights through the replica into the buffer."""
+    run = fed.run
+    starts = torch.empty(len(group), run.params.numel, device=run.device)
+    begun, draws = [], []
+    for row, client in enumerate(group):
+        begun.append(_start_client(fed, client, global_round))
+        starts[row].copy_(run.params.flat)
+        draws.append(draw_client_steps(run.task.draw_step, begun[-1].batches, begun[-1].generator))
+    finals, losses = fed.vectorized.train(starts, stack_steps(draws))
+    for start, final, loss in zip(begun, finals, losses):
+        run.params.load_(final)
+        _contribute(fed, buffer, start, ClientResult(loss, int(start.batches.size)), global_round)
+
+
+def _contribute(fed: Federation, buffer: RoundBuffer, start: _ClientStart, result: ClientResult,
+                global_round: int) -> None:
+    """With the client's trained weights in the replica: the task's extras, the uplink, the
+    update transforms and the weighted sum (``RoundBuffer.add_client``), then its new state."""
+    run, cfg, store, exchange, client = fed.run, fed.run.cfg, fed.store, fed.exchange, start.client
+    if [global_round + 1, client] in cfg.faults.nonfinite_schedule:  # simulated corruption
+        run.params.flat[0] = float("nan")
+    weight = _weight(run, client)
+    segments, new_state = _with_task_extras(
+        result, run.task.finish_client(run, client, weight, global_round))
+    info = UpdateInfo(client, global_round, cfg.seed, weight, result.mean_loss)
+    uplink = _Uplink(fed.seams.uplink, cfg.seed, global_round, client, start.residual,
+                     exchange.sent(fed.tracking.assignment.get(client)))
+    if buffer.add_client(client, run.params.flat, run.global_weights, weight, result.mean_loss,
+                         result.samples, info=info, segments=segments,
+                         uplink=uplink if uplink.needed else None):
+        new_state = dict(new_state or {})
+        if uplink.residual is not None:
+            new_state[UPLINK_RESIDUAL] = uplink.residual
+        if exchange.personal is not None:
+            new_state[PERSONAL] = run.params.flat[exchange.personal].clone()
+        if store is not None and new_state:
+            store.save(client, global_round + 1, new_state)
+            if cfg.checkpoint.every == 0:
+                # no periodic checkpoint can need an older version (the final one reads the
+                # newest): keep one per client, so the disk holds C x state, not
+                # rounds x K x state. With periodic checkpoints, rank 0 prunes after each
+                # (``_prune_client_states``): a rule that reads the checkpoint folder here
+                # would depend on how far rank 0 has got, and differ between ranks.
+                store.prune(global_round + 1, clients=[client])
+        run.task.observe_client(run, client, weight, global_round)
 
 
 class _Uplink:
@@ -324,7 +399,8 @@ def server_update(seams: Seams, weights: torch.Tensor, ema: EMA, result: RoundRe
     if result.total_weight <= 0 and seams.privacy is None:
         return False, {}
     info = RoundInfo(global_round, seed, result.total_weight,
-                     accepted=sum(1 for w in result.client_weight.values() if w > 0))
+                     accepted=sum(1 for w in result.client_weight.values() if w > 0),
+                     scalars=result.scalars)
     metrics: dict = {}
     for transform in seams.server_transforms:
         metrics.update(transform(result.update_sum, info))
@@ -549,7 +625,10 @@ def _checkpoint_state(fed: Federation) -> dict:
             "rejected_streak": tracking.rejected_streak,
             "downlink_synced": {str(c): r for c, r in sorted(tracking.synced.items())},
             "privacy_noise_multiplier": (seams.privacy.noise_multiplier
-                                         if seams.privacy is not None else None)}
+                                         if seams.privacy is not None else None),
+            # adaptive clipping's clip norm for the next round (a JSON float: exact)
+            **({"privacy_clip_norm": seams.clip_norm.value}
+               if seams.privacy is not None and seams.privacy.adaptive is not None else {})}
 
 
 def _prune_client_states(fed: Federation) -> None:
@@ -573,8 +652,13 @@ def run(cfg: Config, task: Optional[Task] = None) -> Path:
         logger = start_logging(fed.run, "train",
                                f"task {task.name}: {task.describe(fed.run)}, {cfg.num_clients} clients "
                                f"({cfg.cohort_size} per round), {fed.run.params.numel:,} federated "
-                               f"parameters, client algorithm {fed.seams.algorithm.name}, server "
+                               f"parameters, client algorithm {fed.seams.algorithm.name}"
+                               + (f" (vectorized: groups of {cfg.client.vectorize})"
+                                  if cfg.client.vectorize else "") + ", server "
                                f"{cfg.server.strategy}, {exact}")
+        if fed.preflight is not None and fed.run.progress.start_round == 0:
+            for line in fed.preflight.lines():
+                logger.write(line)
         return drive(fed.run, logger, lambda global_round: run_round(fed, global_round, logger),
                      finalize=lambda: _finalize_privacy(fed))
 
@@ -590,6 +674,11 @@ def _finalize_privacy(fed: Federation) -> dict:
     spec = fed.seams.privacy
     if spec is None:
         return {}
-    report = write_privacy_file(spec, fed.run.cfg.rounds, Path(fed.run.cfg.output_dir) / "final")
-    return {"epsilon": report["epsilon"], "dp_delta": report["delta"],
+    extra = {"preflight": fed.preflight.as_dict()}
+    if spec.adaptive is not None:
+        extra["adaptive_clipping"] = {"final_clip_norm": fed.seams.clip_norm.value}
+    report = write_privacy_file(spec, fed.run.cfg.rounds, Path(fed.run.cfg.output_dir) / "final",
+                                extra)
+    return {"epsilon": report["epsilon"], "epsilon_rdp": report["epsilon_rdp"],
+            "epsilon_pld": report["epsilon_pld"], "dp_delta": report["delta"],
             "dp_noise_multiplier": report["noise_multiplier"], "dp_clip_norm": report["clip_norm"]}

@@ -35,6 +35,10 @@ INCEPTION_WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/down
                          + INCEPTION_WEIGHTS_FILE)
 # Below this many generated samples FID/KID are visibly biased (FID upward) and noisy.
 MIN_UNBIASED_SAMPLES = 1000
+# A sample is "confident" when the digits classifier gives its class at least this probability;
+# a class is "covered" when its confident samples are at least this share of its held-out share.
+CONFIDENT_PROBABILITY = 0.9
+COVERED_SHARE = 0.5
 
 
 def to_model_range(images: np.ndarray) -> torch.Tensor:
@@ -69,6 +73,10 @@ class DigitsFeatures(torch.nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier(images).argmax(dim=1)
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(images).softmax(dim=1)
 
 
 class InceptionFeatures(torch.nn.Module):
@@ -156,6 +164,11 @@ class Scores:
     # few clients hold under label skew) shows it here even when the total variation is modest.
     min_class_fraction: Optional[float] = None
     min_class: Optional[int] = None
+    # Stays informative where FID saturates (an untrained model's noise is not confidently any
+    # digit): the share of samples classified with probability >= CONFIDENT_PROBABILITY, and
+    # the number of classes whose confident samples reach COVERED_SHARE of their held-out share.
+    confident_fraction: Optional[float] = None
+    class_coverage: Optional[int] = None
 
     def as_record(self, prefix: str = "") -> Dict[str, object]:
         out = {f"{prefix}fid": self.fid, f"{prefix}kid": self.kid, f"{prefix}kid_std": self.kid_std}
@@ -163,6 +176,9 @@ class Scores:
             out[f"{prefix}class_tv"] = self.class_tv
             out[f"{prefix}min_class_fraction"] = self.min_class_fraction
             out[f"{prefix}min_class"] = self.min_class
+        if self.confident_fraction is not None:
+            out[f"{prefix}confident_fraction"] = self.confident_fraction
+            out[f"{prefix}class_coverage"] = self.class_coverage
         return out
 
 
@@ -175,7 +191,7 @@ class Evaluator:
 
     def __init__(self, reference: torch.Tensor, floor_pool: torch.Tensor, extractor: torch.nn.Module,
                  feature_name: str, reference_labels: Optional[np.ndarray] = None,
-                 kid_subset_size: int = 100, seed: int = 0, batch_size: int = 500):
+                 kid_subset_size: int = 100, seed: int = 0, batch_size: int = 500, tstr=None):
         if len(reference) < 2:
             raise EvaluationError(f"FID needs at least 2 held-out reference images, got {len(reference)}; "
                                   "raise data.heldout_fraction")
@@ -192,6 +208,7 @@ class Evaluator:
             counts = np.bincount(np.asarray(reference_labels), minlength=extractor.num_classes)
             self.reference_class_fractions = counts / counts.sum()
         self._floors: Dict[int, Scores] = {}
+        self.tstr = tstr  # train-on-synthetic, test-on-real scores (fedrun.eval.tstr), or None
 
     @torch.no_grad()
     def _features(self, images: torch.Tensor) -> torch.Tensor:
@@ -234,7 +251,20 @@ class Evaluator:
             scores.class_tv = float(0.5 * np.abs(fractions - self.reference_class_fractions).sum())
             scores.min_class = int(np.argmin(fractions))  # the lowest label among ties
             scores.min_class_fraction = float(fractions[scores.min_class])
+            if hasattr(self.extractor, "probabilities"):
+                self._confidence(images, scores)
         return scores
+
+    def _confidence(self, images: torch.Tensor, scores: Scores) -> None:
+        """The confident-sample rate and the class coverage of ``images`` (see ``Scores``)."""
+        probabilities = torch.cat([self.extractor.probabilities(images[i: i + self.batch_size])
+                                   for i in range(0, len(images), self.batch_size)])
+        top, predicted = probabilities.max(dim=1)
+        confident = predicted[top >= CONFIDENT_PROBABILITY].numpy()
+        counts = np.bincount(confident, minlength=len(self.reference_class_fractions))
+        scores.confident_fraction = float(len(confident) / len(images))
+        scores.class_coverage = int((counts / len(images)
+                                     >= COVERED_SHARE * self.reference_class_fractions).sum())
 
     def floor(self, num_samples: int) -> Scores:
         """The same metrics for ``num_samples`` real training images (seeded choice, cached)."""
@@ -244,8 +274,9 @@ class Evaluator:
             self._floors[n] = self.score(self.floor_pool[order[:n]])
         return self._floors[n]
 
-    def report(self, images: torch.Tensor) -> Dict[str, object]:
-        """Scores of ``images`` with the floor and the sample counts, as one flat record."""
+    def report(self, images: torch.Tensor, labels: Optional[np.ndarray] = None) -> Dict[str, object]:
+        """Scores of ``images`` with the floor and the sample counts, as one flat record
+        (``labels``: a conditional task's requested classes, which TSTR trains on)."""
         scores = self.score(images)
         floor = self.floor(len(images))
         record = {**scores.as_record(), **floor.as_record("floor_"),
@@ -254,6 +285,8 @@ class Evaluator:
         if scores.class_fractions is not None:
             record["class_fractions"] = scores.class_fractions
             record["reference_class_fractions"] = self.reference_class_fractions.round(4).tolist()
+        if self.tstr is not None:
+            record.update(self.tstr.report(images, labels))
         warning = bias_warning(scores.num_samples)
         if warning:
             record["eval_warning"] = warning
@@ -278,7 +311,17 @@ def build_evaluator(eval_cfg, train, heldout) -> Evaluator:
     everything = lambda data: data.get_batch(np.arange(len(data)))  # noqa: E731
     return Evaluator(everything(heldout), everything(train), extractor, eval_cfg.feature,
                      reference_labels=heldout.labels if eval_cfg.feature == "digits" else None,
-                     kid_subset_size=eval_cfg.kid_subset_size, seed=eval_cfg.seed)
+                     kid_subset_size=eval_cfg.kid_subset_size, seed=eval_cfg.seed,
+                     tstr=_tstr(eval_cfg, train, heldout))
+
+
+def _tstr(eval_cfg, train, heldout):
+    """The TSTR scorer under ``eval.tstr``, else None."""
+    if not eval_cfg.tstr:
+        return None
+    from fedrun.eval.tstr import build_tstr
+
+    return build_tstr(eval_cfg, train, heldout)
 
 
 def warn_if_few(num_samples: int) -> None:

@@ -187,5 +187,8 @@ def evaluate_run(run_dir, cfg, checkpoint: Optional[str] = None, samples: Option
         (Path(run_dir) / name).write_text(json.dumps(record, indent=1))
         say(f"FID {record['fid']:.4g} (floor {record['floor_fid']:.4g}), KID {record['kid']:.4g} ± "
             f"{record['kid_std']:.3g} (floor {record['floor_kid']:.4g}); {record['eval_samples']} samples vs "
-            f"{record['eval_reference']} held-out images, {cfg.eval.feature} features -> {Path(run_dir) / name}")
+            f"{record['eval_reference']} held-out images, {cfg.eval.feature} features"
+            + (f"; TSTR accuracy {record['tstr_accuracy']:.3f} (train on real {record['trtr_accuracy']:.3f}, "
+               f"chance {record['tstr_chance']:.3f})" if "tstr_accuracy" in record else "")
+            + f" -> {Path(run_dir) / name}")
         return record

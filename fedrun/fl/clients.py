@@ -35,6 +35,9 @@ class ClientAlgorithm:
     name: str = "client_algorithm"
     #: Keeps per-client state across rounds in the client state store (``job.state``).
     stateful: bool = False
+    #: Its ``train`` is the plain local steps (``train_steps`` without a hook), which vectorized
+    #: clients (``client.vectorize``, ``fedrun.fl.vectorized``) run for a group at once instead.
+    vectorizable: bool = False
 
     def __init__(self, cfg: "Config", params: Any = None):
         self.cfg = cfg
@@ -77,6 +80,8 @@ class ClientAlgorithm:
 @CLIENT_ALGORITHMS.register("fedavg")
 class FedAvgClient(ClientAlgorithm):
     """FedAvg's client (McMahan et al. 2017): local steps of the client optimizer from w."""
+
+    vectorizable = True
 
     def train(self, job: ClientJob) -> ClientResult:
         return self.train_steps(job)

@@ -98,13 +98,16 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
 
 
-def build_optimizer(params: List[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
-    """The client optimizer ``optim.name``: AdamW (betas) or SGD (momentum), with weight decay."""
+def build_optimizer(params: List[torch.nn.Parameter], optim: OptimConfig,
+                    fused: Optional[bool] = None) -> torch.optim.Optimizer:
+    """The client optimizer ``optim.name``: AdamW (betas) or SGD (momentum), with weight decay.
+    ``fused``: torch's fused kernel (one pass per tensor; the same update up to rounding), as
+    vectorized clients use it on their stacked tensors; None = torch's default."""
     if optim.name == "sgd":
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                               weight_decay=optim.weight_decay)
+                               weight_decay=optim.weight_decay, fused=fused)
     return torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas),
-                             weight_decay=optim.weight_decay)
+                             weight_decay=optim.weight_decay, fused=fused)
 
 
 OPTIM_PREFIX = "optim."

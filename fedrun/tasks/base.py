@@ -191,6 +191,34 @@ class Task(abc.ABC):
         algorithm's segments, each way)."""
         return None
 
+    # Vectorized clients (``client.vectorize``, ``fedrun.fl.vectorized``) train a group of clients
+    # at once under torch.func's vmap, which cannot give each client its own generator: a task
+    # that supports them splits ``loss`` into the step's drawn inputs and the loss of them.
+    #: Whether this task implements ``draw_step``, ``step_loss`` (and, if needed,
+    #: ``functional_model``), so that ``client.vectorize`` may be set.
+    supports_vectorized_clients: ClassVar[bool] = False
+
+    def draw_step(self, indices: np.ndarray, generator: torch.Generator) -> Dict[str, torch.Tensor]:
+        """Everything a training step's loss reads that is data or random (the batch, noise,
+        timesteps, ...), drawn from ``generator`` in the order ``loss`` draws it, on the
+        task's device: ``loss(model, indices, generator)`` must equal
+        ``step_loss(model, draw_step(indices, generator))``."""
+        raise NotImplementedError(f"task '{self.name}' does not support vectorized clients")
+
+    def step_loss(self, model: Callable[..., Any], inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The mean loss given one step's drawn inputs (``draw_step``); ``model`` is called like
+        the module (under vmap: ``torch.func.functional_call`` of ``functional_model``'s copy)
+        and must draw nothing random."""
+        raise NotImplementedError(f"task '{self.name}' does not support vectorized clients")
+
+    def functional_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A copy of the replica ``model`` to run under torch.func (its trainable parameters are
+        replaced by the clients' stacked weights); the same function as ``model``, possibly
+        with other kernels (a batching rule vmap lacks)."""
+        import copy
+
+        return copy.deepcopy(model)
+
     def round_metrics(self, run: RunView, global_round: int, result: "RoundResult") -> Dict[str, Any]:
         """Extra metrics of a reduced federated round, before the server step. Called on every
         rank (it may run a collective, the same on every rank)."""

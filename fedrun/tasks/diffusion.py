@@ -32,8 +32,16 @@ class DiffusionConfig:
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
     """'epsilon' (the added noise), 'v_prediction' or 'sample' (x0)."""
+    noise_draws: int = 1
+    """Noise multiplicity: (timestep, noise) draws per training image, their losses averaged
+    (DPDM, Dockhorn et al. 2023). The batch is repeated along dim 0 and run in one forward, so
+    a step costs up to ``noise_draws`` times the compute (8 draws at batch 1: about 3x on a CPU);
+    under DP it makes each client's clipped update less its draws' and more its images'
+    (docs/benchmarks/noise_draws). 1 = one draw per image (the plain DDPM loss)."""
 
     def __post_init__(self) -> None:
+        _require(self.noise_draws >= 1, "diffusion.noise_draws",
+                 f"must be >= 1 (draws per image), got {self.noise_draws}")
         _require(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps",
                  f"must be >= 2, got {self.num_train_timesteps}")
         _require(0 < self.beta_start < self.beta_end < 1, "diffusion.beta_start",
@@ -65,24 +73,66 @@ def diffusion_target(noise_scheduler, x0: torch.Tensor, noise: torch.Tensor,
     return x0
 
 
+def repeat_draws(images: torch.Tensor, conditioning: dict, draws: int):
+    """``images`` and every tensor of ``conditioning`` tiled ``draws`` times along dim 0 (one
+    forward pass computes all the draws)."""
+    tile = lambda t: t.repeat(draws, *([1] * (t.dim() - 1)))  # noqa: E731
+    return tile(images), {k: tile(v) if torch.is_tensor(v) else v for k, v in conditioning.items()}
+
+
 def diffusion_loss(model, noise_scheduler, images: torch.Tensor, generator: torch.Generator | None,
-                   **conditioning):
+                   noise_draws: int = 1, **conditioning):
     """The DDPM objective: MSE between the added noise (or v / x0) and the model's prediction.
 
     Noise and timesteps are drawn from ``generator``, the caller's seeded stream (a client's
     (seed, client, round) or a centralized micro-batch's (seed, step, offset)). ``images`` may
     be VAE latents; ``conditioning`` is passed to the model (``encoder_hidden_states`` of a
-    text-to-image U-Net, ``class_labels`` of a class-conditional DiT)."""
-    import torch.nn.functional as F
+    text-to-image U-Net, ``class_labels`` of a class-conditional DiT). ``noise_draws`` > 1
+    draws that many (timestep, noise) pairs per image and averages their losses
+    (``diffusion.noise_draws``); 1 is the plain loss, bit for bit."""
+    inputs = draw_diffusion_inputs(noise_scheduler, images, generator, noise_draws, **conditioning)
+    return denoising_loss(model, noise_scheduler, **inputs)
 
+
+def draw_diffusion_inputs(noise_scheduler, images: torch.Tensor, generator: torch.Generator | None,
+                          noise_draws: int = 1, **conditioning) -> dict:
+    """What ``diffusion_loss`` draws, in its order (noise, then timesteps, from ``generator``),
+    with the images and conditioning tiled ``noise_draws`` times: the keyword arguments of
+    ``denoising_loss``. Vectorized clients (``fedrun.fl.vectorized``) draw them client by
+    client, outside vmap."""
+    if noise_draws > 1:  # every draw has the same size: the MSE's mean is the mean over draws
+        images, conditioning = repeat_draws(images, conditioning, noise_draws)
     batch = images.shape[0]
     noise = torch.randn(images.shape, generator=generator).to(images.device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,),
                               generator=generator).to(images.device)
+    return {"images": images, "noise": noise, "timesteps": timesteps, **conditioning}
+
+
+def denoising_loss(model, noise_scheduler, images: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, **conditioning) -> torch.Tensor:
+    """The DDPM objective given its drawn inputs (``draw_diffusion_inputs``); draws nothing."""
+    import torch.nn.functional as F
+
     noisy = noise_scheduler.add_noise(images, noise, timesteps)
     prediction = model(noisy, timesteps, **conditioning).sample
     target = diffusion_target(noise_scheduler, images, noise, timesteps)
     return F.mse_loss(prediction.float(), target.float())
+
+
+def with_classic_attention(model):
+    """A copy of ``model`` whose attention modules run diffusers' classic ``AttnProcessor``
+    (the same function): the SDPA backward has no vmap batching rule on CPU, and falls back to a
+    slow per-client loop; vectorized clients (``Task.functional_model``) use this copy."""
+    import copy
+
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
+    return clone
 
 
 def unet_with_weights(unet, flat, vector: torch.Tensor):

@@ -1,15 +1,17 @@
 """DP-FedAvg (``fedrun.privacy``): clipping against hand values, noise identical on every rank
 (1 vs 2 processes bit-identical under torchrun, exact aggregation), epsilon equal to
-dp_accounting's own value for the same (q, sigma, rounds, delta), calibration, refused budgets
-and configs, Poisson cohorts (also empty ones), resume, and LoRA fine-tuning under DP."""
+dp_accounting's own value for the same (q, sigma, rounds, delta) under RDP and PLD, calibration,
+refused budgets and configs, Poisson cohorts (also empty ones), resume, adaptive clipping (its
+clip trajectory recomputed from the records, resumed, on 2 processes) and the pre-flight check."""
 
 import json
+import math
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from dp_reference import library_epsilon
+from dp_reference import library_epsilon, library_pld_epsilon
 from conftest import run_cli, tiny
 from fedrun.engine import simulator
 from fedrun.config import load_config
@@ -32,21 +34,49 @@ def _weights(run_dir, done, group="model"):
 
 # ---------------------------------------------------------------- accounting
 
-def test_reported_epsilon_equals_dp_accounting(tiny_config, tmp_path):
-    """Every record's epsilon, final/privacy.json, for Poisson and fixed-size sampling."""
-    for sampling, fixed in (("poisson", None), ("fixed", (12, 3))):
-        run_dir = tmp_path / sampling
+def _initial_weights(run_dir, *shape):
+    from fedrun.engine.flat import FlatParameters
+    from fedrun.tasks.ddpm.model import build_unet
+
+    cfg = load_config(None, tiny(run_dir, *shape))
+    return FlatParameters(build_unet(cfg.model, 8, 1, cfg.seed)).flat.detach().clone()
+
+
+def test_reported_epsilon_equals_dp_accounting(tiny_config, tmp_path, capsys):
+    """Every record's epsilon (the configured accountant's) and final/privacy.json (both
+    accountants' where both apply), for Poisson and fixed-size sampling, RDP and PLD; the
+    pre-flight check printed before round 1 and stored in privacy.json."""
+    for sampling, accountant, fixed in (("poisson", "rdp", None), ("fixed", "rdp", (12, 3)),
+                                        ("poisson", "pld", None)):
+        run_dir = tmp_path / f"{sampling}_{accountant}"
         simulator.run(tiny_config(*SHAPE, *DP, "rounds=3", "privacy.noise_multiplier=1.3",
-                                  f"privacy.sampling={sampling}", output_dir=run_dir))
+                                  f"privacy.sampling={sampling}", f"privacy.accountant={accountant}",
+                                  output_dir=run_dir))
         records = _records(run_dir)
-        for r in records:
-            assert r["epsilon"] == pytest.approx(library_epsilon(0.25, 1.3, r["round"], 1e-5, fixed),
-                                                 rel=1e-12)
+        rdp = [library_epsilon(0.25, 1.3, r, 1e-5, fixed) for r in (1, 2, 3)]
+        pld = [library_pld_epsilon(0.25, 1.3, r, 1e-5) for r in (1, 2, 3)] if not fixed else None
+        assert [r["epsilon"] for r in records] == pytest.approx(pld if accountant == "pld" else rdp,
+                                                                rel=1e-12)
         final = json.loads((run_dir / "final" / "privacy.json").read_text())
         assert final["epsilon"] == records[-1]["epsilon"] and final["rounds"] == 3
+        assert final["epsilon_rdp"] == pytest.approx(rdp[-1], rel=1e-12)
+        assert final["epsilon_pld"] == (None if fixed else pytest.approx(pld[-1], rel=1e-12))
         assert final["noise_multiplier"] == 1.3 and final["sampling"] == sampling
         if sampling == "fixed":
             assert all(len(r["clients"]) == 3 for r in records)
+        # pre-flight: 1.3 * 1 / 3 per coordinate, x sqrt(3) over the run, against the initial RMS
+        init = _initial_weights(run_dir, *SHAPE)
+        rms = float(init.double().pow(2).mean().sqrt())
+        check = final["preflight"]
+        assert check["weights_rms"] == pytest.approx(rms, rel=1e-12)
+        assert check["noise_per_coordinate"] == pytest.approx(1.3 / 3, rel=1e-15)
+        assert check["noise_walk"] == pytest.approx(1.3 / 3 * math.sqrt(3), rel=1e-15)
+        printed = capsys.readouterr().err
+        assert (f"privacy pre-flight: noise per coordinate of the mean update sigma*clip/K = "
+                f"1.3*1/3 = 0.4333; its walk over 3 rounds sigma*clip*sqrt(T)/K = 0.7506; "
+                f"initial weights' RMS {rms:.4g}") in printed
+        assert ("WARNING: the DP noise's walk over the run (0.7506) exceeds the initial weights' "
+                f"RMS ({rms:.4g})") in printed  # the tiny U-Net's RMS is about 0.1
 
 
 def test_infeasible_budget_is_refused_before_the_run_starts(tiny_config, tmp_path):
@@ -130,3 +160,89 @@ def test_dp_one_vs_two_processes_bit_identical(tmp_path):
     init = build_unet(init_cfg.model, 8, 1, init_cfg.seed).state_dict()
     a = _weights(outputs[1], 3)
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3
+
+
+# ---------------------------------------------------------------- adaptive clipping
+
+ADAPTIVE = ["privacy.noise_multiplier=0.3", "privacy.clip_norm=0.05", "privacy.clip_quantile=0.5",
+            "privacy.clip_lr=0.5", "privacy.count_noise_std=0.5"]
+
+
+def _count_noise(seed, done, numel):
+    """The count's noise of round ``done``: the (seed, round) stream's draw after the update's."""
+    from fedrun.fl.aggregation.transforms import _SERVER_STREAM
+    from fedrun.rng import derived_generator
+
+    generator = derived_generator(seed, done - 1, _SERVER_STREAM)
+    torch.randn(numel, generator=generator)
+    return float(torch.randn((), generator=generator, dtype=torch.float64))
+
+
+def test_adaptive_clipping_follows_its_noised_count(tiny_config, tmp_path):
+    """A real run (6 of 12 clients per round, Poisson): every record's clip norm is the last one
+    moved by exp(-eta (b - gamma)); with the count's noise redrawn from the (seed, round) stream,
+    (b - 1/2) K - sigma_b N is the centred count of that round's clients: an integer number of
+    unclipped clients between 0 and the clients that took part, minus half of them."""
+    run_dir = tmp_path / "adaptive"
+    shape = [*SHAPE, "clients_per_round=6", "rounds=6", *DP, *ADAPTIVE]
+    simulator.run(tiny_config(*shape, output_dir=run_dir))
+    records = _records(run_dir)
+    numel = sum(t.numel() for t in _weights(run_dir, 6).values())
+    clips = [r["dp_clip_norm"] for r in records]
+    assert clips[0] == 0.05 and len(set(clips)) == 6
+    unclipped = []
+    for r, following in zip(records, clips[1:] + [None]):
+        b = r["dp_unclipped_fraction"]
+        moved = r["dp_clip_norm"] * math.exp(-0.5 * (b - 0.5))
+        if following is not None:
+            assert following == pytest.approx(moved, rel=1e-14)
+        if 0 < b < 1:  # not clamped
+            n = len(r["clients"])
+            count = (b - 0.5) * 6 - 0.5 * _count_noise(0, r["round"], numel) + n / 2
+            assert count == pytest.approx(round(count), abs=1e-9) and 0 <= round(count) <= n
+            unclipped.append(round(count))
+        assert r["dp_update_noise_multiplier"] == pytest.approx((1 / 0.09 - 1) ** -0.5, rel=1e-15)
+    assert len(unclipped) >= 3
+    final = json.loads((run_dir / "final" / "privacy.json").read_text())
+    adaptive = final["adaptive_clipping"]
+    assert adaptive["final_clip_norm"] == pytest.approx(moved, rel=1e-14)
+    assert adaptive["initial_clip_norm"] == 0.05 and adaptive["count_noise_std"] == 0.5
+    assert final["noise_multiplier"] == 0.3  # the total z, which the accountant uses
+    assert final["epsilon"] == pytest.approx(library_epsilon(0.5, 0.3, 6, 1e-5), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_adaptive_clipping_resumes_with_its_clip_norm(tiny_config, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    shape = [*SHAPE, *DP, *ADAPTIVE, "checkpoint.every=1"]
+    simulator.run(tiny_config(*shape, "rounds=4", output_dir=full))
+    simulator.run(tiny_config(*shape, "rounds=2", output_dir=part))
+    simulator.run(tiny_config(*shape, "rounds=4", "resume=auto", output_dir=part))
+    for key in ("dp_clip_norm", "dp_unclipped_fraction", "epsilon"):
+        assert [r[key] for r in _records(part)] == [r[key] for r in _records(full)], key
+    a, b = _weights(full, 4), _weights(part, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_adaptive_clipping_with_pld_one_vs_two_processes_bit_identical(tmp_path):
+    """Adaptive clipping's count rides in the round's one buffer: 1 and 2 gloo processes give ==
+    weights and the same clip trajectory; the records' epsilon is PLD's."""
+    shape = ["num_clients=8", "clients_per_round=4", "rounds=3", "checkpoint.every=1", *DP,
+             *ADAPTIVE, "privacy.accountant=pld"]
+    outputs = {}
+    for world in (1, 2):
+        out = tmp_path / f"ws{world}"
+        proc = run_cli(["train", *tiny(out, *shape)], torchrun_nproc=world if world > 1 else None)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "privacy pre-flight" in proc.stderr
+        outputs[world] = out
+    records = {w: _records(outputs[w]) for w in outputs}
+    assert any(len(r["clients"]) >= 3 for r in records[1])  # a rank summed several clients
+    for key in ("clients", "dp_clip_norm", "dp_unclipped_fraction", "epsilon"):
+        assert [r[key] for r in records[1]] == [r[key] for r in records[2]], key
+    assert len({r["dp_clip_norm"] for r in records[1]}) == 3
+    assert records[1][-1]["epsilon"] == pytest.approx(library_pld_epsilon(0.5, 0.3, 3, 1e-5), rel=1e-12)
+    for group in ("model", "ema"):
+        a, b = _weights(outputs[1], 3, group), _weights(outputs[2], 3, group)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group

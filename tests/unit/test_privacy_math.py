@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from dp_reference import library_epsilon
+from dp_reference import library_epsilon, library_pld_epsilon, pld_by_hand
 from fedrun.fl.aggregation.buffer import ExactGrid, RoundBuffer
 from fedrun.fl.aggregation.transforms import RoundInfo
 from fedrun.engine.cohort import sample_cohort
@@ -15,6 +15,9 @@ from fedrun.config import load_config
 from fedrun.errors import ConfigError
 from fedrun.fl.privacy.transforms import DpClip, DpNoise, clip_to_norm_
 from fedrun.fl.privacy.accountant import calibrate_noise_multiplier, compute_epsilon, privacy_spec
+from fedrun.fl.privacy.adaptive import (UNCLIPPED, AdaptiveClipping, centred_bit, next_clip_norm,
+                                        unclipped_fraction, update_noise_multiplier)
+from fedrun.fl.privacy.preflight import Preflight, weights_rms
 
 DP = ["privacy.enabled=true", "server.weighting=uniform"]
 SHAPE = ["num_clients=12", "clients_per_round=3", "local_steps=2", "sample.every=0"]
@@ -106,6 +109,13 @@ def test_target_epsilon_calibrates_before_round_one(tiny_config):
     (["aggregation.server_transforms=[dp_noise]"], "aggregation.server_transforms"),
     ([*DP, "privacy.noise_multiplier=1",
       "aggregation.update_transforms=[dp_clip,nonfinite_guard]"], "aggregation.update_transforms"),
+    ([*DP, "privacy.noise_multiplier=1", "privacy.accountant=moments"], "privacy.accountant"),
+    ([*DP, "privacy.noise_multiplier=1", "privacy.accountant=pld", "privacy.sampling=fixed"],
+     "privacy.accountant"),  # PLDAccountant refuses replace-one adjacency
+    ([*DP, "privacy.noise_multiplier=1", "privacy.clip_quantile=1.0"], "privacy.clip_quantile"),
+    ([*DP, "privacy.noise_multiplier=1", "privacy.clip_quantile=0.5", "privacy.clip_lr=0"],
+     "privacy.clip_lr"),
+    ([*DP, "privacy.noise_multiplier=1", "privacy.count_noise_std=-1"], "privacy.count_noise_std"),
 ])
 def test_bad_privacy_configs_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
@@ -187,3 +197,158 @@ def test_poisson_cohorts_are_seeded_independent_and_may_be_empty():
 
 # ---------------------------------------------------------------- 1 vs 2 processes
 
+
+
+# ---------------------------------------------------------------- PLD accounting
+
+def test_pld_epsilon_matches_known_values_and_independent_computations():
+    """q = 5/50, sigma = 1.1, 4 rounds: RDP 2.277, PLD 1.821; K = 128 of C = 1,617, sigma = 1,
+    500 rounds: RDP 13.9, PLD 12.6 (delta 1e-5). fedrun's PLD path caches the one-round PLD and
+    must equal PLDAccountant bit for bit, and the bare PLD self-composition to 1e-9."""
+    assert compute_epsilon(50, 5, "poisson", 1.1, 4, 1e-5, "pld") == pytest.approx(1.821, abs=1e-3)
+    assert compute_epsilon(1617, 128, "poisson", 1.0, 500, 1e-5) == pytest.approx(13.9, abs=0.05)
+    assert compute_epsilon(1617, 128, "poisson", 1.0, 500, 1e-5, "pld") == pytest.approx(12.6, abs=0.05)
+    for clients, per_round, sigma, rounds in ((50, 5, 1.1, 4), (12, 3, 1.3, 1), (12, 3, 1.3, 3)):
+        q = per_round / clients
+        eps = compute_epsilon(clients, per_round, "poisson", sigma, rounds, 1e-5, "pld")
+        assert eps == pytest.approx(library_pld_epsilon(q, sigma, rounds, 1e-5), rel=1e-12)
+        assert eps == pytest.approx(pld_by_hand(q, sigma, rounds, 1e-5), rel=1e-9)
+        assert eps < compute_epsilon(clients, per_round, "poisson", sigma, rounds, 1e-5)
+    with pytest.raises(ConfigError, match="'privacy.accountant'"):
+        compute_epsilon(40, 4, "fixed", 1.1, 1, 1e-5, "pld")
+
+
+def test_pld_calibration_meets_the_target_with_less_noise_than_rdp(tiny_config):
+    """(PLD's cost grows fast as sigma falls: a setting whose sigma is about 4 keeps this quick.)"""
+    cfg = tiny_config(*SHAPE, *DP, "num_clients=100", "clients_per_round=10", "rounds=100",
+                      "privacy.target_epsilon=1", "privacy.accountant=pld")
+    spec = privacy_spec(cfg)
+    eps = library_pld_epsilon(0.1, spec.noise_multiplier, 100, 1e-5)
+    assert eps <= 1.0 and eps == pytest.approx(1.0, rel=0.01)
+    rdp_sigma = calibrate_noise_multiplier(100, 10, "poisson", 100, 1.0, 1e-5, 20.0)
+    assert spec.noise_multiplier < rdp_sigma
+    report = spec.report(100)
+    assert report["epsilon"] == report["epsilon_pld"] == pytest.approx(eps, rel=1e-12)
+    assert report["epsilon_rdp"] == pytest.approx(library_epsilon(0.1, spec.noise_multiplier, 100, 1e-5),
+                                                  rel=1e-12)
+    assert report["accountant"].startswith("dp_accounting.pld.PLDAccountant")
+
+
+# ---------------------------------------------------------------- adaptive clipping (pure math)
+
+def test_update_noise_multiplier_splits_the_total_by_hand():
+    """Andrew et al. Thm 1: z^-2 = z_Delta^-2 + (2 sigma_b)^-2. z = 1, sigma_b = 2:
+    (1 - 1/16)^-1/2 = 1.0327955589886446; z = 1.1, sigma_b = 0.05 * 128 = 6.4:
+    (1/1.21 - 1/163.84)^-1/2 = 1.1040845275786701."""
+    assert update_noise_multiplier(1.0, 2.0) == pytest.approx(1.0327955589886446, rel=1e-15)
+    assert update_noise_multiplier(1.1, 6.4) == pytest.approx(1.1040845275786701, rel=1e-15)
+    with pytest.raises(ValueError, match="must exceed"):
+        update_noise_multiplier(1.0, 0.5)  # 2 sigma_b = z leaves nothing for the update
+
+
+def test_clip_norm_tracks_the_quantile_of_hand_made_norms():
+    """Norms 0.5, 1.5, 2.0, 0.8 (K = 4), C = 1, gamma = 0.25, eta = 0.2, no count noise: two of
+    four fit (b = 0.5), so C shrinks by exp(-0.2 * 0.25) = exp(-0.05) a round: 0.9512, 0.9048, ...
+    until it drops below 0.8 after 5 rounds (exp(-0.25) = 0.7788); then one of four fits,
+    b = gamma, and C stays."""
+    norms, clip = [0.5, 1.5, 2.0, 0.8], 1.0
+    trajectory = []
+    for _ in range(8):
+        centred = sum(centred_bit(n, clip) for n in norms)
+        clip = next_clip_norm(clip, unclipped_fraction(centred, 4), 0.25, 0.2)
+        trajectory.append(clip)
+    assert trajectory[0] == pytest.approx(0.951229424500714, rel=1e-15)
+    assert trajectory[1] == pytest.approx(0.9048374180359595, rel=1e-14)
+    assert trajectory[4:] == pytest.approx([0.7788007830714049] * 4, rel=1e-14)
+    # gamma = 0.8 with b = 0.5: the clip grows by exp(0.06)
+    assert next_clip_norm(1.0, 0.5, 0.8, 0.2) == pytest.approx(1.0618365465453596, rel=1e-15)
+    # the noised fraction is clamped to [0, 1] (post-processing), a centred sum S gives S/K + 1/2
+    assert unclipped_fraction(-3.0, 4) == 0.0 and unclipped_fraction(9.0, 4) == 1.0
+    assert unclipped_fraction(-1.0, 4) == 0.25
+
+
+def test_clip_norm_converges_to_the_target_quantile():
+    """Norms 1..100, gamma = 0.3: the clip settles near the 30th norm."""
+    norms, clip = np.arange(1, 101), 1.0
+    step = AdaptiveClipping(0.3, 0.2, 1.0, 1.0).step
+    late = []
+    for r in range(400):
+        _, clip = step(clip, sum(centred_bit(n, clip) for n in norms), len(norms))
+        late += [clip] if r >= 300 else []
+    assert 28.0 <= min(late) and max(late) <= 32.0
+
+
+def test_adaptive_dp_clip_sends_its_bits_in_the_one_buffer(tiny_config):
+    """Hand-made updates of norm 0.5, 1.5, 2.0, 0.8 at clip 1: the buffer's one extra slot sums
+    b_i - 1/2 = 1/2 - 1/2 - 1/2 + 1/2 = 0 (and +1/2 for client 4, norm 0.3), in fp32 and exact
+    mode; the buffer is one float longer than without adaptive clipping."""
+    cfg = tiny_config(*DP, "privacy.noise_multiplier=1.0", "privacy.clip_quantile=0.5",
+                      "privacy.count_noise_std=2")
+    clip = DpClip(cfg)
+    assert clip.scalar_slots == (UNCLIPPED,) and DpClip(tiny_config(*DP, "privacy.noise_multiplier=1")).scalar_slots == ()
+    glob = torch.zeros(4)
+    for exact in (None, {"update": ExactGrid(4, glob + 1, 5)}):
+        buffer = RoundBuffer(4, [0, 1, 2, 3, 4], 1, exact=exact, transforms=[clip], scalars=clip.scalar_slots)
+        plain = RoundBuffer(4, [0, 1, 2, 3, 4], 1, exact=exact, transforms=[clip])
+        assert buffer.buffer.numel() == plain.buffer.numel() + 1
+        for client, norm in enumerate([0.5, 1.5, 2.0, 0.8]):
+            buffer.add_client(client, torch.tensor([norm, 0, 0, 0]), glob, 1.0, 0.1, 1)
+        assert buffer.decode().scalars == {UNCLIPPED: 0.0}
+        buffer.add_client(4, torch.tensor([0, 0.3, 0, 0]), glob, 1.0, 0.1, 1)
+        result = buffer.decode()
+        assert result.scalars == {UNCLIPPED: 0.5} and result.total_weight == 5.0
+        assert result.client_loss == {c: pytest.approx(0.1) for c in range(5)}
+
+
+def test_adaptive_dp_noise_noises_the_count_from_the_round_stream_and_moves_the_clip(tiny_config):
+    """dp_noise: update noise of std z_Delta * C, then sigma_b * N from the same (seed, round)
+    stream on the count; b = (S + sigma_b N) / K + 1/2 and C' = C exp(-eta (b - gamma)),
+    recomputed here from the generator by hand."""
+    from fedrun.fl.aggregation.transforms import _SERVER_STREAM
+    from fedrun.fl.privacy.transforms import share_clip_norm
+    from fedrun.rng import derived_generator
+
+    cfg = tiny_config(*SHAPE, *DP, "num_clients=40", "clients_per_round=20", "privacy.noise_multiplier=1.0",
+                      "privacy.clip_norm=0.5", "privacy.clip_quantile=0.7", "privacy.clip_lr=0.3")
+    noise, clip = DpNoise(cfg), DpClip(cfg)
+    assert share_clip_norm([clip], [noise]) is noise.clip and clip.clip is noise.clip
+    sigma_b = 0.05 * 20  # count_noise_std null: 0.05 K
+    z_delta = (1.0 - 1 / (2 * sigma_b) ** 2) ** -0.5
+    update = torch.zeros(1000)
+    metrics = noise(update, RoundInfo(5, 3, 12.0, 12, scalars={UNCLIPPED: -2.0}))
+    generator = derived_generator(3, 5, _SERVER_STREAM)
+    expected = torch.randn(1000, generator=generator) * (z_delta * 0.5)
+    assert torch.allclose(update, expected, rtol=1e-6, atol=0)
+    n = float(torch.randn((), generator=generator, dtype=torch.float64))
+    fraction = min(1.0, max(0.0, (-2.0 + sigma_b * n) / 20 + 0.5))
+    assert metrics["dp_unclipped_fraction"] == pytest.approx(fraction, rel=1e-15)
+    assert metrics["dp_clip_norm"] == 0.5 and metrics["dp_update_noise_multiplier"] == pytest.approx(z_delta)
+    assert clip.clip_norm == pytest.approx(0.5 * np.exp(-0.3 * (fraction - 0.7)), rel=1e-15)
+    assert metrics["dp_noise_multiplier"] == 1.0  # the total, as accounted
+
+
+def test_adaptive_clipping_refuses_a_count_noise_too_small_for_the_budget(tiny_config):
+    cfg = tiny_config(*SHAPE, *DP, "privacy.noise_multiplier=1.0", "privacy.clip_quantile=0.5")
+    with pytest.raises(ConfigError, match="'privacy.count_noise_std'.*0.15"):  # 0.05 x 3 clients
+        privacy_spec(cfg)
+    spec = privacy_spec(tiny_config(*SHAPE, *DP, "privacy.noise_multiplier=1.0",
+                                    "privacy.clip_quantile=0.5", "privacy.count_noise_std=2"))
+    assert spec.update_noise_multiplier == pytest.approx(1.0327955589886446, rel=1e-15)
+    assert spec.epsilon(5) == compute_epsilon(12, 3, "poisson", 1.0, 5, 1e-5)  # the total z
+
+
+# ---------------------------------------------------------------- the pre-flight check
+
+def test_preflight_arithmetic_by_hand():
+    """A regime like the committed privacy report's: sigma 1.1, clip 1, K = 10, 250 rounds,
+    weights' RMS 0.057: noise 0.11 per coordinate, walk 0.11 * sqrt(250) = 1.7393, 30.5 x."""
+    check = Preflight(1.1, 1.0, 10, 250, 0.057)
+    assert check.noise_per_coordinate == pytest.approx(0.11, rel=1e-15)
+    assert check.noise_walk == pytest.approx(1.7392527130926085, rel=1e-15)
+    assert check.walk_over_weights == pytest.approx(30.51320549285278, rel=1e-14)
+    assert check.warns and check.lines()[1].startswith("WARNING")
+    quiet = Preflight(1.0, 0.1, 256, 100, 0.05)  # 1/2560 per coordinate, walk 0.0039 < 0.05
+    assert quiet.noise_per_coordinate == pytest.approx(0.000390625, rel=1e-15)
+    assert quiet.noise_walk == pytest.approx(0.00390625, rel=1e-15)
+    assert not quiet.warns and len(quiet.lines()) == 1
+    assert weights_rms(torch.tensor([3.0, 4.0])) == pytest.approx(3.5355339059327373, rel=1e-15)

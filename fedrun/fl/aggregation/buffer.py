@@ -1,9 +1,12 @@
 """The round's flat buffer: one rank's contribution to the round, reduced by ONE all-reduce.
 
     [ sum_c n_c * (w_c - w) (P) | segments of the client algorithm | sum_c n_c (1)
-      | per-slot stats (S * 4) | per-rank (W) ]
+      | scalar slots (N) | per-slot stats (S * 4) | per-rank (W) ]
 
-where the per-slot stats are (loss * n, n, samples, rejected-by) of each sampled client, written
+where the scalar slots hold numbers the update transforms send per client, summed unweighted
+over the accepted clients (``UpdateTransform.scalar_slots``: adaptive clipping's count of
+unclipped clients; none unless a transform asks, so the buffer is unchanged otherwise), the
+per-slot stats are (loss * n, n, samples, rejected-by) of each sampled client, written
 by the rank that trained it and zero elsewhere, and the per-rank block holds each rank's local
 compute time. Between ``w_c - w`` and the weighted sum each update passes the uplink codec
 (encoded, then decoded as the server would) and the configured *update transforms* (``fedrun.fl.aggregation.transforms``); a rejected update never enters the
@@ -88,6 +91,7 @@ class RoundResult:
     rejected: List[int] = field(default_factory=list)  # clients whose update was refused
     rejected_by: Dict[int, str] = field(default_factory=dict)  # client -> transform or reason
     segments: Dict[str, torch.Tensor] = field(default_factory=dict)  # summed algorithm segments
+    scalars: Dict[str, float] = field(default_factory=dict)  # summed scalar slots
 
     @property
     def mean_update(self) -> torch.Tensor:
@@ -105,14 +109,15 @@ class RoundBuffer:
     def __init__(self, num_params: int, cohort: Sequence[int], world_size: int,
                  device: torch.device | str = "cpu", reuse: Optional["RoundBuffer"] = None, *,
                  segments: Sequence[Segment] = (), exact: Optional[Dict[str, ExactGrid]] = None,
-                 transforms: Sequence[UpdateTransform] = ()):
+                 transforms: Sequence[UpdateTransform] = (), scalars: Sequence[str] = ()):
         """``reuse``: last round's buffer, whose storage this one takes over (and zeroes) when the
         sizes match. A fresh multi-megabyte tensor every round costs page faults on every touch,
         more than the all-reduce of the same bytes on CPU (docs/benchmarks). ``reuse`` and the
         results it decoded must not be used afterwards. ``exact``: segment name ('update' for the
         weighted update) -> its grid this round. ``transforms``: the update transforms, applied
         in order to every update (the same list on every rank: a rejection is recorded by its
-        position)."""
+        position). ``scalars``: names of the scalar slots (what the transforms write into
+        ``UpdateInfo.scalars``; sums of small numbers such as +-1/2, exact in fp32 and float64)."""
         self.num_params = num_params
         self.cohort = list(cohort)
         self.world_size = world_size
@@ -128,7 +133,9 @@ class RoundBuffer:
             self._spans[name] = (offset, numel, pad(numel))
             offset += pad(numel)
         self._stats = offset
-        size = offset + 1 + STATS_PER_CLIENT * len(self.cohort) + world_size
+        self._scalars = {name: offset + 1 + i for i, name in enumerate(scalars)}
+        self._clients = offset + 1 + len(self._scalars)  # the first client's stats
+        size = self._clients + STATS_PER_CLIENT * len(self.cohort) + world_size
         dtype = torch.float64 if exact else torch.float32
         if (reuse is not None and reuse.buffer.numel() == size and reuse.buffer.dtype == dtype
                 and reuse.buffer.device == torch.device(device)):
@@ -146,7 +153,7 @@ class RoundBuffer:
 
     # ------------------------------------------------------------ helpers
     def _stats_at(self, client: int) -> int:
-        return self._stats + 1 + STATS_PER_CLIENT * self._slot[client]
+        return self._clients + STATS_PER_CLIENT * self._slot[client]
 
     def segment(self, name: str) -> torch.Tensor:
         start, numel, _ = self._spans[name]
@@ -252,6 +259,8 @@ class RoundBuffer:
                     self.buffer[start: start + padded].add_(
                         self._work[name], alpha=weight if name in self._weighted else 1)
         self._update_is_zero = False
+        for name, at_slot in self._scalars.items():
+            self.buffer[at_slot] += info.scalars.get(name, 0.0)
         self.buffer[self._stats] += weight
         self.buffer[at] += loss * weight
         self.buffer[at + 1] += weight
@@ -265,10 +274,12 @@ class RoundBuffer:
         """Interpret the (already reduced) buffer."""
         stats = self.buffer[self._stats:].double().cpu()
         total_weight = float(stats[0])
+        scalars = {name: float(stats[at - self._stats]) for name, at in self._scalars.items()}
+        first = self._clients - self._stats
         losses, weights, samples, rejected_by = {}, {}, {}, {}
         reasons = self._reasons
         for client, slot in self._slot.items():
-            row = stats[1 + STATS_PER_CLIENT * slot: 1 + STATS_PER_CLIENT * (slot + 1)].tolist()
+            row = stats[first + STATS_PER_CLIENT * slot: first + STATS_PER_CLIENT * (slot + 1)].tolist()
             loss_w, weight, seen, code = row
             weights[client] = weight
             samples[client] = int(round(seen))
@@ -279,7 +290,7 @@ class RoundBuffer:
         segments = {name: self._decoded(name) for name in self._spans if name != "update"}
         return RoundResult(self._decoded("update"), total_weight, losses, weights, samples,
                            stats[-self.world_size:].tolist(), sorted(rejected_by), rejected_by,
-                           segments)
+                           segments, scalars)
 
     def _decoded(self, name: str) -> torch.Tensor:
         start, numel, padded = self._spans[name]

@@ -9,8 +9,8 @@ communicating.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -39,6 +39,9 @@ class UpdateInfo:
     #: L2 bound of what the exact grid's rounding can add to the update after the transforms (0
     #: with fp32 sums): a norm bound (DP clipping) must leave room for it.
     rounding_bound: float = 0.0
+    #: what the transforms send in the round buffer's scalar slots (their ``scalar_slots``),
+    #: summed unweighted over the accepted clients (adaptive clipping's unclipped bit)
+    scalars: Dict[str, float] = field(default_factory=dict)
 
     def generator(self) -> torch.Generator:
         """The transform's random stream, seeded by (seed, round, client): the same whichever
@@ -54,6 +57,7 @@ class RoundInfo:
     seed: int
     total_weight: float
     accepted: int  # clients whose update entered the sum
+    scalars: Dict[str, float] = field(default_factory=dict)  # the buffer's reduced scalar slots
 
     def generator(self) -> torch.Generator:
         """The transform's random stream, seeded by (seed, round): every rank draws the same
@@ -65,7 +69,11 @@ class UpdateTransform:
     """Acts on one client's update ``delta = local - global`` (fp32, in place) before the
     weighted sum; returns None to accept it or a short reason to reject it. A transform with
     parameters declares a ``Params`` dataclass; they are set in the config under
-    ``aggregation.<its name>`` and handed over as ``params``."""
+    ``aggregation.<its name>`` and handed over as ``params``. A transform that sends a number
+    per client besides the update names its slots in ``scalar_slots`` and writes
+    ``info.scalars[slot]``; the round buffer sums them in its one all-reduce."""
+
+    scalar_slots: Tuple[str, ...] = ()
 
     def __init__(self, cfg: Optional["Config"] = None, params: Any = None):
         self.cfg = cfg

@@ -1,1 +1,2 @@
-"""Client-level differential privacy: DP-FedAvg's transforms and its accountant."""
+"""Client-level differential privacy: DP-FedAvg's transforms, its accountants (RDP, PLD),
+adaptive clipping and the pre-flight check."""

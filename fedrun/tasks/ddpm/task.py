@@ -32,6 +32,9 @@ class DDPMTask(Task):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        from fedrun.eval.tstr import check_unconditional
+
+        check_unconditional(cfg)  # eval.tstr: the digits classifier labels the samples
         # A U-Net of n blocks halves the image n - 1 times and concatenates the skip connections
         # on the way up: a side that is odd before any halving breaks that concat deep in
         # diffusers. A pretrained U-Net is not built from model.*.
@@ -58,10 +61,28 @@ class DDPMTask(Task):
         return Built(train, unet, self.noise_scheduler)
 
     def loss(self, model, indices: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        from fedrun.tasks.diffusion import diffusion_loss
+        return self.step_loss(model, self.draw_step(indices, generator))
+
+    # vectorized clients: the loss split into its drawn inputs and the loss of them
+    supports_vectorized_clients = True
+
+    def draw_step(self, indices: np.ndarray, generator: torch.Generator) -> dict:
+        """The batch, its noise and timesteps (``diffusion.noise_draws`` per image)."""
+        from fedrun.tasks.diffusion import draw_diffusion_inputs
 
         images = self.dataset.get_batch(indices).to(self.device, non_blocking=True)
-        return diffusion_loss(model, self.noise_scheduler, images, generator)
+        return draw_diffusion_inputs(self.noise_scheduler, images, generator,
+                                     self.cfg.diffusion.noise_draws)
+
+    def step_loss(self, model, inputs: dict) -> torch.Tensor:
+        from fedrun.tasks.diffusion import denoising_loss
+
+        return denoising_loss(model, self.noise_scheduler, **inputs)
+
+    def functional_model(self, model):
+        from fedrun.tasks.diffusion import with_classic_attention
+
+        return with_classic_attention(model)
 
     def describe(self, run) -> str:
         return f"{len(run.dataset)} training images"

@@ -65,13 +65,31 @@ class DiTTask(Task):
     def loss(self, model, indices: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """The diffusion loss conditioned on the images' labels, a ``dit.class_dropout`` share
         of them replaced by the null class; all draws from ``generator``."""
-        from fedrun.tasks.diffusion import diffusion_loss
+        return self.step_loss(model, self.draw_step(indices, generator))
+
+    # vectorized clients: the loss split into its drawn inputs and the loss of them
+    supports_vectorized_clients = True
+
+    def draw_step(self, indices: np.ndarray, generator: torch.Generator) -> dict:
+        """The batch, its labels (some dropped to the null class), noise and timesteps."""
+        from fedrun.tasks.diffusion import draw_diffusion_inputs
 
         images = self.dataset.get_batch(indices).to(self.device, non_blocking=True)
         labels = self.labels[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
         labels = drop_to_null(labels, self.cfg.dit.class_dropout, self.cfg.dit.num_classes, generator)
-        return diffusion_loss(model, self.noise_scheduler, images, generator,
-                              class_labels=labels.to(self.device))
+        return draw_diffusion_inputs(self.noise_scheduler, images, generator,
+                                     self.cfg.diffusion.noise_draws,
+                                     class_labels=labels.to(self.device))
+
+    def step_loss(self, model, inputs: dict) -> torch.Tensor:
+        from fedrun.tasks.diffusion import denoising_loss
+
+        return denoising_loss(model, self.noise_scheduler, **inputs)
+
+    def functional_model(self, model):
+        from fedrun.tasks.diffusion import with_classic_attention
+
+        return with_classic_attention(model)
 
     def describe(self, run) -> str:
         d = self.cfg.dit
@@ -194,7 +212,7 @@ class DiTTask(Task):
         only FID/KID are reported."""
         from fedrun.eval.features import to_model_range
 
-        record = evaluator.report(to_model_range(images))
+        record = evaluator.report(to_model_range(images), labels)  # TSTR trains on the labels
         if self.cfg.data.name != CLASSIFIER_DATA:
             return record
         if labels is None:
