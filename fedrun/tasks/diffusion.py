@@ -120,6 +120,24 @@ def denoising_loss(model, noise_scheduler, images: torch.Tensor, noise: torch.Te
     return F.mse_loss(prediction.float(), target.float())
 
 
+class DenoisingSteps:
+    """The training loss of a task whose ``draw_step`` returns ``draw_diffusion_inputs``' keyword
+    arguments (ddpm, dit): ``loss`` is ``step_loss`` of ``draw_step``, the one definition both
+    the sequential and the vectorized clients (``client.vectorize``) run; under vmap the
+    attention uses the classic processor (``with_classic_attention``). Listed before ``Task``."""
+
+    supports_vectorized_clients = True
+
+    def loss(self, model, indices, generator: torch.Generator) -> torch.Tensor:
+        return self.step_loss(model, self.draw_step(indices, generator))
+
+    def step_loss(self, model, inputs: dict) -> torch.Tensor:
+        return denoising_loss(model, self.noise_scheduler, **inputs)
+
+    def functional_model(self, model):
+        return with_classic_attention(model)
+
+
 def with_classic_attention(model):
     """A copy of ``model`` whose attention modules run diffusers' classic ``AttnProcessor``
     (the same function): the SDPA backward has no vmap batching rule on CPU, and falls back to a

@@ -17,11 +17,11 @@ from fedrun.errors import CheckpointError, ConfigError
 from fedrun.registry import TASKS
 from fedrun.tasks.base import Built, Task
 from fedrun.tasks.ddpm.config import ModelConfig
-from fedrun.tasks.diffusion import DiffusionConfig
+from fedrun.tasks.diffusion import DenoisingSteps, DiffusionConfig
 
 
 @TASKS.register("ddpm")
-class DDPMTask(Task):
+class DDPMTask(DenoisingSteps, Task):
     config_sections = {"model": ModelConfig, "diffusion": DiffusionConfig}
     supports_evaluation = True
 
@@ -60,12 +60,6 @@ class DDPMTask(Task):
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
         return Built(train, unet, self.noise_scheduler)
 
-    def loss(self, model, indices: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        return self.step_loss(model, self.draw_step(indices, generator))
-
-    # vectorized clients: the loss split into its drawn inputs and the loss of them
-    supports_vectorized_clients = True
-
     def draw_step(self, indices: np.ndarray, generator: torch.Generator) -> dict:
         """The batch, its noise and timesteps (``diffusion.noise_draws`` per image)."""
         from fedrun.tasks.diffusion import draw_diffusion_inputs
@@ -73,16 +67,6 @@ class DDPMTask(Task):
         images = self.dataset.get_batch(indices).to(self.device, non_blocking=True)
         return draw_diffusion_inputs(self.noise_scheduler, images, generator,
                                      self.cfg.diffusion.noise_draws)
-
-    def step_loss(self, model, inputs: dict) -> torch.Tensor:
-        from fedrun.tasks.diffusion import denoising_loss
-
-        return denoising_loss(model, self.noise_scheduler, **inputs)
-
-    def functional_model(self, model):
-        from fedrun.tasks.diffusion import with_classic_attention
-
-        return with_classic_attention(model)
 
     def describe(self, run) -> str:
         return f"{len(run.dataset)} training images"

@@ -14,7 +14,7 @@ import torch
 from fedrun.errors import CheckpointError, ConfigError, EvaluationError
 from fedrun.registry import TASKS
 from fedrun.tasks.base import Built, RunSampler, Task
-from fedrun.tasks.diffusion import DiffusionConfig
+from fedrun.tasks.diffusion import DenoisingSteps, DiffusionConfig
 from fedrun.tasks.dit.config import DiTConfig
 
 #: final/'s folder of the transformer (``DiTTransformer2DModel.from_pretrained(final,
@@ -27,7 +27,7 @@ CLASSIFIER_DATA = "digits"
 
 
 @TASKS.register("dit")
-class DiTTask(Task):
+class DiTTask(DenoisingSteps, Task):
     config_sections = {"dit": DiTConfig, "diffusion": DiffusionConfig}
     supports_evaluation = True
 
@@ -62,16 +62,9 @@ class DiTTask(Task):
         self.noise_scheduler = build_noise_scheduler(cfg.diffusion)
         return Built(train, model.to(device), self.noise_scheduler)
 
-    def loss(self, model, indices: np.ndarray, generator: torch.Generator) -> torch.Tensor:
-        """The diffusion loss conditioned on the images' labels, a ``dit.class_dropout`` share
-        of them replaced by the null class; all draws from ``generator``."""
-        return self.step_loss(model, self.draw_step(indices, generator))
-
-    # vectorized clients: the loss split into its drawn inputs and the loss of them
-    supports_vectorized_clients = True
-
     def draw_step(self, indices: np.ndarray, generator: torch.Generator) -> dict:
-        """The batch, its labels (some dropped to the null class), noise and timesteps."""
+        """The batch, its labels (a ``dit.class_dropout`` share replaced by the null class), noise
+        and timesteps: all draws from ``generator``."""
         from fedrun.tasks.diffusion import draw_diffusion_inputs
 
         images = self.dataset.get_batch(indices).to(self.device, non_blocking=True)
@@ -80,16 +73,6 @@ class DiTTask(Task):
         return draw_diffusion_inputs(self.noise_scheduler, images, generator,
                                      self.cfg.diffusion.noise_draws,
                                      class_labels=labels.to(self.device))
-
-    def step_loss(self, model, inputs: dict) -> torch.Tensor:
-        from fedrun.tasks.diffusion import denoising_loss
-
-        return denoising_loss(model, self.noise_scheduler, **inputs)
-
-    def functional_model(self, model):
-        from fedrun.tasks.diffusion import with_classic_attention
-
-        return with_classic_attention(model)
 
     def describe(self, run) -> str:
         d = self.cfg.dit
