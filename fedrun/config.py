@@ -143,8 +143,9 @@ class ClientConfig:
     each with its own (seed, client, round) randomness; the result equals one-by-one training
     up to fp32 rounding. Groups hold clients with equal local step counts and are dealt to
     ranks whole, so 1, 2, 3, ... processes stay bit-identical. Fast for many small clients
-    (one image, a few steps); needs a task that splits its loss (ddpm, dit), client.algorithm=fedavg
-    without stateful_optimizer, precision=fp32. 0 = off (one client after another)."""
+    (one image, a few steps); needs a task that splits its loss (ddpm, dit), a client algorithm
+    whose steps are the optimizer's plus a gradient term (fedavg, fedprox, scaffold), no
+    stateful_optimizer, precision=fp32. 0 = off (one client after another)."""
 
     def __post_init__(self) -> None:
         _require(self.vectorize >= 0, "client.vectorize",
@@ -906,9 +907,12 @@ def _check_vectorize(cfg: Any, task_cls: type) -> None:
                           "vectorized clients need; set client.vectorize=0")
     algorithm = CLIENT_ALGORITHMS.get(cfg.client.algorithm)
     if not getattr(algorithm, "vectorizable", False):
-        raise ConfigError(f"{key}: client algorithm '{cfg.client.algorithm}' changes the local "
-                          "steps (gradient hooks or state), which vectorized clients do not run; "
-                          "use client.algorithm=fedavg, or client.vectorize=0")
+        able = sorted(name for name in CLIENT_ALGORITHMS.names()
+                      if getattr(CLIENT_ALGORITHMS.get(name), "vectorizable", False))
+        raise ConfigError(f"{key}: client algorithm '{cfg.client.algorithm}' runs local steps of "
+                          "its own (not the optimizer's steps plus a gradient term), which "
+                          f"vectorized clients do not run; use client.algorithm={'|'.join(able)}, "
+                          "or client.vectorize=0")
     if cfg.client.stateful_optimizer:
         raise ConfigError(f"{key}: vectorized clients start a fresh optimizer every round; set "
                           "client.stateful_optimizer=false, or client.vectorize=0")

@@ -287,32 +287,39 @@ def _start_client(fed: Federation, client: int, global_round: int) -> _ClientSta
     return _ClientStart(client, generator, batches, state, residual)
 
 
+def _client_job(fed: Federation, start: _ClientStart, global_round: int) -> ClientJob:
+    run, cfg, algorithm = fed.run, fed.run.cfg, fed.seams.algorithm
+    return ClientJob(start.client, global_round, run.model, run.params, run.global_weights,
+                     start.batches, start.generator, run.task.loss, cfg.optim, run.device,
+                     cfg.precision, start.state if algorithm.stateful and start.state else None)
+
+
 def _train_client(fed: Federation, buffer: RoundBuffer, client: int, global_round: int) -> None:
     """One client: the client algorithm from the global weights, then its contribution."""
-    run, cfg, algorithm = fed.run, fed.run.cfg, fed.seams.algorithm
     start = _start_client(fed, client, global_round)
-    result = algorithm.train(ClientJob(
-        client, global_round, run.model, run.params, run.global_weights, start.batches,
-        start.generator, run.task.loss, cfg.optim, run.device, cfg.precision,
-        start.state if algorithm.stateful and start.state else None))
+    result = fed.seams.algorithm.train(_client_job(fed, start, global_round))
     _contribute(fed, buffer, start, result, global_round)
 
 
 def _train_group(fed: Federation, buffer: RoundBuffer, group: List[int], global_round: int) -> None:
     """A group of clients with equal step counts trained at once (``fedrun.fl.vectorized``):
-    each one's starting weights and drawn inputs as a sequential client's, then each one's
-    final weights through the replica into the buffer."""
-    run = fed.run
+    each one's starting weights, drawn inputs and gradient term (``ClientAlgorithm.grad_term``)
+    as a sequential client's, then each one's final weights through the replica, the
+    algorithm's ``finish`` and into the buffer."""
+    run, algorithm = fed.run, fed.seams.algorithm
     starts = torch.empty(len(group), run.params.numel, device=run.device)
-    begun, draws = [], []
+    begun, jobs, terms, draws = [], [], [], []
     for row, client in enumerate(group):
         begun.append(_start_client(fed, client, global_round))
         starts[row].copy_(run.params.flat)
+        jobs.append(_client_job(fed, begun[-1], global_round))
+        terms.append(algorithm.grad_term(jobs[-1]))
         draws.append(draw_client_steps(run.task.draw_step, begun[-1].batches, begun[-1].generator))
-    finals, losses = fed.vectorized.train(starts, stack_steps(draws))
-    for start, final, loss in zip(begun, finals, losses):
+    finals, losses = fed.vectorized.train(starts, stack_steps(draws), terms)
+    for start, job, term, final, loss in zip(begun, jobs, terms, finals, losses):
         run.params.load_(final)
-        _contribute(fed, buffer, start, ClientResult(loss, int(start.batches.size)), global_round)
+        result = algorithm.finish(job, ClientResult(loss, int(start.batches.size)), term)
+        _contribute(fed, buffer, start, result, global_round)
 
 
 def _contribute(fed: Federation, buffer: RoundBuffer, start: _ClientStart, result: ClientResult,

@@ -29,14 +29,47 @@ if TYPE_CHECKING:
     from fedrun.fl.aggregation.buffer import RoundResult, Segment
 
 
+@dataclass
+class GradTerm:
+    """What a client algorithm adds to every local step's gradient, before clipping:
+    ``mu (w - anchor) + offset`` (FedProx's proximal gradient: mu and the global weights;
+    SCAFFOLD's correction c - c_i: an offset). Sequential clients add it in a gradient hook
+    (``hook``); vectorized clients (``fedrun.fl.vectorized``) add a group's terms at once."""
+
+    mu: float = 0.0
+    anchor: Optional[torch.Tensor] = None  # flat [P], read when mu > 0
+    offset: Optional[torch.Tensor] = None  # flat [P]
+
+    def hook(self, params: List[torch.nn.Parameter]) -> Optional[GradHook]:
+        """The gradient hook adding this term to ``params``' gradients (None: it adds nothing)."""
+        anchor = _views(self.anchor, params) if self.mu > 0 else None
+        offset = _views(self.offset, params) if self.offset is not None else None
+        if anchor is None and offset is None:
+            return None
+
+        def add(params: List[torch.nn.Parameter]) -> None:
+            grads = [p.grad for p in params]
+            if anchor is not None:
+                torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in params], anchor),
+                                    alpha=self.mu)
+            if offset is not None:
+                torch._foreach_add_(grads, offset)
+
+        return add
+
+
 class ClientAlgorithm:
-    """Base class of client algorithms; ``name`` is set by ``@CLIENT_ALGORITHMS.register``."""
+    """Base class of client algorithms; ``name`` is set by ``@CLIENT_ALGORITHMS.register``.
+
+    ``train`` is the client optimizer's local steps with the algorithm's ``grad_term`` added to
+    every gradient, then ``finish`` (segments, state). An algorithm that does only that is
+    ``vectorizable``: vectorized clients (``client.vectorize``) run the three parts for a group."""
 
     name: str = "client_algorithm"
     #: Keeps per-client state across rounds in the client state store (``job.state``).
     stateful: bool = False
-    #: Its ``train`` is the plain local steps (``train_steps`` without a hook), which vectorized
-    #: clients (``client.vectorize``, ``fedrun.fl.vectorized``) run for a group at once instead.
+    #: Its local steps are ``train``'s (the optimizer's steps plus ``grad_term``), which
+    #: vectorized clients (``fedrun.fl.vectorized``) run for a group at once instead.
     vectorizable: bool = False
 
     def __init__(self, cfg: "Config", params: Any = None):
@@ -63,8 +96,21 @@ class ClientAlgorithm:
         the round's clients and available in ``RoundResult.segments``)."""
         return []
 
+    def grad_term(self, job: ClientJob) -> Optional["GradTerm"]:
+        """What this algorithm adds to each of ``job``'s local gradients (None: nothing)."""
+        return None
+
+    def finish(self, job: ClientJob, result: ClientResult, term: Optional["GradTerm"]) -> ClientResult:
+        """After the local steps (``job.params`` holds the client's final weights): the
+        algorithm's segments and state in ``result``."""
+        return result
+
     def train(self, job: ClientJob) -> ClientResult:
-        raise NotImplementedError
+        """The client optimizer's local steps with ``grad_term`` added to every gradient, then
+        ``finish``. Vectorized clients run the same three parts, the steps for a group at once."""
+        term = self.grad_term(job)
+        hook = term.hook(job.params.params) if term is not None else None
+        return self.finish(job, self.train_steps(job, grad_hook=hook), term)
 
     def server_update(self, result: "RoundResult") -> None:
         """After the all-reduce, on every rank: update the algorithm's server-side state."""
@@ -83,9 +129,6 @@ class FedAvgClient(ClientAlgorithm):
 
     vectorizable = True
 
-    def train(self, job: ClientJob) -> ClientResult:
-        return self.train_steps(job)
-
 
 @CLIENT_ALGORITHMS.register("fedprox")
 class FedProxClient(ClientAlgorithm):
@@ -101,16 +144,10 @@ class FedProxClient(ClientAlgorithm):
         def __post_init__(self) -> None:
             require(self.prox_mu >= 0, "prox_mu", f"must be >= 0, got {self.prox_mu}")
 
-    def train(self, job: ClientJob) -> ClientResult:
-        mu = self.params.prox_mu
-        anchor = _views(job.global_weights, job.params.params)
+    vectorizable = True
 
-        def proximal(params: List[torch.nn.Parameter]) -> None:
-            grads = [p.grad for p in params]
-            torch._foreach_add_(grads, torch._foreach_sub([p.detach() for p in params], anchor),
-                                alpha=mu)
-
-        return self.train_steps(job, grad_hook=proximal if mu > 0 else None)
+    def grad_term(self, job: ClientJob) -> Optional[GradTerm]:
+        return GradTerm(mu=self.params.prox_mu, anchor=job.global_weights) if self.params.prox_mu > 0 else None
 
 
 @CLIENT_ALGORITHMS.register("scaffold")
@@ -133,6 +170,7 @@ class ScaffoldClient(ClientAlgorithm):
     """
 
     stateful = True
+    vectorizable = True
 
     def __init__(self, cfg: "Config", params: Any = None):
         super().__init__(cfg, params)
@@ -168,20 +206,19 @@ class ScaffoldClient(ClientAlgorithm):
         # weight, and its scale does not follow the weights'.
         return [Segment("control", params.numel)]
 
-    def train(self, job: ClientJob) -> ClientResult:
-        server_c = self._server_control(job.global_weights)
-        client_c = (job.state["control"].to(job.device) if job.state is not None and "control" in job.state
-                    else torch.zeros_like(server_c))
-        correction = server_c - client_c
-        corr_views = _views(correction, job.params.params)
+    def _client_control(self, job: ClientJob) -> torch.Tensor:
+        """c_i (zeros before the client's first round)."""
+        if job.state is not None and "control" in job.state:
+            return job.state["control"].to(job.device)
+        return torch.zeros_like(self._server_control(job.global_weights))
 
-        def correct(params: List[torch.nn.Parameter]) -> None:
-            torch._foreach_add_([p.grad for p in params], corr_views)
+    def grad_term(self, job: ClientJob) -> GradTerm:
+        return GradTerm(offset=self._server_control(job.global_weights) - self._client_control(job))
 
-        result = self.train_steps(job, grad_hook=correct)
+    def finish(self, job: ClientJob, result: ClientResult, term: Optional[GradTerm]) -> ClientResult:
         steps = len(job.batches)
-        new_c = (job.global_weights - job.params.flat).div_(steps * job.optim.lr).sub_(correction)
-        result.segments = {"control": new_c - client_c}
+        new_c = (job.global_weights - job.params.flat).div_(steps * job.optim.lr).sub_(term.offset)
+        result.segments = {"control": new_c - self._client_control(job)}
         result.state = {**(result.state or {}), "control": new_c}
         return result
 

@@ -23,7 +23,7 @@ of processes, and the exact sum makes the round independent of which rank ran wh
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,7 @@ from fedrun.fl.local import build_optimizer
 if TYPE_CHECKING:
     from fedrun.config import OptimConfig
     from fedrun.engine.flat import FlatParameters
+    from fedrun.fl.clients import GradTerm
 
 #: one step's drawn inputs: name -> tensor (one client: its own shape; a group: [G, ...])
 StepInputs = Dict[str, torch.Tensor]
@@ -126,13 +127,37 @@ class GroupTrainer:
         return {name: part.reshape(starts.shape[0], *shape).clone()
                 for name, part, shape in zip(self.names, parts, self.shapes)}
 
-    def train(self, starts: torch.Tensor, steps: Sequence[StepInputs]) -> Tuple[torch.Tensor, List[float]]:
+    def _term(self, terms: Sequence[Optional["GradTerm"]]) -> Tuple[float, Optional[List[torch.Tensor]],
+                                                                   Optional[List[torch.Tensor]]]:
+        """The group's gradient terms (``ClientAlgorithm.grad_term``, one per client) stacked:
+        (mu, anchors, offsets), the tensors name by name as [G, *shape] (None: not added)."""
+        present = [t for t in terms if t is not None]
+        if not present:
+            return 0.0, None, None
+        if len(present) != len(terms) or len({t.mu for t in present}) != 1 \
+                or len({t.offset is None for t in present}) != 1:
+            raise ValueError("the clients of a group must add gradient terms of one form (one mu, "
+                             "all with or all without an offset)")
+        mu = present[0].mu
+        anchors = offsets = None
+        if mu > 0:
+            stacked = self._unflatten(torch.stack([t.anchor for t in present]))
+            anchors = [stacked[name] for name in self.names]
+        if present[0].offset is not None:
+            stacked = self._unflatten(torch.stack([t.offset for t in present]))
+            offsets = [stacked[name] for name in self.names]
+        return mu, anchors, offsets
+
+    def train(self, starts: torch.Tensor, steps: Sequence[StepInputs],
+              terms: Optional[Sequence[Optional["GradTerm"]]] = None) -> Tuple[torch.Tensor, List[float]]:
         """From ``starts`` ([G, P]: each client's initial flat weights) one optimizer step per
-        item of ``steps`` (each client's drawn inputs, stacked). Returns the final weights
-        [G, P] and each client's mean loss (summed in fp32 and divided as ``train_client``
-        does)."""
+        item of ``steps`` (each client's drawn inputs, stacked), each client's gradient term
+        (``terms``) added to its gradients before clipping, as the sequential hook does. Returns
+        the final weights [G, P] and each client's mean loss (summed in fp32 and divided as
+        ``train_client`` does)."""
         weights = self._unflatten(starts)
         tensors = [weights[name] for name in self.names]
+        mu, anchors, offsets = self._term(terms or [None] * starts.shape[0])
         optimizer = build_optimizer(tensors, self.optim, fused=True)  # fresh, as sequentially
         loss_sum = torch.zeros(starts.shape[0], device=starts.device)
         for inputs in steps:
@@ -141,6 +166,11 @@ class GroupTrainer:
                 # vmap may return strided gradients (a convolution's, for one client), which
                 # torch's fused CPU optimizers misread: they then step by wrong values
                 tensor.grad = grads[name].contiguous()
+            if anchors is not None:  # FedProx: mu (w - w_global)
+                torch._foreach_add_([t.grad for t in tensors],
+                                    torch._foreach_sub([t.detach() for t in tensors], anchors), alpha=mu)
+            if offsets is not None:  # SCAFFOLD: c - c_i
+                torch._foreach_add_([t.grad for t in tensors], offsets)
             if self.optim.grad_clip is not None:
                 clip_per_client_([t.grad for t in tensors], self.optim.grad_clip)
             optimizer.step()

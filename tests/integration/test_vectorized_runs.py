@@ -21,6 +21,12 @@ SHAPE = ["num_clients=7", "clients_per_round=6", "partition.method=unbalanced", 
 VARIANTS = {
     "adamw": (["optim.name=adamw"], 2e-3),
     "sgd": (["optim.name=sgd", "optim.lr=0.05"], 2e-5),
+    # FedProx's proximal gradient (a large mu, so that it matters within a few steps) and
+    # SCAFFOLD's correction (round 2: the clients' and the server's variates from round 1)
+    "fedprox": (["client.algorithm=fedprox", "client.prox_mu=5.0", "optim.name=sgd",
+                 "optim.lr=0.05"], 2e-5),
+    "scaffold": (["client.algorithm=scaffold", "optim.name=sgd", "optim.lr=0.05", "optim.momentum=0",
+                  "optim.grad_clip=null"], 2e-5),
     # DP-FedAvg: each client's update clipped to 0.02 (binding) in the buffer, noise on the sum
     "dp": (["privacy.enabled=true", "privacy.clip_norm=0.02", "privacy.noise_multiplier=0.1",
             "privacy.sampling=fixed"], 5e-4),

@@ -204,17 +204,68 @@ def test_clients_of_a_group_do_not_affect_each_other(federation):
     torch.testing.assert_close(pair[1], alone[0], rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("form", ["proximal", "offset"])
+def test_a_group_adds_each_clients_gradient_term_as_the_hook_does(federation, form):
+    """FedProx's mu (w - w_global) and SCAFFOLD's per-client offset c - c_i, added by the group
+    trainer to the stacked gradients, give one-by-one training with the term's gradient hook up
+    to fp32 rounding; and the term changes the result by far more than that rounding."""
+    from fedrun.fl.clients import GradTerm
+
+    fed = federation("optim.name=sgd", "optim.lr=0.05", "optim.momentum=0", "optim.grad_clip=null")
+    run, cfg = fed.run, fed.run.cfg
+    clients, steps, gw = [0, 1, 2], 3, fed.run.global_weights
+    if form == "proximal":  # a large mu, so that 3 small steps away from w_global matter
+        terms = [GradTerm(mu=5.0, anchor=gw) for _ in clients]
+    else:
+        terms = [GradTerm(offset=0.01 * torch.randn(gw.shape, generator=torch.Generator().manual_seed(c)))
+                 for c in clients]
+    if form == "proximal":  # the anchor term is zero at the first step: start the clients elsewhere
+        starts = gw + 0.01 * torch.randn(len(clients), gw.numel(), generator=torch.Generator().manual_seed(9))
+    else:
+        starts = gw.expand(len(clients), -1).clone()
+    sequential, draws = [], []
+    for row, (client, term) in enumerate(zip(clients, terms)):
+        run.params.load_(starts[row])
+        generator = client_generator(cfg.seed, client, 0)
+        batches = batch_indices(run.client_indices[client], steps, cfg.optim.batch_size, generator)
+        train_client(run.model, run.params.params, run.task.loss, batches, generator, cfg.optim,
+                     run.device, grad_hook=term.hook(run.params.params))
+        sequential.append(run.params.flat.clone())
+        generator = client_generator(cfg.seed, client, 0)
+        batches = batch_indices(run.client_indices[client], steps, cfg.optim.batch_size, generator)
+        draws.append(draw_client_steps(run.task.draw_step, batches, generator))
+    sequential = torch.stack(sequential)
+    trainer = GroupTrainer(run.task.functional_model(run.model), run.params, run.task.step_loss, cfg.optim)
+    with_terms, _ = trainer.train(starts, stack_steps(draws), terms)
+    without, _ = trainer.train(starts, stack_steps(draws))
+    rounding = float((with_terms - sequential).norm())
+    effect = float((with_terms - without).norm())
+    print(f"{form}: |vectorized - one by one| {rounding:.2e}, the term's effect {effect:.2e}")
+    torch.testing.assert_close(with_terms, sequential, rtol=0, atol=2e-6)
+    assert effect > 1e-3 and effect > 1000 * rounding
+
+
+def test_a_group_refuses_clients_whose_terms_differ_in_form(federation):
+    from fedrun.fl.clients import GradTerm
+
+    fed = federation()
+    run = fed.run
+    trainer = GroupTrainer(run.task.functional_model(run.model), run.params, run.task.step_loss, run.cfg.optim)
+    gw = run.global_weights
+    with pytest.raises(ValueError, match="one form"):
+        trainer.train(gw.expand(2, -1).clone(), [], [GradTerm(mu=1.0, anchor=gw), None])
+
+
 # ---------------------------------------------------------------- refused configs
 
 @pytest.mark.parametrize("overrides, says", [
     (["client.vectorize=-1"], "must be >= 0"),
-    (["client.algorithm=fedprox"], "client algorithm 'fedprox'"),
-    (["client.algorithm=scaffold", "optim.name=sgd", "optim.momentum=0", "optim.grad_clip=null"],
-     "client algorithm 'scaffold'"),
+    (["client.algorithm=toy_visits"], "client algorithm 'toy_visits'"),  # its own train
     (["client.stateful_optimizer=true"], "client.stateful_optimizer=false"),
     (["precision=bf16"], "precision=fp32"),
 ])
 def test_combinations_vectorized_clients_cannot_run_are_refused(overrides, says):
+    import toy_algorithms  # noqa: F401  (registers toy_visits, a client algorithm with its own train)
     from fedrun.config import load_config
 
     with pytest.raises(ConfigError, match="client.vectorize") as error:
