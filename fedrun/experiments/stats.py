@@ -120,6 +120,40 @@ def paired_t(a: Sequence[float], b: Sequence[float], confidence: float = 1 - ALP
 
 
 @dataclass
+class Ratio:
+    """mean(a) / mean(b) over n pairs, with Fieller's interval: the r for which a paired t test
+    of a - r b does not reject 0 (``bounded`` false when mean(b) itself is not clearly away from
+    0: the interval is then unbounded, low = -inf, high = inf)."""
+
+    n: int
+    ratio: float
+    low: float
+    high: float
+    bounded: bool
+
+
+def fieller_ratio(a: Sequence[float], b: Sequence[float], confidence: float = 1 - ALPHA) -> Ratio:
+    """The ratio of paired means mean(a) / mean(b) and Fieller's interval at ``confidence``:
+    {r : (mean a - r mean b)^2 <= t^2 var(a - r b) / n}, t with n - 1 degrees of freedom. A
+    quadratic in r; bounded when mean(b)^2 > t^2 var(b) / n (b's own t test rejects 0)."""
+    from scipy.stats import t
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    n = len(a)
+    if n < 2 or len(b) != n:
+        raise ValueError(f"a paired ratio needs at least 2 pairs of equal length, got {len(a)} and {len(b)}")
+    ma, mb = float(a.mean()), float(b.mean())
+    cov = np.cov(a, b, ddof=1) / n
+    q = float(t.ppf(1 - (1 - confidence) / 2, n - 1)) ** 2
+    qa, qb, qc = mb * mb - q * cov[1, 1], -2 * (ma * mb - q * cov[0, 1]), ma * ma - q * cov[0, 0]
+    ratio = ma / mb if mb != 0 else math.copysign(math.inf, ma)
+    if qa <= 0:
+        return Ratio(n, ratio, -math.inf, math.inf, False)
+    root = math.sqrt(max(qb * qb - 4 * qa * qc, 0.0))
+    return Ratio(n, ratio, (-qb - root) / (2 * qa), (-qb + root) / (2 * qa), True)
+
+
+@dataclass
 class Holm:
     """One hypothesis of Holm's step-down procedure: its rank among the p-values (1 = smallest),
     the level it is tested at (alpha / (m - rank + 1)), the adjusted p and whether it is rejected."""

@@ -42,6 +42,31 @@ def test_paired_t_edge_cases():
         stats.paired_t([1.0], [2.0])
 
 
+def test_fieller_interval_ends_are_where_the_paired_t_test_of_a_minus_r_b_stops_rejecting():
+    """At each end r of Fieller's interval the paired t test of a - r b sits exactly on its
+    boundary (the interval of a - r b touches 0); inside, 0 is in that interval."""
+    a = [2.1, 2.6, 1.7, 2.4, 2.2]   # e.g. the part of a gap that a change closes, per seed
+    b = [4.0, 5.1, 3.9, 4.8, 4.4]   # the whole gap, per seed
+    out = stats.fieller_ratio(a, b)
+    assert out.bounded and out.n == 5
+    assert out.ratio == pytest.approx(sum(a) / sum(b))
+    assert out.low < out.ratio < out.high
+    for end in (out.low, out.high):
+        test = stats.paired_t(a, [end * x for x in b])
+        assert min(abs(test.low), abs(test.high)) == pytest.approx(0.0, abs=1e-9)
+    middle = stats.paired_t(a, [out.ratio * x for x in b])
+    assert middle.low < 0 < middle.high
+
+
+def test_fieller_interval_degenerate_cases():
+    exact = stats.fieller_ratio([2.0, 2.1, 1.9, 2.05], [4.0, 4.2, 3.8, 4.1])  # a = b / 2 at every seed
+    assert (exact.ratio, exact.low, exact.high) == (0.5, pytest.approx(0.5), pytest.approx(0.5))
+    loose = stats.fieller_ratio([1.0, 2.0, 1.5], [1.0, -1.0, 0.5])  # b's mean not away from 0
+    assert not loose.bounded and (loose.low, loose.high) == (-math.inf, math.inf)
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        stats.fieller_ratio([1.0], [2.0])
+
+
 def test_holm_on_the_textbook_example():
     """Four hypotheses, p = 0.01, 0.04, 0.03, 0.005, alpha 0.05 (the Holm-Bonferroni example of
     Wikipedia): sorted 0.005, 0.01, 0.03, 0.04 against 0.0125, 0.0167, 0.025, 0.05; the first
