@@ -61,8 +61,8 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     if not results:
         raise FedrunError(f"no run of the grid '{grid_file}' has results: " + "; ".join(
             f"{f['name']} seed {f['seed']}: {f['error']}" for f in failures[:3]))
-    if collect_only:  # the grid's: from the first run's start to the last run's end
-        wall = max(r["ended"] for r in results) - min(r["ended"] - r["wall_s"] for r in results)
+    if collect_only:  # the grid's: from the first run's start (tuning runs included) to the last one's end
+        wall = study_time(results, sweep)["span_s"]
         collected = 0
     else:
         wall = time.perf_counter() - started

@@ -169,6 +169,8 @@ def test_a_tuned_grid_tunes_first_reports_every_sweep_and_reuses_its_choice(tmp_
     assert "tuning: reusing" in err and "already finished" in err and "started" not in err
     assert metrics.stat().st_mtime_ns == before
     assert fedrun_main(args + ["--collect"]) == 0
+    collected = json.loads((report / "results.json").read_text())
+    assert collected["wall_s"] == collected["study"]["span_s"]  # collected: the span, tuning included
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def test_every_grid_file_loads_and_plans(path, quick, monkeypatch):
         assert not {s.seed for s in runs} & set(grid.seeds)
 
 
-@pytest.mark.parametrize("study", ["compare_paper", "communication", "noniid"])
+@pytest.mark.parametrize("study", ["compare_paper", "communication", "noniid", "optimizer_reset"])
 def test_committed_results_are_reported_again_by_the_current_code(study, tmp_path, monkeypatch):
     """The committed reports' raw results (collected before the confident-sample rate, the
     evaluations by budget and the tuning existed) render with today's tables; the non-IID
@@ -62,11 +62,34 @@ def test_committed_results_are_reported_again_by_the_current_code(study, tmp_pat
         grid = load_grid(str(tmp_path / "grid.yaml"))
     else:
         grid = load_grid(data["grid"])
-    text = write_report(grid, data["runs"], tmp_path / "report", data["command"], data["wall_s"]).read_text()
+    saved = REPO / "docs" / "results" / study / "tuning.json"  # a tuned study: its choices
+    sweep = tuning.Sweep.from_json(json.loads(saved.read_text())) if saved.is_file() else None
+    text = write_report(grid, data["runs"], tmp_path / "report", data["command"], data["wall_s"],
+                        sweep=sweep).read_text()
+    if sweep is not None:
+        assert "## Tuning" in text and "| untrained model (anchor) | 39.5 |" in text
     assert "| real vs real (floor) | 1.4 |" in text
     assert "| configuration | FID | KID ×100 | confident |" in text
     if grid.tables:
         assert "Holm interval" in text
+
+
+def test_the_committed_reset_gap_is_what_the_script_computes_from_the_committed_results():
+    """docs/results/optimizer_reset: the gap's split (scripts.reset_gap) from results.json, and
+    its paired differences add up (fresh - central = (fresh - stateful) + (stateful - central))."""
+    import json
+
+    from scripts.reset_gap import split_gap
+
+    folder = REPO / "docs" / "results" / "optimizer_reset"
+    split = split_gap(json.loads((folder / "results.json").read_text()))
+    committed = json.loads((folder / "reset_gap.json").read_text())
+    assert split["seeds"] == committed["seeds"] == [0, 1, 2, 3, 4]
+    for key in ("gap", "closed_by_state", "federation", "share_closed"):
+        assert split[key] == pytest.approx(committed[key])
+    assert split["gap"]["mean"] == pytest.approx(split["closed_by_state"]["mean"] + split["federation"]["mean"])
+    share = split["share_closed"]
+    assert share["bounded"] and share["low"] < share["ratio"] < share["high"]
 
 
 def grid_with(findings, seeds=(0, 1)):
