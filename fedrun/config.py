@@ -56,9 +56,17 @@ class DataConfig:
     max_samples: Optional[int] = None
     """Use only a deterministic subset of this many images (quick runs): a fixed part of the
     reference split as held-out set and a seeded choice of the other images for training."""
+    classes: Optional[List[int]] = None
+    """Keep only the images of these class labels, in training and in the held-out reference
+    (a labelled source: the digits, a labelled image folder); e.g. public pre-training on
+    [0, 1, 2, 3, 4] and private fine-tuning on [5, 6, 7, 8, 9]. The held-out split is the same
+    images as without it, filtered: no held-out image of a kept class ever trains. null = all."""
 
     def __post_init__(self) -> None:
         _require(self.image_size >= 4, "data.image_size", f"must be >= 4, got {self.image_size}")
+        _require(self.classes is None or (len(self.classes) > 0 and len(set(self.classes)) == len(self.classes)
+                                          and all(c >= 0 for c in self.classes)),
+                 "data.classes", f"must be a non-empty list of distinct labels >= 0, got {self.classes}")
         _require(0.0 <= self.heldout_fraction < 1.0, "data.heldout_fraction",
                  f"must be in [0, 1), got {self.heldout_fraction}")
         _require(self.max_samples is None or self.max_samples >= 1, "data.max_samples",
@@ -983,14 +991,40 @@ def digest(cfg: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def diff_keys(old: dict, new: dict, prefix: str = "") -> List[str]:
-    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
+def _differences(old: dict, new: dict, prefix: str = "") -> List[Tuple[str, Any, Any]]:
     out = []
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         a, b = old.get(key, MISSING), new.get(key, MISSING)
         if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(diff_keys(a, b, prefix=f"{name}."))
+            out.extend(_differences(a, b, prefix=f"{name}."))
         elif a != b:
-            out.append(f"{name}: {a!r} -> {b!r}")
+            out.append((name, a, b))
     return out
+
+
+def diff_keys(old: dict, new: dict, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two nested dicts, as 'key: old -> new'."""
+    return [f"{name}: {a!r} -> {b!r}" for name, a, b in _differences(old, new, prefix)]
+
+
+def resume_differences(saved_view: dict, cfg: Any) -> Tuple[List[str], List[str]]:
+    """A checkpoint's config view (``digest_view`` when it was written) against ``cfg``'s:
+    (the differing keys as 'key: old -> new', the keys the checkpoint predates). A key absent
+    from the saved view whose value in ``cfg`` is its default is an option added to fedrun
+    after the checkpoint was written and left off (every option's default keeps the earlier
+    behaviour): not a difference, so a fedrun upgrade does not strand a run. The same key set
+    to anything else is one."""
+    defaults = json.loads(json.dumps(digest_view(OmegaConf.to_object(OmegaConf.structured(type(cfg)))),
+                                     default=str))
+    current = json.loads(json.dumps(digest_view(cfg), default=str))
+    changed, added = [], []
+    for name, a, b in _differences(saved_view, current):
+        default = defaults
+        for part in name.split("."):
+            default = default.get(part, MISSING) if isinstance(default, dict) else MISSING
+        if a is MISSING and b == default:
+            added.append(name)
+        else:
+            changed.append(f"{name}: {'(not in the checkpoint)' if a is MISSING else repr(a)} -> {b!r}")
+    return changed, added

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
-from fedrun.config import Config, diff_keys, digest, digest_view, to_dict, to_yaml
+from fedrun.config import Config, digest, digest_view, resume_differences, to_dict, to_yaml
 from fedrun.engine import dist
 from fedrun.engine.checkpoint import Checkpoint, prepare_run_dir, save_checkpoint
 from fedrun.engine.ema import EMA
@@ -126,12 +126,16 @@ def open_run(cfg: Config, task: Task) -> Run:
 
 def restore_run(run: Run, ckpt: Checkpoint) -> None:
     """Global weights, EMA and counters from a checkpoint; refuse a different config."""
-    saved_view = ckpt.state.get("config", {})
+    saved_view = ckpt.state.get("config")
     if ckpt.state.get("config_digest") != digest(run.cfg):
-        changed = diff_keys(saved_view, digest_view(run.cfg))
-        raise CheckpointError(
-            f"checkpoint '{ckpt.path}' was written with a different config; differing keys: "
-            + "; ".join(changed or ["(unknown: the checkpoint has no config view)"]))
+        changed, added = resume_differences(saved_view, run.cfg) if saved_view else ([], [])
+        if changed or not saved_view:
+            raise CheckpointError(
+                f"checkpoint '{ckpt.path}' was written with a different config; differing keys: "
+                + "; ".join(changed or ["(unknown: the checkpoint has no config view)"]))
+        if run.rank == 0:  # only options added since, at their defaults: the same trajectory
+            print(f"resuming from '{ckpt.path}', written before the options {', '.join(added)} "
+                  "existed; they are at their defaults (off)", flush=True)
     if ckpt.round > run.cfg.rounds:
         raise CheckpointError(f"checkpoint '{ckpt.path}' is at round {ckpt.round}, beyond "
                               f"rounds={run.cfg.rounds}; raise 'rounds' to continue it")

@@ -133,6 +133,26 @@ def test_changed_config_is_refused_naming_the_keys(tiny_config):
         simulator.run(tiny_config("rounds=2", "resume=auto", "optim.lr=2e-3", "local_steps=3"))
 
 
+def test_a_checkpoint_older_than_an_option_resumes_while_the_option_is_at_its_default(tiny_config, capsys):
+    """A checkpoint written before data.classes existed (its config view without the key, its
+    digest of that view) resumes with the key at its default, and is refused with the key set."""
+    from fedrun.config import digest_view
+
+    cfg = tiny_config("rounds=1")
+    simulator.run(cfg)
+    state_file = Path(cfg.output_dir) / "checkpoints" / "round_00001" / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["data"]["classes"]  # as an older fedrun wrote it
+    state["config_digest"] = hashlib.sha256(json.dumps(state["config"], sort_keys=True).encode()).hexdigest()[:16]
+    state_file.write_text(json.dumps(state))
+    assert "classes" in digest_view(cfg)["data"]
+    with pytest.raises(CheckpointError, match=r"data\.classes: \(not in the checkpoint\) -> \[1, 2\]"):
+        simulator.run(tiny_config("rounds=2", "resume=auto", "data.classes=[1,2]"))
+    simulator.run(tiny_config("rounds=2", "resume=auto"))
+    assert "written before the options data.classes existed" in capsys.readouterr().out
+    assert [json.loads(x)["round"] for x in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_truncated_checkpoint_is_a_clear_error_and_nothing_is_deleted(tiny_config):
     cfg = tiny_config("rounds=2", "checkpoint.every=1")
     simulator.run(cfg)

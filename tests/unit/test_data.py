@@ -64,6 +64,37 @@ def test_digits_max_samples():
                    for row in data.get_batch(range(len(data))))
 
 
+def test_digits_classes_keep_those_labels_in_both_sets_and_the_same_held_out_images():
+    """data.classes: public 0-4 and private 5-9 split the digits; each keeps its classes' images
+    of the unfiltered split, in training and in the reference, so no held-out image trains."""
+    full_train, full_held = build_datasets(DataConfig(image_size=8), seed=0)
+    public = build_datasets(DataConfig(image_size=8, classes=[0, 1, 2, 3, 4]), seed=0)
+    private = build_datasets(DataConfig(image_size=8, classes=[5, 6, 7, 8, 9]), seed=0)
+    for (train, held), wanted in ((public, set(range(5))), (private, set(range(5, 10)))):
+        assert set(train.labels.tolist()) == wanted and set(held.labels.tolist()) == wanted
+    for part in (0, 1):  # together the two filtered halves are the unfiltered set, image by image
+        full = (full_train, full_held)[part]
+        rows = lambda data: sorted(r.numpy().tobytes() for r in data.get_batch(range(len(data))))  # noqa: E731
+        assert len(public[part]) + len(private[part]) == len(full)
+        assert sorted(rows(public[part]) + rows(private[part])) == rows(full)
+    assert len(private[0]) == int(np.isin(full_train.labels, range(5, 10)).sum())
+
+
+@pytest.mark.parametrize("classes, says", [([], "non-empty list"), ([3, 3], "distinct"),
+                                           ([-1], "labels >= 0")])
+def test_digits_classes_refuses_a_bad_list(classes, says):
+    from fedrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.classes") as error:
+        DataConfig(classes=classes)
+    assert "non-empty list of distinct labels >= 0" in str(error.value)
+
+
+def test_digits_classes_refuses_a_label_no_image_has():
+    with pytest.raises(DataError, match=r"config key 'data.classes': no image has label\(s\) \[10\]"):
+        build_datasets(DataConfig(image_size=8, classes=[9, 10]), seed=0)
+
+
 def test_get_batch_order_and_repeats():
     train, _ = build_datasets(DataConfig(), seed=0)
     batch = train.get_batch(np.array([7, 3, 7]))
@@ -114,6 +145,11 @@ def test_folder_shapes_and_range(folder):
     assert batch.min() >= -1.0 and batch.max() <= 1.0
     gray, _ = build_datasets(_folder_cfg(folder, grayscale=True, image_size=12), seed=0)
     assert gray.num_channels == 1 and gray.get_batch([0, 1]).shape == (2, 1, 12, 12)
+
+
+def test_classes_of_an_unlabelled_folder_are_refused(folder):
+    with pytest.raises(DataError, match="config key 'data.classes': data.name=image_folder has no labels"):
+        build_datasets(_folder_cfg(folder, classes=[0]), seed=0)
 
 
 def test_center_crop(folder):
