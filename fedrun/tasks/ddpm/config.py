@@ -25,8 +25,21 @@ class ModelConfig:
     up_block_types: List[str] = field(default_factory=lambda: ["AttnUpBlock2D", "UpBlock2D"])
     norm_num_groups: int = 8
     attention_head_dim: Optional[int] = 8
+    lora_rank: Optional[int] = None
+    """Fine-tune the pretrained U-Net (``model.pretrained``) with LoRA of this rank (peft): its
+    weights stay frozen and only the LoRA weights train, travel and are averaged; ``final/`` is
+    a stock DDPMPipeline with them merged. null = train every weight."""
+    lora_alpha: Optional[float] = None
+    """LoRA's alpha (the update is scaled by alpha / rank); null = the rank (scale 1)."""
+    lora_target_modules: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    """The U-Net's layers LoRA attaches to (peft ``target_modules``): the attention projections
+    by default; add e.g. 'conv1', 'conv2' for the ResNet blocks' convolutions."""
 
     def __post_init__(self) -> None:
+        _require(self.lora_rank is None or self.lora_rank >= 1, "model.lora_rank",
+                 f"must be >= 1 (or null: no LoRA), got {self.lora_rank}")
+        _require(self.lora_alpha is None or self.lora_alpha > 0, "model.lora_alpha",
+                 f"must be > 0, got {self.lora_alpha}")
         n = len(self.block_out_channels)
         _require(n >= 1, "model.block_out_channels", "needs at least one entry")
         _require(len(self.down_block_types) == n, "model.down_block_types",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from fedrun.tasks.ddpm.config import ModelConfig
 
 
-def build_unet(cfg: "ModelConfig", image_size: int, channels: int, seed: int):
-    """A diffusers ``UNet2DModel``: loaded from ``cfg.pretrained`` or built from the config.
+def build_unet(cfg: "ModelConfig", image_size: int, channels: Optional[int], seed: int):
+    """A diffusers ``UNet2DModel``: loaded from ``cfg.pretrained`` or built from the config
+    (``channels`` None: a pretrained U-Net's own, unchecked).
 
     Every rank builds it under the same seed, so all replicas start identical without a broadcast.
     """
@@ -35,11 +36,44 @@ def build_unet(cfg: "ModelConfig", image_size: int, channels: int, seed: int):
             norm_num_groups=cfg.norm_num_groups,
             attention_head_dim=cfg.attention_head_dim,
         )
-    if unet.config.in_channels != channels:
+    if channels is not None and unet.config.in_channels != channels:
         raise ConfigError(
             f"config key 'model.pretrained': the U-Net takes {unet.config.in_channels} channels "
             f"but the data has {channels} (set data.grayscale accordingly)")
+    if cfg.lora_rank:
+        attach_lora(unet, cfg)  # after the seed: A's initialisation is the same on every rank
     return unet
+
+
+def attach_lora(unet, cfg: "ModelConfig") -> None:
+    """Freeze ``unet`` and inject LoRA of ``cfg.lora_rank`` into ``cfg.lora_target_modules``
+    (peft; B starts at zero, so the model starts as the pretrained one)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                        target_modules=list(cfg.lora_target_modules), init_lora_weights=True)
+    try:
+        inject_adapter_in_model(config, unet)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'model.lora_target_modules': {list(cfg.lora_target_modules)}: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def merged_unet(unet):
+    """A copy of ``unet`` with its LoRA weights merged into the base layers and the LoRA layers
+    removed: a plain UNet2DModel that stock diffusers saves and loads."""
+    import copy
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    clone = copy.deepcopy(unet)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(clone.get_submodule(parent) if parent else clone, child, module.get_base_layer())
+    return clone
 
 
 def _load_pretrained_unet(name: str):

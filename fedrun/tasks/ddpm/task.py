@@ -35,6 +35,9 @@ class DDPMTask(DenoisingSteps, Task):
         from fedrun.eval.tstr import check_unconditional
 
         check_unconditional(cfg)  # eval.tstr: the digits classifier labels the samples
+        if cfg.model.lora_rank and not cfg.model.pretrained:
+            raise ConfigError("config key 'model.lora_rank': LoRA fine-tunes a pretrained U-Net; set "
+                              "model.pretrained (e.g. the final/ folder of a pre-training run)")
         # A U-Net of n blocks halves the image n - 1 times and concatenates the skip connections
         # on the way up: a side that is odd before any halving breaks that concat deep in
         # diffusers. A pretrained U-Net is not built from model.*.
@@ -72,9 +75,18 @@ class DDPMTask(DenoisingSteps, Task):
         return f"{len(run.dataset)} training images"
 
     def sample_model(self, run, weights: torch.Tensor):
-        """A separate U-Net holding ``weights`` (the EMA), for sampling and export."""
+        """A separate U-Net holding ``weights`` (the EMA), for sampling and export; with LoRA,
+        the pretrained base with those LoRA weights merged in."""
         from fedrun.tasks.diffusion import unet_with_weights
 
+        if self.cfg.model.lora_rank:
+            import copy
+
+            from fedrun.tasks.ddpm.model import merged_unet
+
+            clone = copy.deepcopy(run.model)
+            clone.load_state_dict(run.params.state_dict(weights), strict=False)
+            return merged_unet(clone).eval()
         return unet_with_weights(run.model, run.params, weights)
 
     def write_samples(self, run, done_rounds: int, logger) -> None:
@@ -133,13 +145,19 @@ class DDPMTask(DenoisingSteps, Task):
         cfg = self.cfg
         ckpt = load_checkpoint(path)
         ema = ckpt.groups.get("ema")
-        if not ema or "conv_in.weight" not in ema:
+        lora = bool(cfg.model.lora_rank)  # its EMA holds the LoRA weights only
+        if not ema or (not lora and "conv_in.weight" not in ema):
             raise CheckpointError(f"checkpoint '{path}' holds no EMA U-Net weights to sample from")
-        unet = build_unet(cfg.model, cfg.data.image_size, ema["conv_in.weight"].shape[1], cfg.seed)
+        channels = None if lora else ema["conv_in.weight"].shape[1]  # LoRA: the pretrained U-Net's
+        unet = build_unet(cfg.model, cfg.data.image_size, channels, cfg.seed)
         missing, unexpected = unet.load_state_dict(ema, strict=False)
         if unexpected or len(missing) == len(unet.state_dict()):
             raise CheckpointError(f"checkpoint '{path}' does not fit the run's model "
                                   f"({len(unexpected)} unexpected, {len(missing)} missing tensors)")
+        if lora:
+            from fedrun.tasks.ddpm.model import merged_unet
+
+            unet = merged_unet(unet)
         return unet.eval(), build_noise_scheduler(cfg.diffusion)
 
     def load_sampler(self, run_dir: Path, checkpoint: Optional[str]):
