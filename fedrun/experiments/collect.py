@@ -9,6 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from fedrun.errors import FedrunError
+from fedrun.experiments.leakage import leakage
 from fedrun.experiments.steps import FAILED, Outcome, RunSpec, read_record
 
 
@@ -53,11 +54,13 @@ def collect(spec: RunSpec) -> dict:
         "bytes_down_total": last.get("bytes_down_total", last["bytes_total"] - last["bytes_total"] // 2),
         "params_bytes": last.get("bytes_sent_per_client"),
         "steps": last.get("steps"),  # central runs: optimizer steps taken
+        **leakage(spec.run_dir),  # its audit (grid key audit) and epsilon, when it has them
     }
 
 
 EVALUATED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "confident_fraction",
-             "class_coverage", "floor_confident_fraction", "floor_class_coverage")
+             "class_coverage", "floor_confident_fraction", "floor_class_coverage", "tstr_accuracy",
+             "trtr_accuracy")
 
 
 def evaluation(record: dict) -> dict:

@@ -23,6 +23,7 @@ from typing import Dict, List, NamedTuple, Optional
 from fedrun.errors import FedrunError
 from fedrun.experiments.collect import budget_view, collect_all
 from fedrun.experiments.grid import Grid, load_grid, plan
+from fedrun.experiments.leakage import audit_steps
 from fedrun.experiments.runner import execute
 from fedrun.experiments.stats import check_findings, describe_commits, summarise
 from fedrun.experiments.steps import FINISHED_EARLIER, MISSING, Outcome, RunSpec, read_record
@@ -55,8 +56,14 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     sweep = None
     if grid.tuning is not None:
         sweep = tune(grid, run, target / TUNING_FILE, progress, collect_only)
-    outcomes = run(plan(grid, sweep.tuned() if sweep else None))
-    results, failures = collect_all(outcomes)
+    training = plan(grid, sweep.tuned() if sweep else None)
+    audits = audit_steps(grid.audit, training)  # grid key audit: fedrun audit after each run
+    outcomes = run(training + audits)
+    results, failures = collect_all({s.id: outcomes[s.id] for s in training})
+    failures += [{"name": s.name, "seed": s.seed, "kind": "audit", "status": outcomes[s.id].status,
+                  "error": outcomes[s.id].error or outcomes[s.id].status,
+                  "log": str(outcomes[s.id].log) if outcomes[s.id].log else None}
+                 for s in audits if not outcomes[s.id].ok]
     failures += untuned(grid, sweep)
     if not results:
         raise FedrunError(f"no run of the grid '{grid_file}' has results: " + "; ".join(
@@ -89,6 +96,8 @@ def as_found(spec: RunSpec) -> Outcome:
         error = record["error"]
     elif spec.has_outputs:
         error = "trained with other settings than the grid's now (run the grid again)"
+    elif spec.custom:
+        error = f"not run (no {', '.join(spec.outputs)})"
     else:
         error = "unfinished (no final/ or no FID at its last round)"
     return Outcome(spec, MISSING, error=error, log=record.get("log"))
@@ -134,6 +143,7 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     for budget in budgets:
         lines += _budget_section(grid, summaries[budget], results, failures, findings[budget],
                                  budget if len(budgets) > 1 else None)
+    lines += tables.leakage_table(names, summary)
     if grid.bytes_plot:
         lines += tables.pareto_table(summary, grid.untrained.get("fid"), groups)
     lines += ["## Figures", "", *[f"![{p.stem}]({p.name})" for p in figures], "", "## Per seed", "",

@@ -156,6 +156,11 @@ class Grid:
     tables: List[Table] = field(default_factory=list)
     bytes_plot: bool = True
     """Draw bytes communicated vs FID (uninformative when every federated run sends the same)."""
+    audit: Optional[Dict[str, Any]] = None
+    """Audit every reporting run after it trains (``fedrun audit``: membership inference of its
+    training images against the held-out ones, nearest-neighbour memorisation) with these
+    options (``fedrun.eval.audit.AuditOptions``: num_samples, noise_draws, max_members, ...);
+    the report adds a leakage table (and epsilon from final/privacy.json). null = no audit."""
     untrained_fid: Optional[float] = None
     """FID of an untrained model of the runs' architecture, sampler and sample count
     (``python -m scripts.untrained_anchor``): drawn and printed beside the results, a score near
@@ -315,6 +320,10 @@ def expand_matrix(axes: List[Axis], path: str = "grid") -> List[GridRun]:
 
 def check_grid(grid: Grid, path: str) -> None:
     """Cross-references: unique run names, known runs and axes, well-formed findings/series/tables."""
+    if grid.audit is not None:
+        from fedrun.experiments.leakage import check_options
+
+        check_options(grid.audit, path)
     names = [r.name for r in grid.runs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -66,7 +66,8 @@ def summarise(results: List[dict], run_names: List[str]) -> Dict[str, dict]:
 
 SUMMARISED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "min_class_fraction",
               "confident_fraction", "class_coverage", "floor_confident_fraction",
-              "floor_class_coverage", "final_loss", "samples", "bytes_total", "wall_s")
+              "floor_class_coverage", "final_loss", "samples", "bytes_total", "wall_s",
+              "tstr_accuracy", "mia_auc", "mia_tpr_at_1pct_fpr", "memorised_fraction", "epsilon")
 PAIRED = ("fid", "kid", "confident_fraction", "class_coverage")  # per seed in a summary
 
 

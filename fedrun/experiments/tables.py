@@ -347,3 +347,24 @@ def failures_list(failures: List[dict]) -> List[str]:
         log = f" (log: `{f['log']}`)" if f.get("log") else ""
         lines.append(f"- {f['name']} seed {f['seed']}: {f['status']}: {f['error']}{log}")
     return lines + [""]
+
+
+def leakage_table(names: List[str], summary: Dict[str, dict]) -> List[str]:
+    """Per configuration with an audit: epsilon, MIA AUC, TPR at 1 % FPR, memorised share (mean
+    ± std over its seeds)."""
+    audited = [n for n in names if n in summary and math.isfinite(summary[n].get("mia_auc", (math.nan,))[0])]
+    if not audited:
+        return []
+    lines = ["## Leakage (the audit of each run's final model)", "",
+             *header("configuration", "ε", "MIA AUC", "TPR at 1 % FPR", "memorised samples")]
+    for name in audited:
+        s = summary[name]
+        epsilon = s.get("epsilon", (math.nan, math.nan))
+        lines.append(row(name, "∞ (no DP)" if math.isnan(epsilon[0]) else fmt(epsilon),
+                         fmt(s["mia_auc"]), fmt(s["mia_tpr_at_1pct_fpr"]), fmt(s["memorised_fraction"])))
+    lines += ["", "Mean ± std over the seeds. MIA: the loss-threshold membership-inference attack of "
+              "`fedrun audit` (training images against held-out ones; AUC 0.5 = no signal); TPR at "
+              "1 % FPR is left out (–) when there are too few non-members for that point. "
+              "Memorised: the share of the audit's samples nearer a training image than half the "
+              "held-out images' distance (pixels). ε: final/privacy.json (δ there).", ""]
+    return lines

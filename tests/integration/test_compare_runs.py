@@ -188,3 +188,46 @@ def test_noniid_quick_grid_runs_and_reports(tmp_path, monkeypatch):
     assert len(results["runs"]) == 41 and {r["samples"] for r in results["runs"]} == {64}
     assert results["study"]["tuning_runs"] == 8 and not results["failures"]
     assert all(0.0 <= r["min_class_fraction"] <= 0.1 for r in results["runs"])
+
+
+# Run b under DP-FedAvg (epsilon 8 over its 2 rounds), and every run audited after it trains.
+AUDITED = """audit: {num_samples: 16, max_members: 40, noise_draws: 1, batch_size: 16}
+"""
+
+
+@pytest.mark.slow
+def test_an_audited_grid_audits_every_run_and_reports_its_leakage(tmp_path, capsys):
+    grid_file = tiny_grid(tmp_path, AUDITED)
+    text = grid_file.read_text().replace(
+        "{name: b, overrides: [num_clients=4, local_steps=1]}",
+        "{name: b, overrides: [num_clients=4, local_steps=1, privacy.enabled=true, "
+        "privacy.target_epsilon=8, privacy.clip_norm=1.0, privacy.sampling=fixed]}")
+    grid_file.write_text(text)
+    out = tmp_path / "grid"
+    args = ["compare", "--grid", str(grid_file), "--out", str(out)]
+    assert fedrun_main(args) == 0
+    results = json.loads((out / "report" / "results.json").read_text())
+    assert not results["failures"]
+    by_name = {r["name"]: r for r in results["runs"]}
+    for name in ("a", "b"):
+        audit = json.loads((out / "runs" / name / "seed0" / "audit" / "audit.json").read_text())
+        run = by_name[name]
+        assert run["mia_auc"] == audit["membership_inference"]["auc"] and 0.0 <= run["mia_auc"] <= 1.0
+        assert run["memorised_fraction"] == audit["memorised"]["fraction"]
+        assert audit["num_samples"] == 16
+    assert "epsilon" not in by_name["a"] and 0 < by_name["b"]["epsilon"] <= 8.0 + 1e-6
+    readme = (out / "report" / "README.md").read_text()
+    assert "## Leakage" in readme and "| a | ∞ (no DP) |" in readme
+    capsys.readouterr()
+    assert fedrun_main(args) == 0  # again: training and audits finished, nothing runs
+    err = capsys.readouterr().err
+    assert "4 steps (4 already finished)" in err and "started" not in err
+
+
+def test_an_unknown_audit_option_is_refused_naming_the_key(tmp_path):
+    from fedrun.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown keys \['audit.samples_count'\]"):
+        load_grid(str(tiny_grid(tmp_path, "audit: {samples_count: 3}\n")))
+    with pytest.raises(ConfigError, match="key 'audit': audit --num-samples: must be >= 2"):
+        load_grid(str(tiny_grid(tmp_path, "audit: {num_samples: 1}\n")))
