@@ -87,16 +87,6 @@ def _eps(epsilon: Optional[float]) -> str:
 
 # ---------------------------------------------------------------- steps (in process or a subprocess)
 
-def audit(spec: RunSpec) -> None:
-    """Step: ``fedrun audit`` of the run (its samples kept in RUN/audit/samples.npz)."""
-    import torch
-
-    from fedrun.eval.audit import AuditOptions, audit_run
-
-    torch.set_num_threads(1)
-    audit_run(spec.run_dir, AuditOptions(**spec.params), say=lambda m: say(m, "privacy_report"))
-
-
 def fid(spec: RunSpec) -> None:
     """Step: FID (with its floor) and class mix of the audit's samples -> RUN/fid.json."""
     from fedrun.eval.sampling import evaluate_run, open_run
@@ -126,8 +116,9 @@ def tiny_base(spec: RunSpec) -> None:
 
 
 def audited(train: RunSpec, score: str, **options) -> List[RunSpec]:
-    """A training step, then its audit, then ``score`` (fid or nine_rate) of the audit's samples."""
-    check = RunSpec(train.name, "scripts.privacy_report:audit", train.run_dir, params=options,
+    """A training step, then its audit (the grids' audit step, its samples kept in
+    RUN/audit/samples.npz), then ``score`` (fid or nine_rate) of the audit's samples."""
+    check = RunSpec(train.name, "fedrun.experiments.leakage:audit", train.run_dir, params=options,
                     outputs=("audit/audit.json",), depends_on=[train.id])
     scoring = RunSpec(train.name, f"scripts.privacy_report:{score}", train.run_dir, depends_on=[check.id],
                       params={"samples": options["num_samples"]}, outputs=(f"{score}.json",))

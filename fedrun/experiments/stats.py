@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fedrun.experiments.leakage import LEAKAGE
 from fedrun.experiments.grid import Finding, Grid
 
 NOT_DECIDED = "not decided"
@@ -67,7 +68,7 @@ def summarise(results: List[dict], run_names: List[str]) -> Dict[str, dict]:
 SUMMARISED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "min_class_fraction",
               "confident_fraction", "class_coverage", "floor_confident_fraction",
               "floor_class_coverage", "final_loss", "samples", "bytes_total", "wall_s",
-              "tstr_accuracy", "mia_auc", "mia_tpr_at_1pct_fpr", "memorised_fraction", "epsilon")
+              "tstr_accuracy", *LEAKAGE)
 PAIRED = ("fid", "kid", "confident_fraction", "class_coverage")  # per seed in a summary
 
 
