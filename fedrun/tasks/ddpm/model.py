@@ -61,19 +61,17 @@ def attach_lora(unet, cfg: "ModelConfig") -> None:
 
 
 def merged_unet(unet):
-    """A copy of ``unet`` with its LoRA weights merged into the base layers and the LoRA layers
-    removed: a plain UNet2DModel that stock diffusers saves and loads."""
-    import copy
-
+    """``unet`` itself (changed in place: pass a copy to keep the LoRA model) with its LoRA
+    weights merged into the base layers and the LoRA layers removed: a plain UNet2DModel that
+    stock diffusers saves and loads."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    clone = copy.deepcopy(unet)
-    for name, module in list(clone.named_modules()):
+    for name, module in list(unet.named_modules()):
         if isinstance(module, BaseTunerLayer):
             module.merge()
             parent, _, child = name.rpartition(".")
-            setattr(clone.get_submodule(parent) if parent else clone, child, module.get_base_layer())
-    return clone
+            setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
+    return unet
 
 
 def _load_pretrained_unet(name: str):

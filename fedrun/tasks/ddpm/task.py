@@ -84,7 +84,7 @@ class DDPMTask(DenoisingSteps, Task):
 
             from fedrun.tasks.ddpm.model import merged_unet
 
-            clone = copy.deepcopy(run.model)
+            clone = copy.deepcopy(run.model)  # the training replica keeps its LoRA layers
             clone.load_state_dict(run.params.state_dict(weights), strict=False)
             return merged_unet(clone).eval()
         return unet_with_weights(run.model, run.params, weights)
