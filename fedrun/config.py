@@ -315,6 +315,9 @@ class EvalConfig:
 
     every: int = 0
     """Evaluate during training every this many rounds and after the last (0 = never)."""
+    at: List[int] = field(default_factory=list)
+    """Also evaluate after these rounds (e.g. the budgets a comparison reads; with ``every``
+    0, only after these). A round past the run's last is never reached."""
     num_samples: int = 1000
     """Generated samples per evaluation (fewer than 1000: biased FID, a warning says so)."""
     feature: str = "digits"
@@ -339,6 +342,8 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(all(isinstance(r, int) and r >= 1 for r in self.at), "eval.at",
+                 f"must be a list of rounds >= 1, got {list(self.at)}")
         _require(self.num_samples >= 2, "eval.num_samples", f"must be >= 2, got {self.num_samples}")
         _require(self.scheduler in ("ddim", "ddpm"), "eval.scheduler",
                  f"must be 'ddim' or 'ddpm', got '{self.scheduler}'")

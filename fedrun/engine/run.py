@@ -77,6 +77,11 @@ def is_due(every: int, done_rounds: int, total: int) -> bool:
     return done_rounds == total or (every > 0 and done_rounds % every == 0)
 
 
+def evaluation_due(cfg: Config, done_rounds: int) -> bool:
+    """``eval.every`` rounds and the last (when every > 0), and each round of ``eval.at``."""
+    return (cfg.eval.every > 0 and is_due(cfg.eval.every, done_rounds, cfg.rounds)) or done_rounds in cfg.eval.at
+
+
 # ---------------------------------------------------------------- open / restore
 
 def _prepare_on_rank0(cfg: Config) -> tuple:
@@ -226,7 +231,7 @@ def write_outputs(run: Run, done: int, record: dict, logger: RunLogger, started:
     if is_due(cfg.sample.every, done, cfg.rounds):
         run.task.write_samples(run, done, logger)
     record["sample_s"] = time.perf_counter() - output_started
-    if run.task.supports_evaluation and cfg.eval.every > 0 and is_due(cfg.eval.every, done, cfg.rounds):
+    if run.task.supports_evaluation and evaluation_due(cfg, done):
         eval_started = time.perf_counter()
         record.update(run.task.evaluate(run, done, logger))
         record["eval_s"] = time.perf_counter() - eval_started

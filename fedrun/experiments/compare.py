@@ -205,7 +205,8 @@ def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, 
             f"Grid `{grid.source}`: {len(grid.runs)} configurations × seeds {grid.seeds}, {seen}; "
             f"FID/KID from {first['eval_samples']} generated samples "
             f"({first['eval_feature']} features) against {first['eval_reference']} held-out "
-            f"images, every {grid.eval_every_samples:,} samples. " + timing,
+            + (f"images, every {grid.eval_every_samples:,} samples. " if grid.eval_every_samples
+               else "images, at each budget. ") + timing,
             "", f"Command (the runs trained with the code of commit `{commit}`):", "", "```bash",
             command, "```", "", *([f"**Warning:** {warning}.", ""] if warning else [])]
 

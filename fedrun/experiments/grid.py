@@ -20,6 +20,7 @@ the reporting seeds; the setting chosen by ``metric`` at each budget. ``untraine
 
     rounds     = samples / (K x E x B)          (federated; central: central.samples = samples)
     eval.every = eval_every_samples / (K x E x B)
+                 (without eval_every_samples: eval.at = each budget / (K x E x B))
     ema.decay  = H / (H + K x E x B)             (H = ema_horizon_samples)
 
 so that all runs see the same number of samples, are evaluated at the same points, and average
@@ -144,7 +145,10 @@ class Tuning:
 class Grid:
     seeds: List[int]
     samples: int
-    eval_every_samples: int
+    eval_every_samples: Optional[int] = None
+    """Evaluate every this many samples (the points of the curves); null = only at the budgets
+    and the end (the cheapest schedule a comparison at the budgets needs: one evaluation of
+    1,000 samples costs about as much as 8 rounds of the non-IID grid's training)."""
     base_config: Optional[str] = None
     output_dir: str = "runs/compare"
     ema_horizon_samples: int = 5120
@@ -357,8 +361,12 @@ def check_grid(grid: Grid, path: str) -> None:
 
 
 def _check_budgets(grid: Grid, path: str) -> None:
+    every = grid.eval_every_samples
+    if every is not None and every <= 0:
+        raise ConfigError(f"grid file '{path}': key 'eval_every_samples' must be > 0 (or null: "
+                          f"evaluate at the budgets only), got {every}")
     for budget in grid.budgets:
-        if not 0 < budget <= grid.samples or (budget % grid.eval_every_samples and budget != grid.samples):
+        if not 0 < budget <= grid.samples or (every and budget % every and budget != grid.samples):
             raise ConfigError(f"grid file '{path}': key 'budgets': {budget} must be an evaluation point "
                               f"of the runs: a multiple of eval_every_samples ({grid.eval_every_samples}) "
                               f"up to samples ({grid.samples})")
@@ -548,10 +556,14 @@ def _derived(grid: Grid, run: GridRun, overrides: List[str], samples: int) -> tu
     else:
         round_samples = federated_steps_per_round(cfg, client_sizes) * cfg.optim.batch_size
     rounds = _divide(samples, round_samples, "samples", run.name)
-    every = _divide(grid.eval_every_samples, round_samples, "eval_every_samples", run.name)
+    if grid.eval_every_samples:
+        evaluation = f"eval.every={_divide(grid.eval_every_samples, round_samples, 'eval_every_samples', run.name)}"
+    else:  # the budgets this run reaches
+        at = [_divide(b, round_samples, "budgets", run.name) for b in grid.budget_list if b <= samples]
+        evaluation = f"eval.at=[{','.join(map(str, at))}]"
     # Mean age d / (1 - d) rounds = H samples (fedrun.engine.ema.EMA).
     decay = grid.ema_horizon_samples / (grid.ema_horizon_samples + round_samples)
-    derived = [f"rounds={rounds}", f"eval.every={every}", f"ema.decay={decay:.6g}"]
+    derived = [f"rounds={rounds}", evaluation, f"ema.decay={decay:.6g}"]
     if run.kind == "central":
         derived += [f"central.samples={samples}",
                     f"central.steps_per_round={schedule['steps_per_round']}"]

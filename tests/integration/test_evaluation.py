@@ -260,3 +260,31 @@ def test_resumed_central_run_equals_uninterrupted_run(tmp_path):
         a, b = (load_file(str(tmp_path / r / "checkpoints" / "round_00004" / f"{group}.safetensors"))
                 for r in ("full", "resumed"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
+
+
+def test_eval_at_scores_only_those_rounds_and_the_same_as_every_round(tmp_path):
+    """``eval.at`` evaluates after the listed rounds only; evaluating does not touch training's
+    randomness, so its scores equal those of a run evaluated after every round."""
+    from pathlib import Path
+
+    from fedrun.engine import simulator
+
+    shape = ["rounds=3", "local_steps=1", "checkpoint.every=0", "sample.every=0", "threads=1",
+             "eval.num_samples=32", "eval.steps=2", "eval.kid_subset_size=10"]
+    previous = torch.get_num_threads()
+    records = {}
+    try:
+        for name, schedule in (("every", ["eval.every=1"]), ("at", ["eval.every=0", "eval.at=[1,3]"])):
+            cfg = load_config(None, tiny(tmp_path / name, *shape, *schedule))
+            simulator.run(cfg)
+            lines = (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
+            records[name] = {r["round"]: r for r in map(json.loads, lines)}
+    finally:
+        torch.set_num_threads(previous)
+    assert [r for r, rec in records["at"].items() if "fid" in rec] == [1, 3]
+    assert [r for r, rec in records["every"].items() if "fid" in rec] == [1, 2, 3]
+    for r in (1, 3):
+        assert records["at"][r]["fid"] == records["every"][r]["fid"]
+        assert records["at"][r]["train_loss"] == records["every"][r]["train_loss"]
+    with pytest.raises(ConfigError, match="eval.at"):
+        load_config(None, tiny(tmp_path / "bad", "eval.at=[0]"))

@@ -27,9 +27,13 @@ def test_every_grid_file_loads_and_plans(path, quick, monkeypatch):
     assert len({spec.run_dir for spec in specs}) == len(specs) == len({spec.id for spec in specs})
     for spec in specs:
         derived = dict(o.split("=", 1) for o in spec.overrides if "=" in o)
-        rounds, every = int(derived["rounds"]), int(derived["eval.every"])
+        rounds = int(derived["rounds"])
         assert rounds * spec.round_samples == grid.samples  # the same budget for every run
-        assert every * spec.round_samples == grid.eval_every_samples
+        if grid.eval_every_samples:
+            assert int(derived["eval.every"]) * spec.round_samples == grid.eval_every_samples
+        else:  # evaluated at the budgets only
+            at = [int(r) for r in derived["eval.at"].strip("[]").split(",")]
+            assert [r * spec.round_samples for r in at] == grid.budget_list
         decay = float(derived["ema.decay"])  # the EMA's mean age, d / (1 - d) rounds, is H
         assert decay / (1 - decay) * spec.round_samples == pytest.approx(grid.ema_horizon_samples, rel=1e-4)
         assert (spec.kind == "central") == (f"central.samples={grid.samples}" in spec.overrides)
@@ -225,6 +229,21 @@ def test_matrix_expands_to_named_runs_with_overrides_in_axis_order(tmp_path):
     specs = plan(grid)
     assert len(specs) == 7 * 2
     assert "server.momentum=0.9" in specs[-1].overrides and specs[-1].run_dir.name == "seed1"
+
+
+def test_without_eval_every_samples_runs_are_evaluated_at_the_budgets_only(tmp_path):
+    """Every run gets the rounds of the budgets (16 samples a round: K 2 x E 2 x B 4); the
+    budgets need not be multiples of one evaluation step."""
+    text = MATRIX_GRID.replace("samples: 64\neval_every_samples: 32\n", "samples: 96\nbudgets: [16, 48]\n")
+    grid = load_text(tmp_path, text)
+    assert grid.eval_every_samples is None and grid.budget_list == [16, 48, 96]
+    for spec in plan(grid):
+        derived = dict(o.split("=", 1) for o in spec.overrides if "=" in o)
+        assert "eval.every" not in derived
+        at = [int(r) for r in derived["eval.at"].strip("[]").split(",")]
+        assert [r * spec.round_samples for r in at] == [16, 48, 96]
+    with pytest.raises(ConfigError, match="eval_every_samples' must be > 0"):
+        load_text(tmp_path, MATRIX_GRID.replace("eval_every_samples: 32", "eval_every_samples: 0"))
 
 
 @pytest.mark.parametrize("edit, message", [
