@@ -397,7 +397,9 @@ class PrivacyConfig:
     """C: the L2 norm bound of one client's update (local - global, the whole federated vector)."""
     noise_multiplier: Optional[float] = None
     """sigma: noise std on the sum is sigma * clip_norm. Give it (epsilon is reported) or
-    target_epsilon (sigma is calibrated before round 1), not both."""
+    target_epsilon (sigma is calibrated before round 1), not both. 0 is the clip-only control:
+    everything DP-FedAvg does (Poisson cohorts, clipping, the fixed denominator, adaptive
+    clipping's count, exact) but no noise; epsilon is infinite."""
     target_epsilon: Optional[float] = None
     """Calibrate sigma so that epsilon after ``rounds`` rounds is at most this (at ``delta``)."""
     delta: float = 1e-5
@@ -428,8 +430,9 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _require(self.clip_norm > 0, "privacy.clip_norm", f"must be > 0, got {self.clip_norm}")
-        _require(self.noise_multiplier is None or self.noise_multiplier > 0,
-                 "privacy.noise_multiplier", f"must be > 0 or null, got {self.noise_multiplier}")
+        _require(self.noise_multiplier is None or self.noise_multiplier >= 0,
+                 "privacy.noise_multiplier", f"must be >= 0 (0: the clip-only control) or null, "
+                 f"got {self.noise_multiplier}")
         _require(self.target_epsilon is None or self.target_epsilon > 0, "privacy.target_epsilon",
                  f"must be > 0 or null, got {self.target_epsilon}")
         _require(0 < self.delta < 1, "privacy.delta", f"must be in (0, 1), got {self.delta}")

@@ -25,6 +25,10 @@ def collect(spec: RunSpec) -> dict:
     if not records or not evals:
         raise FedrunError(f"run '{spec.run_dir}' has no evaluation records in metrics.jsonl")
     last, final = records[-1], evals[-1]
+    # The budget a record stands for: its round x the nominal samples of a round (K x E x B).
+    # Under Poisson cohorts (DP) the samples actually seen vary around it ("samples_seen").
+    nominal = ((lambda r: r["round"] * spec.round_samples) if spec.round_samples
+               else (lambda r: r["samples"]))
     record = read_record(spec)
     if record is None:  # a run trained outside the runner: its rounds' times, its last write
         record = {"wall_s": sum(r.get("round_time_s", 0.0) for r in records),
@@ -38,12 +42,12 @@ def collect(spec: RunSpec) -> dict:
         **evaluation(final), "final_loss": last["train_loss"],
         "class_fractions": fractions, "reference_class_fractions": final.get("reference_class_fractions"),
         "min_class": min_class, "min_class_fraction": None if min_class is None else fractions[min_class],
-        "samples": last["samples"], "bytes_total": last["bytes_total"],
+        "samples": nominal(last), "samples_seen": last["samples"], "bytes_total": last["bytes_total"],
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
-        "curve": [(r["samples"], r["fid"]) for r in evals],
+        "curve": [(nominal(r), r["fid"]) for r in evals],
         # every evaluation's scores, by samples seen: the report's earlier budgets read them
-        "at": {str(r["samples"]): {**evaluation(r), "final_loss": r["train_loss"],
+        "at": {str(nominal(r)): {**evaluation(r), "final_loss": r["train_loss"],
                                    "class_fractions": r.get("class_fractions"),
                                    "min_class": r.get("min_class"),
                                    "min_class_fraction": r.get("min_class_fraction")}

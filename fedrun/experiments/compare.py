@@ -5,7 +5,8 @@ sample budget and seeds, and write a report folder (markdown tables, curves, fin
     python -m fedrun compare --grid configs/grids/paper.yaml --quick      # tiny, for tests
     python -m fedrun compare --grid configs/grids/noniid.yaml --jobs 8 --backend slurm
 
-grid file -> (``tuning.tune``: the tuning runs, the choice per method and budget, tuning.json)
+grid file -> (its ``setup`` runs, made once: e.g. a public pre-training the runs start from)
+-> (``tuning.tune``: the tuning runs, the choice per method and budget, tuning.json)
 -> ``grid.plan`` (runner steps, tuned runs with their chosen points) -> ``runner.execute``
 (finished runs are skipped, a failed run is recorded and the others go on) -> ``collect`` ->
 ``stats`` -> this module's report (``tables``, ``plots``): README.md (the failed runs marked),
@@ -22,7 +23,7 @@ from typing import Dict, List, NamedTuple, Optional
 
 from fedrun.errors import FedrunError
 from fedrun.experiments.collect import budget_view, collect_all
-from fedrun.experiments.grid import Grid, load_grid, plan
+from fedrun.experiments.grid import Grid, load_grid, plan, setup_specs
 from fedrun.experiments.leakage import audit_steps
 from fedrun.experiments.runner import execute
 from fedrun.experiments.stats import check_findings, describe_commits, summarise
@@ -53,6 +54,11 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
             return {s.id: as_found(s) for s in specs}
         return execute(specs, jobs, backend, say=progress)
 
+    setup = setup_specs(grid)  # grid key setup: made once, before everything that uses them
+    failed = [o for o in run(setup).values() if not o.ok]
+    if failed and not collect_only:
+        raise FedrunError(f"the grid's setup run {failed[0].spec.id} has no results: "
+                          f"{failed[0].error or failed[0].status} (log: {failed[0].log})")
     sweep = None
     if grid.tuning is not None:
         sweep = tune(grid, run, target / TUNING_FILE, progress, collect_only)

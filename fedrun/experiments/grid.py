@@ -78,6 +78,19 @@ class GridRun:
 
 
 @dataclass
+class SetupRun:
+    """A run made once before the grid's runs (e.g. a public pre-training that runs start from,
+    ``model.pretrained={output_dir}/setup/public/final``): trained in
+    ``<output_dir>/setup/<name>`` with the grid's base config and overrides, then its own (no
+    derived budget: its overrides give rounds or central.samples), one seed for every run."""
+
+    name: str
+    kind: str = "central"  # or 'train'
+    overrides: List[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
 class Series:
     """A figure: FID vs samples seen (``kind: fid``) or the class mix of the final samples."""
 
@@ -175,12 +188,19 @@ class Grid:
     budgets: List[int] = field(default_factory=list)
     """Earlier sample counts (evaluation points) the report compares at too; ``samples`` always."""
     tuning: Optional[Tuning] = None
+    setup: List[SetupRun] = field(default_factory=list)
+    """Runs made once, before the tuning and the grid's runs (``SetupRun``); a failed one stops
+    the grid. Any override may name ``{output_dir}``: the grid's output folder."""
     source: str = ""
 
     @property
     def budget_list(self) -> List[int]:
         """The budgets the report compares at, ascending; the last is ``samples``."""
         return sorted(set(self.budgets) | {self.samples})
+
+    def resolve(self, overrides: List[str]) -> List[str]:
+        """``overrides`` with ``{output_dir}`` replaced by the grid's output folder."""
+        return [o.replace("{output_dir}", str(self.output_dir)) for o in overrides]
 
     def run(self, name: str) -> GridRun:
         return next(r for r in self.runs if r.name == name)
@@ -352,6 +372,10 @@ def check_grid(grid: Grid, path: str) -> None:
         _axis_values(grid, item.by, f"tables[{i}].by", path)
         _check_selection(grid, item.baseline, f"tables[{i}].baseline", path)
     _check_budgets(grid, path)
+    names = [item.name for item in grid.setup]
+    if len(set(names)) != len(names) or any(item.kind not in ("train", "central") for item in grid.setup):
+        raise ConfigError(f"grid file '{path}': key 'setup' needs runs with unique names and kind "
+                          f"'train' or 'central', got {[(item.name, item.kind) for item in grid.setup]}")
     unknown = sorted(set(grid.untrained) - set(ANCHOR_METRICS))
     if unknown:
         raise ConfigError(f"grid file '{path}': key 'untrained' has unknown metrics {unknown} "
@@ -525,11 +549,19 @@ def plan(grid: Grid, tuned: Optional[Dict[str, Dict[str, tuple]]] = None) -> Lis
     return specs
 
 
+def setup_specs(grid: Grid) -> List[RunSpec]:
+    """The grid's setup runs as runner steps, in <output_dir>/setup/<name>."""
+    return [RunSpec(f"setup/{item.name}", item.kind, Path(grid.output_dir) / "setup" / item.name,
+                    seed=item.seed, config=grid.base_config,
+                    overrides=grid.resolve([*grid.overrides, *item.overrides, f"seed={item.seed}"]))
+            for item in grid.setup]
+
+
 def run_specs(grid: Grid, run: GridRun, name: str, folder: Path, extra: List[str], seeds: List[int],
               samples: int) -> List[RunSpec]:
     """The steps of ``run`` with the ``extra`` overrides (a tuning point), one per seed in
     ``folder``/seed<k>, each trained to ``samples``."""
-    overrides = list(grid.overrides) + list(run.overrides) + list(extra)
+    overrides = grid.resolve(list(grid.overrides) + list(run.overrides) + list(extra))
     round_samples, derived = _derived(grid, run, overrides, samples)
     return [RunSpec(name, run.kind, folder / f"seed{seed}", seed=seed, config=grid.base_config,
                     overrides=overrides + derived + [f"seed={seed}"], metric="fid",

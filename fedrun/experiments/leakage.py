@@ -20,7 +20,7 @@ from fedrun.experiments.steps import RunSpec
 
 AUDIT_FILE = "audit/audit.json"
 #: the keys ``leakage`` adds to a collected result (summarised over seeds like the scores)
-LEAKAGE = ("mia_auc", "mia_tpr_at_1pct_fpr", "memorised_fraction", "epsilon")
+LEAKAGE = ("mia_auc", "mia_tpr_at_1pct_fpr", "memorised_fraction", "epsilon", "noise_multiplier")
 
 
 def check_options(options: Dict[str, Any], path: str) -> None:
@@ -79,6 +79,7 @@ def leakage(run_dir: Path) -> Dict[str, Any]:
                     "memorised_fraction": record["memorised"]["fraction"],
                     "pixel_median_ratio": record["pixel"]["median_ratio"]})
     privacy = Path(run_dir) / "final" / PRIVACY_FILE
-    if privacy.is_file():
-        out["epsilon"] = json.loads(privacy.read_text()).get("epsilon")
+    if privacy.is_file():  # epsilon null with noise_multiplier 0: the clip-only control
+        report = json.loads(privacy.read_text())
+        out.update(epsilon=report.get("epsilon"), noise_multiplier=report.get("noise_multiplier"))
     return out

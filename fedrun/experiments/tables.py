@@ -360,7 +360,9 @@ def leakage_table(names: List[str], summary: Dict[str, dict]) -> List[str]:
     for name in audited:
         s = summary[name]
         epsilon = s.get("epsilon", (math.nan, math.nan))
-        lines.append(row(name, "∞ (no DP)" if math.isnan(epsilon[0]) else fmt(epsilon),
+        clip_only = s.get("noise_multiplier", (math.nan,))[0] == 0
+        lines.append(row(name, ("∞ (clip only, σ = 0)" if clip_only else "∞ (no DP)")
+                         if math.isnan(epsilon[0]) else fmt(epsilon),
                          fmt(s["mia_auc"]), fmt(s["mia_tpr_at_1pct_fpr"]), fmt(s["memorised_fraction"])))
     lines += ["", "Mean ± std over the seeds. MIA: the loss-threshold membership-inference attack of "
               "`fedrun audit` (training images against held-out ones; AUC 0.5 = no signal); TPR at "

@@ -246,3 +246,45 @@ def test_adaptive_clipping_with_pld_one_vs_two_processes_bit_identical(tmp_path)
     for group in ("model", "ema"):
         a, b = _weights(outputs[1], 3, group), _weights(outputs[2], 3, group)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
+
+
+# ---------------------------------------------------------------- the clip-only control
+
+def test_clip_only_control_is_the_dp_run_without_its_noise(tiny_config, tmp_path):
+    """privacy.noise_multiplier=0: the same cohort, clipping and fixed denominator as a DP run;
+    after one round the two models differ by exactly the DP run's noise (sigma * clip / K times
+    the (seed, round) stream's draw). Epsilon is infinite; adaptive clipping counts exactly."""
+    from fedrun.engine.flat import FlatParameters
+    from fedrun.fl.aggregation.transforms import _SERVER_STREAM
+    from fedrun.rng import derived_generator
+    from fedrun.tasks.ddpm.model import build_unet
+
+    shape = [*SHAPE, *DP, "clients_per_round=4", "rounds=1", "ema.enabled=false", "checkpoint.every=1",
+             "privacy.clip_norm=0.05", "aggregation.exact=false"]
+    finals = {}
+    for sigma in (0.0, 0.7):
+        run_dir = tmp_path / f"sigma{sigma}"
+        simulator.run(tiny_config(*shape, f"privacy.noise_multiplier={sigma}", output_dir=run_dir))
+        record = _records(run_dir)[0]
+        assert record["clients"] and record["model_updated"]
+        cfg = load_config(None, tiny(run_dir, *SHAPE))
+        flat = FlatParameters(build_unet(cfg.model, 8, 1, cfg.seed))
+        finals[sigma] = (flat.vector_from(_weights(run_dir, 1)), record, run_dir)
+    (clean, record0, dir0), (noisy, record1, _) = finals[0.0], finals[0.7]
+    assert record0["clients"] == record1["clients"]
+    noise = torch.randn(clean.shape, generator=derived_generator(0, 0, _SERVER_STREAM))
+    assert torch.allclose(noisy - clean, noise * (0.7 * 0.05 / 4), atol=1e-6)
+    assert float((noisy - clean).abs().max()) > 1e-3  # the noise is there in the DP run only
+    assert record0["epsilon"] is None and record1["epsilon"] > 0  # infinite: null in the JSON
+    final = json.loads((dir0 / "final" / "privacy.json").read_text())
+    assert final["epsilon"] is None and "clip-only" in final["epsilon_note"]
+    assert final["noise_multiplier"] == 0.0
+    assert not final["preflight"]["warning"] and final["preflight"]["noise_walk"] == 0.0
+
+    run_dir = tmp_path / "adaptive"  # the exact count: (b - 1/2) K + n / 2 clients unclipped
+    simulator.run(tiny_config(*SHAPE, *DP, "clients_per_round=6", "rounds=3", *ADAPTIVE,
+                              "privacy.noise_multiplier=0", output_dir=run_dir))
+    for r in _records(run_dir):
+        count = (r["dp_unclipped_fraction"] - 0.5) * 6 + len(r["clients"]) / 2
+        assert r["dp_update_noise_multiplier"] == 0.0 and r["epsilon"] is None
+        assert count == pytest.approx(round(count), abs=1e-12)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -145,6 +146,8 @@ def compute_epsilon(num_clients: int, clients_per_round: int, sampling: str,
     """Epsilon after ``rounds`` rounds (0 before any): dp_accounting's RDP or PLD value."""
     if rounds <= 0:
         return 0.0
+    if noise_multiplier == 0:  # the clip-only control releases its updates unnoised
+        return math.inf
     if accountant == "pld":
         _check_pld(sampling)
         return _pld_epsilon(clients_per_round / num_clients, noise_multiplier, rounds, delta)
@@ -291,6 +294,8 @@ def _adaptive_clipping(cfg: "Config", sigma: float) -> Optional[AdaptiveClipping
     p = cfg.privacy
     if p.clip_quantile is None:
         return None
+    if sigma == 0:  # the clip-only control: the exact count of unclipped clients
+        return AdaptiveClipping(p.clip_quantile, p.clip_lr, 0.0, 0.0)
     count_noise = (p.count_noise_std if p.count_noise_std is not None
                    else DEFAULT_COUNT_NOISE_PER_CLIENT * cfg.cohort_size)
     try:
@@ -326,6 +331,9 @@ def write_privacy_file(spec: PrivacySpec, rounds_done: int, folder: Path,
     """final/privacy.json: the guarantee of the exported model (plus ``extra``: the pre-flight
     check, adaptive clipping's final clip norm)."""
     report = spec.report(rounds_done)
+    if spec.noise_multiplier == 0:  # strict JSON has no infinity (metrics.jsonl writes null too)
+        report.update(epsilon=None, epsilon_rdp=None, epsilon_pld=None,
+                      epsilon_note="infinite: noise_multiplier 0, the clip-only control")
     for key, value in (extra or {}).items():
         if isinstance(value, dict) and isinstance(report.get(key), dict):
             report[key] = {**report[key], **value}
