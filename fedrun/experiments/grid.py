@@ -137,7 +137,8 @@ class Tuning:
 
     methods: Dict[str, List[TuningAxis]]
     """Per method (a value of ``axis``, or the name of an explicit run): its tuning axes; every
-    method the same number of points (the product of its axes' lengths)."""
+    method the same number of points (the product of its axes' lengths). A sweep tuned
+    ``separately`` (``<method>-<value>``) may have axes of its own here (else its method's)."""
     seeds: List[int]
     """Seeds of the tuning runs, disjoint from the reporting ``seeds``."""
     axis: Optional[str] = None
@@ -146,6 +147,10 @@ class Tuning:
     """The value of each other matrix axis the tuning runs train at (e.g. one partition)."""
     per: List[str] = field(default_factory=list)
     """Other matrix axes tuned separately for each of their values (each its own choice)."""
+    separately: Dict[str, List[str]] = field(default_factory=dict)
+    """Values of an ``at`` axis tuned apart from it: each its own group, trained at that value
+    and serving the runs with it (e.g. the no-DP runs of a DP study, whose best step differs);
+    the ``at`` value's group serves the others."""
     metric: str = "fid"
     """What the choice minimises (maximises for confident_fraction, class_coverage): the mean
     over the tuning seeds at each budget."""
@@ -408,10 +413,14 @@ def _check_tuning(grid: Grid, tuning: Tuning, path: str) -> None:
         raise ConfigError(f"{where}.metric': must be one of {sorted(TUNING_METRICS)}, got '{tuning.metric}'")
     explicit = [r.name for r in grid.runs if not r.axes]
     values = _axis_values(grid, tuning.axis, "tuning.axis", path) if tuning.axis else []
-    unknown = [m for m in tuning.methods if m not in values and m not in explicit]
+    order = [a.axis for a in grid.matrix]  # a separate sweep's name: its axis values in matrix order
+    apart = ["-".join({tuning.axis: m, axis: v}[a] for a in order if a in (tuning.axis, axis))
+             for m in values for axis, vs in tuning.separately.items() for v in vs]
+    unknown = [m for m in tuning.methods if m not in values and m not in explicit and m not in apart]
     if unknown or not tuning.methods:
         raise ConfigError(f"{where}.methods': {unknown or 'none given'}: a method is a value of the "
-                          f"axis '{tuning.axis}' {values} or an explicit run {explicit}")
+                          f"axis '{tuning.axis}' {values} or an explicit run {explicit}"
+                          + (f" (or a sweep tuned separately, {apart})" if apart else ""))
     untuned = [v for v in values if v not in tuning.methods]
     if untuned:
         raise ConfigError(f"{where}.methods': every value of the axis '{tuning.axis}' is tuned; "
@@ -474,6 +483,13 @@ def _check_tuning_axes_cover(grid: Grid, tuning: Tuning, where: str, path: str) 
                           + (f"in both: {both}" if both else f"unknown: {stray}" if stray
                              else f"in neither: {missing}"))
     _check_selection(grid, tuning.at, "tuning.at", path)
+    for axis, values in tuning.separately.items():
+        known = _axis_values(grid, axis, f"tuning.separately.{axis}", path)
+        wrong = [v for v in values if v not in known or v == tuning.at.get(axis)]
+        if axis not in tuning.at or wrong or len(set(values)) != len(values):
+            raise ConfigError(f"{where}.separately.{axis}': needs distinct values of an 'at' axis other "
+                              f"than its 'at' value {tuning.at.get(axis)!r} (values: {known}); "
+                              f"got {values}")
 
 
 def _check_finding(item: Finding, where: str, path: str) -> None:

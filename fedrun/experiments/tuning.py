@@ -2,8 +2,9 @@
 points, tried on seeds disjoint from the reporting seeds; its setting is chosen by the study's
 metric at each of the study's budgets, before any reporting run trains.
 
-    groups      per method (and per value of the ``per`` axes): the grid run its tuning runs
-                train (the method at the ``at`` values) and the points of its tuning axes
+    groups      per method (and per value of the ``per`` axes, and per value tuned
+                ``separately``): the grid run its tuning runs train (the method at the ``at``
+                values) and the points of its tuning axes
     specs       every (group, point, tuning seed) as an ordinary runner step (trained to the
                 largest budget and evaluated at every budget), in <output_dir>/tuning/
     choose      per group and budget: the point of best mean over the tuning seeds (points
@@ -128,21 +129,37 @@ class Sweep:
 def build_groups(grid: Grid) -> List[Group]:
     """A group per method and per combination of the ``per`` axes' values (axis order)."""
     tuning = grid.tuning
+    methods = [v.name for v in grid.axis(tuning.axis).values] if tuning.axis else []
     groups = []
-    for method, axes in tuning.methods.items():
+
+    def sweep(axes) -> tuple:
         points = [Point(f"p{i:02d}", {a.key: v for a, v in zip(axes, values)})
                   for i, values in enumerate(itertools.product(*(a.values for a in axes)))]
-        described = [{"key": a.key, "values": a.values, "extend": a.extend} for a in axes]
-        if not tuning.axis or method not in [v.name for v in grid.axis(tuning.axis).values]:
+        return [{"key": a.key, "values": a.values, "extend": a.extend} for a in axes], points
+
+    for method, axes in tuning.methods.items():
+        if method not in methods and not any(r.name == method and not r.axes for r in grid.runs):
+            continue  # the axes of a sweep tuned separately, used below
+        described, points = sweep(axes)
+        if method not in methods:
             groups.append(Group(method, method, method, [method], described, points))
             continue
         for combination in itertools.product(*(grid.axis(a).values for a in tuning.per)):
             per = {a: v.name for a, v in zip(tuning.per, combination)}
             wanted = {tuning.axis: method, **per}
-            trains = grid.select({**wanted, **tuning.at})[0]
-            name = "-".join(v for a, v in grid.run(trains).axes.items() if a in wanted)
-            groups.append(Group(name, method, trains, grid.select(wanted), described,
-                                [Point(p.label, dict(p.values)) for p in points]))
+            serves = grid.select(wanted)
+            apart = []  # (trains, serves) of the values tuned separately
+            for axis, values in tuning.separately.items():
+                for value in values:
+                    own = grid.select({**wanted, axis: value})
+                    apart.append((grid.select({**wanted, **tuning.at, axis: value})[0], own, axis))
+                    serves = [r for r in serves if r not in own]
+            for trains, runs, axis in [(grid.select({**wanted, **tuning.at})[0], serves, None), *apart]:
+                name = "-".join(v for a, v in grid.run(trains).axes.items() if a in wanted or a == axis)
+                own_axes, own_points = sweep(tuning.methods[name]) if axis and name in tuning.methods \
+                    else (described, points)
+                groups.append(Group(name, method, trains, runs, own_axes,
+                                    [Point(p.label, dict(p.values)) for p in own_points]))
     return groups
 
 

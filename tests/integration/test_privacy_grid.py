@@ -13,14 +13,15 @@ from fedrun.experiments.compare import compare
 @pytest.mark.slow
 def test_privacy_quick_grid_pretrains_once_tunes_and_audits(tmp_path, monkeypatch):
     """The DP study at toy size: the public pre-training (grid key setup) runs once and the
-    full and LoRA pipelines start from it ({output_dir}); each pipeline and variant is tuned
-    at epsilon 4; every reporting run is audited; the clip-only control's epsilon is infinite."""
+    full and LoRA pipelines start from it ({output_dir}); each pipeline is tuned at epsilon 4
+    and apart without DP, each variant at epsilon 4; every reporting run is audited; the
+    clip-only control's epsilon is infinite."""
     monkeypatch.chdir(REPO)
     out = tmp_path / "privacy"
     report = compare(str(REPO / "configs" / "grids" / "privacy.yaml"), quick=True,
                      output_dir=str(out), say=lambda *_: None).readme
     results = json.loads((report.parent / "results.json").read_text())
-    assert not results["failures"] and results["study"]["tuning_runs"] == 6
+    assert not results["failures"] and results["study"]["tuning_runs"] == 9
     by_name = {r["name"].partition("@")[0]: r for r in results["runs"]}
     assert len(by_name) == 12 and all(r["samples"] == 32 for r in by_name.values())
     public = out / "setup" / "public"
@@ -34,3 +35,4 @@ def test_privacy_quick_grid_pretrains_once_tunes_and_audits(tmp_path, monkeypatc
     text = report.read_text()
     assert "| lora-clip | ∞ (clip only, σ = 0) |" in text and "| lora-nodp | ∞ (no DP) |" in text
     assert "### Pipeline: lora" in text and "server momentum helps DP LoRA" in text
+    assert "### lora-nodp" in text  # its own sweep

@@ -87,6 +87,28 @@ def test_per_axis_tunes_each_value_apart(tmp_path):
         ("iid-fedavg", "iid-fedavg", ["iid-fedavg"]), ("dir0.1-fedavg", "dir0.1-fedavg", ["dir0.1-fedavg"])]
 
 
+def test_values_tuned_separately_get_their_own_groups(tmp_path):
+    """separately: {partition: [iid]}: the iid runs take the choice of a sweep trained at iid;
+    the rest keep the one trained at the 'at' value."""
+    grid = load_text(tmp_path, TUNING_GRID.replace("at: {partition: dir0.1}",
+                                                   "at: {partition: dir0.1}\n  separately: {partition: [iid]}"))
+    assert [(g.name, g.run, g.serves) for g in tuning.build_groups(grid)] == [
+        ("fedavg", "dir0.1-fedavg", ["dir0.1-fedavg"]), ("iid-fedavg", "iid-fedavg", ["iid-fedavg"]),
+        ("fedavgm", "dir0.1-fedavgm", ["dir0.1-fedavgm"]), ("iid-fedavgm", "iid-fedavgm", ["iid-fedavgm"]),
+        ("central", "central", ["central"])]
+    own = TUNING_GRID.replace("at: {partition: dir0.1}", "at: {partition: dir0.1}\n  separately: {partition: [iid]}")
+    own = own.replace("    central:\n", "    iid-fedavg:\n      - {key: optim.lr, values: [1, 2, 3, 4, 5, 6]}\n    central:\n")
+    groups = {g.name: g for g in tuning.build_groups(load_text(tmp_path, own))}
+    assert [p.values["optim.lr"] for p in groups["iid-fedavg"].points] == [1, 2, 3, 4, 5, 6]
+    assert groups["iid-fedavgm"].points == groups["fedavgm"].points  # its method's axes
+    with pytest.raises(ConfigError, match="or a sweep tuned separately"):
+        load_text(tmp_path, own.replace("    iid-fedavg:", "    dir0.1-fedavg:"))
+    for bad in ("[dir0.1]", "[dir9]", "[iid, iid]"):
+        with pytest.raises(ConfigError, match="separately.partition': needs distinct values"):
+            load_text(tmp_path, TUNING_GRID.replace("at: {partition: dir0.1}",
+                                                    f"at: {{partition: dir0.1}}\n  separately: {{partition: {bad}}}"))
+
+
 @pytest.mark.parametrize("edit, message", [
     (("values: [0.5, 0.7, 0.9], extend", "values: [0.5, 0.9], extend"),
      "every method needs the same number of points; 'fedavgm' has 4 \\(server.momentum 2 x server.lr 2\\), "
