@@ -137,7 +137,8 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     summaries = {b: summarise(budget_view(results, b, chosen), names) for b in budgets}
     summary = summaries[budgets[-1]]
     figures = [*plots.plot_curves(grid, summary, report_dir),
-               *plots.plot_class_mixes(grid, summary, report_dir)]
+               *plots.plot_class_mixes(grid, summary, report_dir),
+               *plots.plot_privacy(grid, summary, report_dir)]
     groups = bytes_groups(grid, summary)
     if grid.bytes_plot:
         figures.append(plots.plot_bytes(summary, report_dir, grid.untrained.get("fid"), groups))

@@ -100,6 +100,10 @@ class Series:
     runs: List[str] = field(default_factory=list)
     select: Dict[str, Union[str, List[str]]] = field(default_factory=dict)
     panels: Optional[str] = None  # fid: one panel per value of this axis
+    lines: Optional[str] = None
+    """``kind: privacy``: one line per value of this axis through its runs' epsilons (the
+    privacy-utility-leakage figure: FID, TSTR accuracy and MIA AUC against epsilon); ``runs``
+    are drawn as single points."""
 
 
 @dataclass
@@ -222,7 +226,7 @@ class Grid:
 
     def series_runs(self, item: Series) -> List[str]:
         """A series' runs: those it names, then the matrix runs its ``select`` (or ``panels``) picks."""
-        picked = self.select(item.select) if item.select or item.panels else []
+        picked = self.select(item.select) if item.select or item.panels or item.lines else []
         return list(item.runs) + [n for n in picked if n not in item.runs]
 
     def label(self, name: str, drop_axis: Optional[str] = None) -> str:
@@ -503,9 +507,14 @@ def _check_finding(item: Finding, where: str, path: str) -> None:
 
 
 def _check_series(grid: Grid, item: Series, where: str, path: str) -> None:
-    if item.kind not in ("fid", "class_mix"):
-        raise ConfigError(f"grid file '{path}': key '{where}.kind': series kind must be 'fid' or "
-                          f"'class_mix', got '{item.kind}'")
+    if item.kind not in ("fid", "class_mix", "privacy"):
+        raise ConfigError(f"grid file '{path}': key '{where}.kind': series kind must be 'fid', "
+                          f"'class_mix' or 'privacy', got '{item.kind}'")
+    if (item.kind == "privacy") != bool(item.lines):
+        raise ConfigError(f"grid file '{path}': key '{where}.lines': a 'privacy' series needs it "
+                          f"(the axis whose values are its lines), other series take none")
+    if item.lines:
+        _axis_values(grid, item.lines, f"{where}.lines", path)
     _check_selection(grid, item.select, f"{where}.select", path)
     if item.panels:
         if item.kind != "fid":

@@ -1,5 +1,6 @@
 """The report figures (matplotlib, Agg): FID vs samples seen per series (optionally one panel
-per value of an axis), the class mix of the final samples, bytes communicated vs FID; and the
+per value of an axis), the class mix of the final samples, bytes communicated vs FID, quality
+and leakage against epsilon (the privacy-utility-leakage figure); and the
 two helpers every report's figures use (``pyplot``, ``save_figure``). Every FID figure draws the
 metric's range: the real-vs-real floor and, when the grid gives it, the untrained model."""
 
@@ -174,3 +175,80 @@ def plot_bytes(summary: Dict[str, dict], report_dir: Path, untrained_fid: Option
         ax.legend(fontsize=6, ncol=2)
     axes[0][0].set_ylabel("FID (lines: evaluations; points: final)")
     return save_figure(fig, report_dir / "bytes_vs_fid.png")
+
+
+PRIVACY_PANELS = (("fid", "FID (lower is better)", True), ("tstr_accuracy", "train-on-synthetic, "
+                  "test-on-real accuracy", False), ("mia_auc", "membership inference AUC", False))
+
+
+def plot_privacy(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List[Path]:
+    """Per ``kind: privacy`` series: FID, TSTR accuracy and MIA AUC (mean ± std over seeds)
+    against epsilon (log), one line per value of its ``lines`` axis through its runs with an
+    epsilon; right of them the runs without noise (clip only: square; no DP: diamond); the
+    series' ``runs`` as single points. The FID panel draws the floor and the untrained model,
+    the MIA panel chance (0.5)."""
+    plt = pyplot()
+    paths = []
+    for item in [i for i in grid.series if i.kind == "privacy"]:
+        picked = [n for n in grid.series_runs(item) if n in summary]
+        if not picked:
+            continue
+        epsilons = [summary[n]["epsilon"][0] for n in picked
+                    if math.isfinite(summary[n].get("epsilon", (math.nan,))[0])]
+        if not epsilons:
+            continue
+        infinite = 2.0 * max(epsilons)  # where the noiseless runs sit
+        fig, axes = plt.subplots(1, len(PRIVACY_PANELS), figsize=(5.0 * len(PRIVACY_PANELS), 4.2))
+        for ax, (key, label, lower_better) in zip(axes, PRIVACY_PANELS):
+            ax.set_prop_cycle(color=plt.cm.tab10.colors)
+            for value in grid.axis(item.lines).values:
+                names = [n for n in grid.select({**item.select, item.lines: value.name}) if n in picked]
+                _privacy_line(ax, summary, names, key, infinite, value.label)
+            for name in [n for n in item.runs if n in summary]:
+                x, _ = _privacy_x(summary[name], infinite)
+                y, err = summary[name].get(key, (math.nan, math.nan))
+                ax.errorbar([x], [y], yerr=[np.nan_to_num(err)], marker="*", markersize=9,
+                            linestyle="none", capsize=3, label=name)
+            if key == "fid":
+                ax.axhline(np.mean([summary[n]["floor_fid"][0] for n in picked]), color="gray",
+                           linestyle=":", label="real-vs-real floor")
+                if grid.untrained.get("fid") is not None:
+                    ax.axhline(grid.untrained["fid"], color="firebrick", linestyle=":", label="untrained model")
+            if key == "mia_auc":
+                ax.axhline(0.5, color="gray", linestyle=":", label="chance")
+            ax.set_xscale("log")
+            ticks = sorted(set(round(e, 3) for e in epsilons))
+            ax.set_xticks([*ticks, infinite, 1.5 * infinite],
+                          [*(f"{t:g}" for t in ticks), "clip\nonly", "no\nDP"])
+            ax.minorticks_off()
+            ax.set_xlabel("ε (δ = 1e-5); no noise: clip only (square), no DP (diamond)")
+            ax.set_title(label, fontsize=10)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(item.name, fontsize=11)
+        paths.append(save_figure(fig, report_dir / (item.file or f"privacy_{len(paths)}.png")))
+    return paths
+
+
+def _privacy_x(s: dict, infinite: float) -> tuple:
+    """(x position, marker) of a configuration: its epsilon, or the noiseless edge."""
+    epsilon = s.get("epsilon", (math.nan,))[0]
+    if math.isfinite(epsilon):
+        return epsilon, "o"
+    if s.get("noise_multiplier", (math.nan,))[0] == 0:
+        return infinite, "s"
+    return 1.5 * infinite, "D"
+
+
+def _privacy_line(ax, summary: Dict[str, dict], names: List[str], key: str, infinite: float,
+                  label: str) -> None:
+    points = sorted((_privacy_x(summary[n], infinite), summary[n].get(key, (math.nan, math.nan)))
+                    for n in names)
+    finite = [(x, y, e) for (x, m), (y, e) in points if m == "o" and math.isfinite(y)]
+    line = None
+    if finite:
+        xs, ys, errs = map(np.array, zip(*finite))
+        line = ax.errorbar(xs, ys, yerr=np.nan_to_num(errs), marker="o", capsize=3, label=label)
+    for (x, marker), (y, err) in points:
+        if marker != "o" and math.isfinite(y):
+            ax.errorbar([x], [y], yerr=[np.nan_to_num(err)], marker=marker, linestyle="none", capsize=3,
+                        color=line[0].get_color() if line is not None else None)

@@ -36,3 +36,4 @@ def test_privacy_quick_grid_pretrains_once_tunes_and_audits(tmp_path, monkeypatc
     assert "| lora-clip | ∞ (clip only, σ = 0) |" in text and "| lora-nodp | ∞ (no DP) |" in text
     assert "### Pipeline: lora" in text and "server momentum helps DP LoRA" in text
     assert "### lora-nodp" in text  # its own sweep
+    assert (report.parent / "privacy_utility_leakage.png").stat().st_size > 5000

@@ -249,7 +249,8 @@ def test_without_eval_every_samples_runs_are_evaluated_at_the_budgets_only(tmp_p
 @pytest.mark.parametrize("edit, message", [
     (("panels: partition", "panels: color"), "key 'series\\[0\\].panels': unknown matrix axis 'color'"),
     (("select: {partition: dir0.1}", "select: {partition: dir9}"), "axis 'partition' has no values \\['dir9'\\]"),
-    (("kind: class_mix", "kind: pie"), "key 'series\\[1\\].kind': series kind must be 'fid' or 'class_mix'"),
+    (("kind: class_mix", "kind: pie"), "key 'series\\[1\\].kind': series kind must be 'fid', 'class_mix' or"),
+    (("kind: class_mix", "kind: privacy"), "key 'series\\[1\\].lines': a 'privacy' series needs it"),
     (("baseline: {method: fedavg}", "baseline: {method: sgd}"), "axis 'method' has no values \\['sgd'\\]"),
     (("kind: better", "kind: best"), "key 'findings\\[0\\].kind': finding kind must be one of"),
     (("runs: [dir0.1-fedavgm, dir0.1-fedavg]", "runs: [dir0.1-fedavgm]"), "compares 2 runs"),
