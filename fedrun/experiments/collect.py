@@ -44,6 +44,9 @@ def collect(spec: RunSpec) -> dict:
         "min_class": min_class, "min_class_fraction": None if min_class is None else fractions[min_class],
         "samples": nominal(last), "samples_seen": last["samples"], "bytes_total": last["bytes_total"],
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
+        # the run's own time, its rounds (evaluations included): unlike wall_s it leaves out
+        # the start-up and any time the run was paused between rounds
+        "rounds_s": sum(r.get("round_time_s", 0.0) for r in records),
         "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
         "curve": [(nominal(r), r["fid"]) for r in evals],
         # every evaluation's scores, by samples seen: the report's earlier budgets read them

@@ -187,7 +187,9 @@ def study_time(results: List[dict], sweep: Optional[Sweep]) -> dict:
         ends.append(cost["ended"])
     return {"span_s": max(ends) - min(starts), "reporting_runs": len(results),
             "reporting_run_s": sum(r["wall_s"] for r in results),
-            "tuning_runs": int(cost.get("runs", 0)), "tuning_run_s": cost.get("wall_s", 0.0)}
+            "reporting_rounds_s": sum(r.get("rounds_s") or 0.0 for r in results),
+            "tuning_runs": int(cost.get("runs", 0)), "tuning_run_s": cost.get("wall_s", 0.0),
+            "tuning_rounds_s": cost.get("rounds_s") or 0.0}
 
 
 def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, collected: int,
@@ -204,6 +206,10 @@ def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, 
                f"{study['reporting_runs']} reporting runs"
                + (f" and {hours(study['tuning_run_s'])} for {study['tuning_runs']} tuning runs"
                   if study["tuning_runs"] else "") + ".")
+    if study.get("reporting_rounds_s"):  # the runs' own round times: no start-up, no pauses
+        timing += (f" Their rounds alone (evaluations included; not the start-up, nor any time a "
+                   f"run was paused): {hours(study['reporting_rounds_s'])}"
+                   + (f" and {hours(study['tuning_rounds_s'])}" if study["tuning_runs"] else "") + ".")
     budgets = grid.budget_list
     seen = (f"every run {grid.samples:,} samples seen" if len(budgets) == 1 else
             f"compared at {', '.join(f'{b:,}' for b in budgets)} samples seen")

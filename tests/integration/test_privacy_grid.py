@@ -22,6 +22,9 @@ def test_privacy_quick_grid_pretrains_once_tunes_and_audits(tmp_path, monkeypatc
                      output_dir=str(out), say=lambda *_: None).readme
     results = json.loads((report.parent / "results.json").read_text())
     assert not results["failures"] and results["study"]["tuning_runs"] == 9
+    study = results["study"]  # the runs' own round times leave out their start-up
+    assert 0 < study["reporting_rounds_s"] < study["reporting_run_s"]
+    assert 0 < study["tuning_rounds_s"] < study["tuning_run_s"]
     by_name = {r["name"].partition("@")[0]: r for r in results["runs"]}
     assert len(by_name) == 12 and all(r["samples"] == 32 for r in by_name.values())
     public = out / "setup" / "public"
