@@ -1,7 +1,7 @@
 """The privacy-utility report (issue #11): DP-FedAvg on the digits and on the federated LoRA demo,
 each audited with ``fedrun audit``, plus a deliberately overfit non-private positive control.
 
-    python -m scripts.privacy_report --jobs 2 --results docs/results/privacy \\
+    python -m scripts.privacy_report --jobs 2 --results docs/results/privacy_small_population \\
         --lora-base runs/lora_demo/pretrain/final        # reuse the LoRA demo's pre-trained base
     python -m scripts.privacy_report --quick             # tiny, < 1 min, for tests
 
