@@ -148,7 +148,7 @@ def setup(cfg: Config, task: Optional[Task] = None) -> Federation:
     store = ClientStateStore(Path(cfg.output_dir)) if keeps_state else None
     vectorized = (GroupTrainer(task.functional_model(run.model), run.params, task.step_loss, cfg.optim)
                   if cfg.client.vectorize else None)
-    preflight = (privacy_preflight(seams.privacy, cfg.rounds, run.global_weights)
+    preflight = (privacy_preflight(seams.privacy, cfg.rounds, run.global_weights, run.model)
                  if seams.privacy is not None else None)  # before a restore: the initial weights
     fed = Federation(run, seams, exchange, store, vectorized=vectorized, preflight=preflight)
     if run.resume_from is not None:

@@ -3,6 +3,8 @@ by (seed, round) with std sigma * clip, epsilon equal to dp_accounting's own val
 replace-one fixed-size sampling), calibration, refused configs, Poisson cohorts."""
 
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -352,3 +354,45 @@ def test_preflight_arithmetic_by_hand():
     assert quiet.noise_walk == pytest.approx(0.00390625, rel=1e-15)
     assert not quiet.warns and len(quiet.lines()) == 1
     assert weights_rms(torch.tensor([3.0, 4.0])) == pytest.approx(3.5355339059327373, rel=1e-15)
+
+
+def test_lora_preflight_checks_the_walk_on_the_adapted_weights():
+    """peft LoRA layers (B = 0): the walk w on A and B moves an adapted weight by
+    s * sqrt(r) * w * sqrt(rms(A)^2 + w^2), checked by drawing the noise into a real peft layer
+    and reading its merged delta; that, not the LoRA vector, is compared with the base weights'
+    RMS (a walk 4x the LoRA vector's RMS that does not warn)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from fedrun.fl.privacy.preflight import lora_scales
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0"]), model)
+    layer = model[0]
+    scales = lora_scales(model)
+    a = layer.lora_A["default"].weight
+    assert scales["rank"] == 4 and scales["scale"] == 2.0 and scales["a_noised"]
+    assert scales["a_rms"] == pytest.approx(weights_rms(a), rel=1e-12)
+    assert scales["base_rms"] == pytest.approx(weights_rms(layer.get_base_layer().weight), rel=1e-12)
+    walk = 0.05
+    deltas = []
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(200):  # B = 0 + xi_B, A + xi_A: the merged delta s B A
+        with torch.no_grad():
+            layer.lora_B["default"].weight.copy_(walk * torch.randn(48, 4, generator=generator))
+            noisy_a = a + walk * torch.randn(a.shape, generator=generator)
+            deltas.append(2.0 * layer.lora_B["default"].weight @ noisy_a)
+    measured = float(torch.stack(deltas).std())
+    vector_rms = weights_rms(torch.cat([a.detach().flatten(), torch.zeros(192)]))  # A and B = 0
+    check = Preflight(walk, 1.0, 1, 1, vector_rms, scales)  # sigma * clip * sqrt(T) / K = walk
+    expected = 2.0 * 2.0 * walk * math.sqrt(scales["a_rms"] ** 2 + walk ** 2)
+    assert check.adapted_walk == pytest.approx(expected, rel=1e-12)
+    assert measured == pytest.approx(expected, rel=0.03)  # 200 x 3,072 draws
+    wider = Preflight(0.06, 1.0, 1, 1, vector_rms, scales)  # beyond the LoRA vector's RMS 0.054
+    assert wider.walk_over_weights > 1.0 > wider.ratio and not wider.warns
+    assert "the walk moves the adapted weights by" in wider.lines()[1] and len(wider.lines()) == 2
+    assert Preflight(1.0, 1.0, 1, 1, vector_rms, scales).lines()[2].startswith("WARNING: the DP noise's walk moves the adapted")
+    frozen = Preflight(walk, 1.0, 1, 1, 0.1, {**scales, "a_noised": False})  # FFA-LoRA: A fixed
+    assert frozen.adapted_walk == pytest.approx(2.0 * 2 * walk * scales["a_rms"], rel=1e-12)
+    assert lora_scales(torch.nn.Linear(3, 3)) is None and lora_scales(None) is None
