@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     unet = build_unet(cfg.model, cfg.data.image_size, train.num_channels, cfg.seed).eval()
     images = generate(unet, build_noise_scheduler(cfg.diffusion), cfg.eval)
     record = build_evaluator(cfg.eval, train, heldout).report(to_model_range(images))
-    anchor = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv")
+    anchor = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv", "tstr_accuracy")
     print(json.dumps({"untrained": {key: round(record[key], 4) for key in anchor if key in record}}))
     print(json.dumps({key: value for key, value in record.items()
                       if not isinstance(value, list) and key != "eval_warning"}))

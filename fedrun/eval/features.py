@@ -263,8 +263,11 @@ class Evaluator:
         confident = predicted[top >= CONFIDENT_PROBABILITY].numpy()
         counts = np.bincount(confident, minlength=len(self.reference_class_fractions))
         scores.confident_fraction = float(len(confident) / len(images))
-        scores.class_coverage = int((counts / len(images)
-                                     >= COVERED_SHARE * self.reference_class_fractions).sum())
+        # only the classes the held-out images hold (data.classes may leave some out): an
+        # absent class would otherwise count as covered by any samples at all
+        present = self.reference_class_fractions > 0
+        scores.class_coverage = int(((counts / len(images)
+                                      >= COVERED_SHARE * self.reference_class_fractions) & present).sum())
 
     def floor(self, num_samples: int) -> Scores:
         """The same metrics for ``num_samples`` real training images (seeded choice, cached)."""

@@ -45,7 +45,7 @@ FINDING_RUNS = {"close": 2, "better": 2, "increasing": None, "decreasing": None}
 # What a tuning may select on (a metric of the final evaluation) and whether lower is better.
 TUNING_METRICS = {"fid": True, "kid": True, "class_tv": True, "confident_fraction": False,
                   "class_coverage": False}
-ANCHOR_METRICS = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv")
+ANCHOR_METRICS = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv", "tstr_accuracy")
 KEY_NAMES = {"with": "with_"}  # YAML keys that are Python keywords
 
 
@@ -194,6 +194,10 @@ class Grid:
     untrained: Dict[str, Union[float, int]] = field(default_factory=dict)
     """The untrained model's scores (``python -m scripts.untrained_anchor`` prints them): fid,
     kid, confident_fraction, class_coverage, class_tv; ``untrained_fid`` fills ``fid``."""
+    anchors: Dict[str, Dict[str, Union[float, int]]] = field(default_factory=dict)
+    """More reference rows beside the untrained model's: name -> scores (the keys of
+    ``untrained``), e.g. the public model before private fine-tuning
+    (``python -m scripts.untrained_anchor ... model.pretrained=...``)."""
     budgets: List[int] = field(default_factory=list)
     """Earlier sample counts (evaluation points) the report compares at too; ``samples`` always."""
     tuning: Optional[Tuning] = None
@@ -389,6 +393,11 @@ def check_grid(grid: Grid, path: str) -> None:
     if unknown:
         raise ConfigError(f"grid file '{path}': key 'untrained' has unknown metrics {unknown} "
                           f"(known: {list(ANCHOR_METRICS)})")
+    for name, scores in grid.anchors.items():
+        unknown = sorted(set(scores) - set(ANCHOR_METRICS))
+        if unknown:
+            raise ConfigError(f"grid file '{path}': key 'anchors.{name}' has unknown metrics {unknown} "
+                              f"(known: {list(ANCHOR_METRICS)})")
     if grid.tuning is not None:
         _check_tuning(grid, grid.tuning, path)
 

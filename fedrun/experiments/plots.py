@@ -185,8 +185,8 @@ def plot_privacy(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List
     """Per ``kind: privacy`` series: FID, TSTR accuracy and MIA AUC (mean ± std over seeds)
     against epsilon (log), one line per value of its ``lines`` axis through its runs with an
     epsilon; right of them the runs without noise (clip only: square; no DP: diamond); the
-    series' ``runs`` as single points. The FID panel draws the floor and the untrained model,
-    the MIA panel chance (0.5)."""
+    series' ``runs`` as single points. The FID panel draws the floor, every panel the untrained
+    model and the grid's ``anchors`` where they have the metric, the MIA panel chance (0.5)."""
     plt = pyplot()
     paths = []
     for item in [i for i in grid.series if i.kind == "privacy"]:
@@ -212,8 +212,10 @@ def plot_privacy(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List
             if key == "fid":
                 ax.axhline(np.mean([summary[n]["floor_fid"][0] for n in picked]), color="gray",
                            linestyle=":", label="real-vs-real floor")
-                if grid.untrained.get("fid") is not None:
-                    ax.axhline(grid.untrained["fid"], color="firebrick", linestyle=":", label="untrained model")
+            anchors = [("untrained model", grid.untrained), *grid.anchors.items()]
+            for (name, scores), style in zip(anchors, (":", "--", "-.", (0, (1, 3)))):
+                if scores.get(key) is not None:
+                    ax.axhline(scores[key], color="firebrick", linestyle=style, label=name)
             if key == "mia_auc":
                 ax.axhline(0.5, color="gray", linestyle=":", label="chance")
             ax.set_xscale("log")

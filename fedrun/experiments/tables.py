@@ -63,9 +63,7 @@ def main_table(grid: Grid, summary: Dict[str, dict], failures: List[dict]) -> Li
                          fmt(s["floor_fid"]), fmt(s["floor_kid"], scale=0.01), fmt(s["class_tv"], 2),
                          rarest(s), fmt(s["final_loss"]), f"{s['samples'][0]:,.0f}",
                          f"{s['bytes_total'][0]:,.0f}", fmt(s["wall_s"], 3)))
-    floor, anchor = range_rows(grid, summary)
-    return lines + [row(floor[0], *floor[1:5], *["–"] * 8)] + (
-        [row(anchor[0], *anchor[1:5], *["–"] * 8)] if anchor else [])
+    return lines + [row(*reference[:5], *["–"] * 8) for reference in range_rows(grid, summary)]
 
 
 def scored(grid: Grid, s: dict, key: str, scale: float = 1.0) -> str:
@@ -80,20 +78,27 @@ def beyond_anchor(grid: Grid, s: dict) -> bool:
     return anchor is not None and s["fid"][0] >= anchor
 
 
-def range_rows(grid: Grid, summary: Dict[str, dict]) -> tuple:
-    """(floor row, anchor row or None): name, FID, KID ×100, confident, classes covered. The
+def range_rows(grid: Grid, summary: Dict[str, dict]) -> List[tuple]:
+    """The reference rows: the floor, the untrained anchor (when given), the grid's other
+    ``anchors``; each (name, FID, KID ×100, confident, classes covered, class TV, TSTR). The
     floor is the mean over the configurations (every run scores the same real images)."""
     def mean(key):
         values = [s[key][0] for s in summary.values() if math.isfinite(s[key][0])]
         return float(np.mean(values)) if values else None
 
-    floor = ("real vs real (floor)", fmt(mean("floor_fid")), fmt(mean("floor_kid"), scale=0.01),
-             fmt(mean("floor_confident_fraction"), 2), fmt(mean("floor_class_coverage"), 2))
-    u = grid.untrained
-    anchor = None if not u else (
-        "untrained model (anchor)", fmt(u.get("fid")), fmt(u.get("kid"), scale=0.01),
-        fmt(u.get("confident_fraction"), 2), fmt(u.get("class_coverage"), 2))
-    return floor, anchor
+    rows = [("real vs real (floor)", fmt(mean("floor_fid")), fmt(mean("floor_kid"), scale=0.01),
+             fmt(mean("floor_confident_fraction"), 2), fmt(mean("floor_class_coverage"), 2), "–", "–")]
+    named = ([("untrained model (anchor)", grid.untrained)] if grid.untrained else []) + [
+        (f"{name} (anchor)", scores) for name, scores in grid.anchors.items()]
+    for name, u in named:
+        rows.append((name, fmt(u.get("fid")), fmt(u.get("kid"), scale=0.01),
+                     fmt(u.get("confident_fraction"), 2), fmt(u.get("class_coverage"), 2),
+                     fmt(u.get("class_tv"), 2), fmt(u.get("tstr_accuracy"), 2)))
+    return rows
+
+
+def has_tstr(summary: Dict[str, dict]) -> bool:
+    return any(math.isfinite(s.get("tstr_accuracy", (math.nan,))[0]) for s in summary.values())
 
 
 def range_legend(grid: Grid) -> List[str]:
@@ -141,23 +146,24 @@ def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table) -> List[str]:
         names = grid.select({item.by: value.name})
         base = baseline_of(grid, names, item.baseline, None)
         tests = _table_tests(grid, summary, item, names)
+        tstr = has_tstr(summary)  # train-on-synthetic, test-on-real accuracy, when scored
         lines += [f"### {item.name or item.by}: {value.label}", "",
                   *header("run", "FID", f"ΔFID vs {grid.label(base, item.by) if base else '–'} [95 % CI]",
                           "Holm interval", "p (Holm)", "verdict", "confident", "classes covered",
-                          "class TV", "rarest class", "KID ×100")]
+                          "class TV", "rarest class", "KID ×100", *(["TSTR acc."] if tstr else []))]
         for name in item.with_ + names:
             s = summary.get(name)
             if s is None:
-                lines.append(row(grid.label(name, item.by), "no results (failed)", *["–"] * 9))
+                lines.append(row(grid.label(name, item.by), "no results (failed)", *["–"] * (9 + tstr)))
                 continue
             lines.append(row(grid.label(name, item.by), scored(grid, s, "fid"),
                              *_test_cells(grid, summary, item, names, name, base, tests.get(name)),
                              fmt(s["confident_fraction"], 2), fmt(s["class_coverage"], 2),
-                             fmt(s["class_tv"], 2), rarest(s), scored(grid, s, "kid", 0.01)))
-        floor, anchor = range_rows(grid, summary)
-        for reference in (floor, anchor) if anchor else (floor,):
-            lines.append(row(reference[0], reference[1], *["–"] * 4, *reference[3:5], "–", "–",
-                             reference[2]))
+                             fmt(s["class_tv"], 2), rarest(s), scored(grid, s, "kid", 0.01),
+                             *([fmt(s["tstr_accuracy"], 2)] if tstr else [])))
+        for reference in range_rows(grid, summary):
+            lines.append(row(reference[0], reference[1], *["–"] * 4, *reference[3:6], "–",
+                             reference[2], *([reference[6]] if tstr else [])))
         lines.append("")
     return lines + statistics_legend(len(grid.seeds))
 

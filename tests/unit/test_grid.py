@@ -353,6 +353,15 @@ def test_report_of_a_matrix_grid_has_a_table_per_partition_and_the_figures(tmp_p
     # TV: (0.15 + 0.05 + 0.05 + 0.25) / 2 = 0.25 and (0.15 + 0.05 + 0.05 + 0.15) / 2 = 0.2
     assert "| fedavg | 15.2 ± 0.283 † | – | – | – | – | 0.8 ± 0 | 4 ± 0 | 0.23 ± 0.035 | 0.05 ± 0.071 [3, 3] |" in text
     assert "Holm's step-down procedure" in text
+    # more anchors (grid key anchors, e.g. a public model) and the TSTR column when it is scored
+    grid.anchors = {"public model": {"fid": 14.0, "class_tv": 0.9, "tstr_accuracy": 0.21}}
+    for r in results:
+        r["tstr_accuracy"] = 0.5 + 0.1 * r["seed"]
+    text = write_report(grid, results, tmp_path / "with_anchors", "cmd", 60.0).read_text()
+    assert text.count("| public model (anchor) | 14 | – | – | – | – | – | – | 0.9 | – | – | 0.21 |") == 2
+    assert "| public model (anchor) | 14 | – | – | – |" in text  # the main table's
+    assert "| KID ×100 | TSTR acc. |" in text and "| 0.55 ± 0.071 |" in text
+    grid.anchors = {}
     assert "**momentum helps under skew**: holds" in text  # one 'better' claim: p = cauchy_p(-31)
     assert "code of commit `abc`" in text
     for png in ("panels.png", "mix.png"):

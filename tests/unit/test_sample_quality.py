@@ -50,6 +50,12 @@ def test_confident_rate_and_class_coverage_against_a_hand_computation():
     # 1 confident sample of class 1 in 8 is exactly half its share: covered
     exact = evaluator.score(coded([(0, 0.95), (1, 0.95), (2, 0.95), (2, 0.95), (2, 0.95)] + [(2, 0.5)] * 3))
     assert exact.class_coverage == 3 and exact.confident_fraction == 5 / 8
+    # a class the held-out images do not hold (data.classes) is never covered: reference (1, 1),
+    # samples all confidently class 0: only class 1 could count, and it has no samples
+    absent = Evaluator(coded([(1, 1.0), (1, 1.0)]), coded([(1, 1.0)] * 4), _Coded(), "coded",
+                       reference_labels=np.array([1, 1]), kid_subset_size=2)
+    assert absent.score(coded([(0, 0.95)] * 4)).class_coverage == 0
+    assert absent.score(coded([(1, 0.95)] * 4)).class_coverage == 1
 
 
 def test_real_digits_are_confident_and_cover_every_class_noise_is_not():
