@@ -169,8 +169,8 @@ class Grid:
     samples: int
     eval_every_samples: Optional[int] = None
     """Evaluate every this many samples (the points of the curves); null = only at the budgets
-    and the end (the cheapest schedule a comparison at the budgets needs: one evaluation of
-    1,000 samples costs about as much as 8 rounds of the non-IID grid's training)."""
+    and the end (the cheapest schedule a comparison at the budgets needs: on the non-IID grid
+    one evaluation of 1,000 samples costs about as much as 4-8 rounds of training)."""
     base_config: Optional[str] = None
     output_dir: str = "runs/compare"
     ema_horizon_samples: int = 5120
