@@ -228,6 +228,11 @@ class Grid:
                                           for axis, wanted in select.items())
         return [r.name for r in self.runs if matches(r)]
 
+    def sweep_name(self, values: Dict[str, str]) -> str:
+        """A tuning sweep's name: its axis values (method, ``per`` and ``separately`` axes) in
+        matrix order."""
+        return "-".join(values[a.axis] for a in self.matrix if a.axis in values)
+
     def series_runs(self, item: Series) -> List[str]:
         """A series' runs: those it names, then the matrix runs its ``select`` (or ``panels``) picks."""
         picked = self.select(item.select) if item.select or item.panels or item.lines else []
@@ -426,8 +431,7 @@ def _check_tuning(grid: Grid, tuning: Tuning, path: str) -> None:
         raise ConfigError(f"{where}.metric': must be one of {sorted(TUNING_METRICS)}, got '{tuning.metric}'")
     explicit = [r.name for r in grid.runs if not r.axes]
     values = _axis_values(grid, tuning.axis, "tuning.axis", path) if tuning.axis else []
-    order = [a.axis for a in grid.matrix]  # a separate sweep's name: its axis values in matrix order
-    apart = ["-".join({tuning.axis: m, axis: v}[a] for a in order if a in (tuning.axis, axis))
+    apart = [grid.sweep_name({tuning.axis: m, axis: v})
              for m in values for axis, vs in tuning.separately.items() for v in vs]
     unknown = [m for m in tuning.methods if m not in values and m not in explicit and m not in apart]
     if unknown or not tuning.methods:

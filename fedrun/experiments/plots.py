@@ -177,8 +177,8 @@ def plot_bytes(summary: Dict[str, dict], report_dir: Path, untrained_fid: Option
     return save_figure(fig, report_dir / "bytes_vs_fid.png")
 
 
-PRIVACY_PANELS = (("fid", "FID (lower is better)", True), ("tstr_accuracy", "train-on-synthetic, "
-                  "test-on-real accuracy", False), ("mia_auc", "membership inference AUC", False))
+PRIVACY_PANELS = (("fid", "FID (lower is better)"), ("tstr_accuracy", "train-on-synthetic, "
+                  "test-on-real accuracy"), ("mia_auc", "membership inference AUC"))
 
 
 def plot_privacy(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List[Path]:
@@ -199,7 +199,7 @@ def plot_privacy(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List
             continue
         infinite = 2.0 * max(epsilons)  # where the noiseless runs sit
         fig, axes = plt.subplots(1, len(PRIVACY_PANELS), figsize=(5.0 * len(PRIVACY_PANELS), 4.2))
-        for ax, (key, label, lower_better) in zip(axes, PRIVACY_PANELS):
+        for ax, (key, label) in zip(axes, PRIVACY_PANELS):
             ax.set_prop_cycle(color=plt.cm.tab10.colors)
             for value in grid.axis(item.lines).values:
                 names = [n for n in grid.select({**item.select, item.lines: value.name}) if n in picked]

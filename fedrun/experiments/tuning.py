@@ -148,16 +148,17 @@ def build_groups(grid: Grid) -> List[Group]:
             per = {a: v.name for a, v in zip(tuning.per, combination)}
             wanted = {tuning.axis: method, **per}
             serves = grid.select(wanted)
-            apart = []  # (trains, serves) of the values tuned separately
+            apart = []  # (its values, the runs it serves, separate) of each value tuned apart
             for axis, values in tuning.separately.items():
                 for value in values:
                     own = grid.select({**wanted, axis: value})
-                    apart.append((grid.select({**wanted, **tuning.at, axis: value})[0], own, axis))
+                    apart.append(({**wanted, axis: value}, own, True))
                     serves = [r for r in serves if r not in own]
-            for trains, runs, axis in [(grid.select({**wanted, **tuning.at})[0], serves, None), *apart]:
-                name = "-".join(v for a, v in grid.run(trains).axes.items() if a in wanted or a == axis)
-                own_axes, own_points = sweep(tuning.methods[name]) if axis and name in tuning.methods \
-                    else (described, points)
+            for values, runs, separate in [(wanted, serves, False), *apart]:
+                name = grid.sweep_name(values)
+                trains = grid.select({**tuning.at, **values})[0]
+                own_axes, own_points = sweep(tuning.methods[name]) if separate \
+                    and name in tuning.methods else (described, points)
                 groups.append(Group(name, method, trains, runs, own_axes,
                                     [Point(p.label, dict(p.values)) for p in own_points]))
     return groups
