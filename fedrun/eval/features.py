@@ -182,6 +182,17 @@ class Scores:
         return out
 
 
+def rarest_class(fractions, reference=None) -> int:
+    """The class with the smallest share of ``fractions`` (the lowest label among ties), among
+    the classes the held-out images hold (``reference`` > 0): with data.classes a subset, the
+    classes left out are not a class the model lost."""
+    fractions = np.asarray(fractions, dtype=float)
+    present = np.ones(len(fractions), bool) if reference is None else np.asarray(reference) > 0
+    if not present.any():
+        present[:] = True
+    return int(np.flatnonzero(present)[np.argmin(fractions[present])])
+
+
 class Evaluator:
     """FID/KID of image sets against a fixed reference set (the held-out images).
 
@@ -249,7 +260,7 @@ class Evaluator:
             fractions = counts / counts.sum()
             scores.class_fractions = fractions.round(4).tolist()
             scores.class_tv = float(0.5 * np.abs(fractions - self.reference_class_fractions).sum())
-            scores.min_class = int(np.argmin(fractions))  # the lowest label among ties
+            scores.min_class = rarest_class(fractions, self.reference_class_fractions)
             scores.min_class_fraction = float(fractions[scores.min_class])
             if hasattr(self.extractor, "probabilities"):
                 self._confidence(images, scores)

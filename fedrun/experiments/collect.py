@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-import numpy as np
-
 from fedrun.errors import FedrunError
 from fedrun.experiments.leakage import leakage
 from fedrun.experiments.steps import FAILED, Outcome, RunSpec, read_record
@@ -34,14 +32,12 @@ def collect(spec: RunSpec) -> dict:
         record = {"wall_s": sum(r.get("round_time_s", 0.0) for r in records),
                   "ended": (spec.run_dir / "metrics.jsonl").stat().st_mtime}
     fractions = final.get("class_fractions")
-    min_class = final.get("min_class")
-    if min_class is None and fractions:  # records written before min_class existed
-        min_class = int(np.argmin(fractions))
+    min_class, min_fraction = rarest(final)
     return {
         "name": spec.name, "seed": spec.seed, "kind": spec.kind, "commit": record.get("commit"),
         **evaluation(final), "final_loss": last["train_loss"],
         "class_fractions": fractions, "reference_class_fractions": final.get("reference_class_fractions"),
-        "min_class": min_class, "min_class_fraction": None if min_class is None else fractions[min_class],
+        "min_class": min_class, "min_class_fraction": min_fraction,
         "samples": nominal(last), "samples_seen": last["samples"], "bytes_total": last["bytes_total"],
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         # the run's own time, its rounds (evaluations included): unlike wall_s it leaves out
@@ -52,8 +48,7 @@ def collect(spec: RunSpec) -> dict:
         # every evaluation's scores, by samples seen: the report's earlier budgets read them
         "at": {str(nominal(r)): {**evaluation(r), "final_loss": r["train_loss"],
                                    "class_fractions": r.get("class_fractions"),
-                                   "min_class": r.get("min_class"),
-                                   "min_class_fraction": r.get("min_class_fraction")}
+                                   **dict(zip(("min_class", "min_class_fraction"), rarest(r)))}
                for r in evals},
         "bytes_curve": [(r.get("bytes_total", 0), r["fid"]) for r in evals],
         # runs from before the directions were counted apart: half each way (fp32 FedAvg)
@@ -63,6 +58,20 @@ def collect(spec: RunSpec) -> dict:
         "steps": last.get("steps"),  # central runs: optimizer steps taken
         **leakage(spec.run_dir),  # its audit (grid key audit) and epsilon, when it has them
     }
+
+
+def rarest(record: dict) -> tuple:
+    """The rarest class of an evaluation record's samples and its share, among the classes its
+    held-out images hold (recomputed from the class mix: records written before min_class
+    existed, or before it left out the classes data.classes leaves out); (None, None) without
+    a class mix."""
+    from fedrun.eval.features import rarest_class
+
+    fractions = record.get("class_fractions")
+    if not fractions:
+        return record.get("min_class"), record.get("min_class_fraction")
+    c = rarest_class(fractions, record.get("reference_class_fractions"))
+    return c, fractions[c]
 
 
 EVALUATED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "confident_fraction",

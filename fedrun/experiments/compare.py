@@ -246,5 +246,8 @@ def _findings(findings: List[dict], budget: Optional[int] = None) -> List[str]:
             "reference, 2 standard errors of the difference); 'increasing'/'decreasing' hold when "
             "every step of the series moves the mean FID that way, 'partly' when some do; "
             "'better' holds when the first run's FID is lower than the second's in a paired t test "
-            "over the seeds, Holm-corrected over the grid's 'better' claims (adjusted p <= 0.05); "
-            "a claim on a configuration without results is not decided.", ""]
+            "over the seeds, Holm-corrected over the grid's 'better' claims (adjusted p <= 0.05), "
+            "'the opposite holds' when the second's is lower in that test, 'not shown' when the "
+            "difference is not significant either way (too few seeds or too small a difference: "
+            "not evidence against the claim); a claim on a configuration without results is "
+            "not decided.", ""]

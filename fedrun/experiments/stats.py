@@ -232,6 +232,10 @@ def compare_family(pairs: Dict[str, Tuple[Dict[int, float], Dict[int, float]]],
 
 # ---------------------------------------------------------------- the grid's claims
 
+NOT_SHOWN = "not shown"  # a 'better' claim whose difference is not significant after Holm
+OPPOSITE = "the opposite holds"  # significantly the other way
+
+
 def check_findings(grid: Grid, summary: Dict[str, dict]) -> List[dict]:
     """Each claim of the grid, decided on the final FID (rules in the report); a claim on a
     configuration without results is not decided. The 'better' claims are paired comparisons
@@ -258,10 +262,13 @@ def _better(item: Finding, summary: Dict[str, dict], test: Comparison, family: i
     a, b = item.runs
     detail = f"{a} {summary[a]['fid'][0]:.3g} vs {b} {summary[b]['fid'][0]:.3g}: "
     if not math.isfinite(test.p):
-        return "does not hold", detail + f"difference {test.diff:+.3g} ({test.verdict}: no test)"
+        return NOT_SHOWN, detail + f"difference {test.diff:+.3g} ({test.verdict}: no test)"
     detail += (f"difference {test.diff:+.3g} [{test.low:+.3g}, {test.high:+.3g}] over {test.n} paired "
                f"seeds, p {test.p:.2g}, Holm-adjusted over the {family} 'better' claims {test.p_holm:.2g}")
-    return ("holds" if test.verdict == "better" else "does not hold"), detail
+    # not significant is not shown, not refuted: only a significant difference the other way
+    # says the claim is wrong
+    verdict = {"better": "holds", "worse": OPPOSITE}.get(test.verdict, NOT_SHOWN)
+    return verdict, detail
 
 
 def _close(item: Finding, summary: Dict[str, dict], n_seeds: int) -> tuple:

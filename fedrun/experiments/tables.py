@@ -133,7 +133,10 @@ def reference_rarest(summary: Dict[str, dict]) -> str:
                       if s.get("reference_class_fractions")), None)
     if not reference:
         return ""
-    return f" (held-out images: {min(reference):.3g}, class {int(np.argmin(reference))})"
+    from fedrun.eval.features import rarest_class
+
+    c = rarest_class(reference, reference)
+    return f" (held-out images: {reference[c]:.3g}, class {c})"
 
 
 def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table) -> List[str]:

@@ -83,6 +83,16 @@ def test_class_mix_tv_and_rarest_class_against_hand_computation():
     missing = evaluator.score(images([0, 0, 2, 2]))
     assert (missing.min_class, missing.min_class_fraction) == (1, 0.0)
     assert evaluator.score(images([2, 2, 2, 2])).min_class == 0
+    # held-out images without class 0 (data.classes a subset): class 0 is not a lost class, the
+    # rarest is taken among the classes the held-out images hold
+    subset = Evaluator(images([1, 2, 2, 2]), images([1, 2] * 3), _PixelClassifier(), "pixel",
+                       reference_labels=np.array([1, 2, 2, 2]), kid_subset_size=2)
+    scores = subset.score(images([1, 2, 2, 2, 2, 2, 0, 0]))  # fractions (2/8, 1/8, 5/8)
+    assert (scores.min_class, scores.min_class_fraction) == (1, 0.125)
+    record = subset.report(images([1, 2, 2, 2, 2, 2, 0, 0]))
+    # collect recomputes it from the class mix (records written before this rule hold class 0)
+    from fedrun.experiments.collect import rarest
+    assert rarest({**record, "min_class": 0, "min_class_fraction": 0.25}) == (1, 0.125)
 
 
 def test_unknown_and_unavailable_feature_extractors_are_clear_errors():

@@ -145,7 +145,8 @@ def per_seed_summary(values):
 def test_better_finding_is_a_paired_test_holm_corrected_over_the_better_claims():
     """a - b = (-1, -2, 0, -2, -1): mean -1.2, s_d^2 = 0.7, t = -1.2 / sqrt(0.7 / 5) = -3.207,
     p = 0.0327 (df 4; tests/unit/test_stats.py checks paired_t by hand): alone it holds; two
-    such claims are tested at 0.05 / 2 first, so neither holds."""
+    such claims are tested at 0.05 / 2 first, so neither is shown; the reverse claim alone is
+    refuted (the opposite holds)."""
     better = [{"claim": "a better than b", "kind": "better", "runs": ["a", "b"]}]
     a, b = [10.0, 12.0, 12.0, 13.0, 14.0], [11.0, 14.0, 12.0, 15.0, 15.0]
     found = stats.check_findings(grid_with(better, seeds=range(5)), per_seed_summary({"a": a, "b": b}))
@@ -153,14 +154,14 @@ def test_better_finding_is_a_paired_test_holm_corrected_over_the_better_claims()
     assert "difference -1.2 [-2.24, -0.161] over 5 paired seeds, p 0.033" in found[0]["detail"]
     reverse = [{"claim": "b better than a", "kind": "better", "runs": ["b", "a"]}]
     assert stats.check_findings(grid_with(reverse, seeds=range(5)),
-                                per_seed_summary({"a": a, "b": b}))[0]["verdict"] == "does not hold"
+                                per_seed_summary({"a": a, "b": b}))[0]["verdict"] == "the opposite holds"
     twice = better + [{"claim": "c better than d", "kind": "better", "runs": ["c", "d"]}]
     found = stats.check_findings(grid_with(twice, seeds=range(5)),
                                  per_seed_summary({"a": a, "b": b, "c": a, "d": b}))
-    assert [f["verdict"] for f in found] == ["does not hold"] * 2
+    assert [f["verdict"] for f in found] == ["not shown"] * 2  # not significant: not refuted
     assert "Holm-adjusted over the 2 'better' claims 0.065" in found[0]["detail"]
     one_seed = stats.check_findings(grid_with(better, seeds=(0,)), per_seed_summary({"a": [9.0], "b": [10.0]}))
-    assert one_seed[0]["verdict"] == "does not hold" and "no test" in one_seed[0]["detail"]
+    assert one_seed[0]["verdict"] == "not shown" and "no test" in one_seed[0]["detail"]
 
 
 def test_a_claim_on_a_configuration_without_results_is_not_decided():
