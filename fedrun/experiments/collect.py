@@ -38,6 +38,7 @@ def collect(spec: RunSpec) -> dict:
         **evaluation(final), "final_loss": last["train_loss"],
         "class_fractions": fractions, "reference_class_fractions": final.get("reference_class_fractions"),
         "min_class": min_class, "min_class_fraction": min_fraction,
+        "in_classes": in_classes(final),
         "samples": nominal(last), "samples_seen": last["samples"], "bytes_total": last["bytes_total"],
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         # the run's own time, its rounds (evaluations included): unlike wall_s it leaves out
@@ -72,6 +73,15 @@ def rarest(record: dict) -> tuple:
         return record.get("min_class"), record.get("min_class_fraction")
     c = rarest_class(fractions, record.get("reference_class_fractions"))
     return c, fractions[c]
+
+
+def in_classes(record: dict) -> Optional[float]:
+    """The share of the samples classified into a class the held-out images hold; None without
+    a class mix or where the held-out images hold every class (it is then 1)."""
+    fractions, reference = record.get("class_fractions"), record.get("reference_class_fractions")
+    if not fractions or not reference or all(r > 0 for r in reference):
+        return None
+    return float(sum(f for f, r in zip(fractions, reference) if r > 0))
 
 
 EVALUATED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "confident_fraction",

@@ -45,7 +45,8 @@ FINDING_RUNS = {"close": 2, "better": 2, "increasing": None, "decreasing": None}
 # What a tuning may select on (a metric of the final evaluation) and whether lower is better.
 TUNING_METRICS = {"fid": True, "kid": True, "class_tv": True, "confident_fraction": False,
                   "class_coverage": False}
-ANCHOR_METRICS = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv", "tstr_accuracy")
+ANCHOR_METRICS = ("fid", "kid", "confident_fraction", "class_coverage", "class_tv", "tstr_accuracy",
+                  "in_classes")
 KEY_NAMES = {"with": "with_"}  # YAML keys that are Python keywords
 
 

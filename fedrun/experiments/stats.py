@@ -68,7 +68,7 @@ def summarise(results: List[dict], run_names: List[str]) -> Dict[str, dict]:
 SUMMARISED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "min_class_fraction",
               "confident_fraction", "class_coverage", "floor_confident_fraction",
               "floor_class_coverage", "final_loss", "samples", "bytes_total", "wall_s",
-              "tstr_accuracy", *LEAKAGE)
+              "tstr_accuracy", "in_classes", *LEAKAGE)
 PAIRED = ("fid", "kid", "confident_fraction", "class_coverage")  # per seed in a summary
 
 

@@ -80,25 +80,33 @@ def beyond_anchor(grid: Grid, s: dict) -> bool:
 
 def range_rows(grid: Grid, summary: Dict[str, dict]) -> List[tuple]:
     """The reference rows: the floor, the untrained anchor (when given), the grid's other
-    ``anchors``; each (name, FID, KID ×100, confident, classes covered, class TV, TSTR). The
+    ``anchors``; each (name, FID, KID ×100, confident, classes covered, class TV, TSTR, in the
+    held-out classes). The
     floor is the mean over the configurations (every run scores the same real images)."""
     def mean(key):
         values = [s[key][0] for s in summary.values() if math.isfinite(s[key][0])]
         return float(np.mean(values)) if values else None
 
     rows = [("real vs real (floor)", fmt(mean("floor_fid")), fmt(mean("floor_kid"), scale=0.01),
-             fmt(mean("floor_confident_fraction"), 2), fmt(mean("floor_class_coverage"), 2), "–", "–")]
+             fmt(mean("floor_confident_fraction"), 2), fmt(mean("floor_class_coverage"), 2), "–", "–",
+             "1")]
     named = ([("untrained model (anchor)", grid.untrained)] if grid.untrained else []) + [
         (f"{name} (anchor)", scores) for name, scores in grid.anchors.items()]
     for name, u in named:
         rows.append((name, fmt(u.get("fid")), fmt(u.get("kid"), scale=0.01),
                      fmt(u.get("confident_fraction"), 2), fmt(u.get("class_coverage"), 2),
-                     fmt(u.get("class_tv"), 2), fmt(u.get("tstr_accuracy"), 2)))
+                     fmt(u.get("class_tv"), 2), fmt(u.get("tstr_accuracy"), 2), fmt(u.get("in_classes"), 2)))
     return rows
 
 
 def has_tstr(summary: Dict[str, dict]) -> bool:
-    return any(math.isfinite(s.get("tstr_accuracy", (math.nan,))[0]) for s in summary.values())
+    return has(summary, "tstr_accuracy")
+
+
+def has(summary: Dict[str, dict], key: str) -> bool:
+    """Whether any configuration has the score ``key`` (e.g. 'in_classes': only where the
+    held-out images leave classes out, data.classes)."""
+    return any(math.isfinite(s.get(key, (math.nan,))[0]) for s in summary.values())
 
 
 def range_legend(grid: Grid) -> List[str]:
@@ -113,8 +121,10 @@ def range_legend(grid: Grid) -> List[str]:
             "against the same held-out images: no model can be expected to score below it. "
             + anchor + " Confident: the share of the samples the digits classifier assigns a class "
             "with probability >= 0.9; classes covered: the classes whose confident samples are at "
-            "least half their share among the held-out images (of 10). Both stay informative where "
-            "FID saturates.", ""]
+            "least half their share among the held-out images (of the classes the held-out images "
+            "hold). Both stay informative where FID saturates. In classes (where the held-out images "
+            "leave classes out, data.classes): the share of the samples classified into a class the "
+            "held-out images hold.", ""]
 
 
 def failed_seeds(failures: List[dict], name: str) -> str:
@@ -150,23 +160,28 @@ def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table) -> List[str]:
         base = baseline_of(grid, names, item.baseline, None)
         tests = _table_tests(grid, summary, item, names)
         tstr = has_tstr(summary)  # train-on-synthetic, test-on-real accuracy, when scored
+        inside = has(summary, "in_classes")  # the held-out images hold only some classes
+        extra = tstr + inside
         lines += [f"### {item.name or item.by}: {value.label}", "",
                   *header("run", "FID", f"ΔFID vs {grid.label(base, item.by) if base else '–'} [95 % CI]",
                           "Holm interval", "p (Holm)", "verdict", "confident", "classes covered",
-                          "class TV", "rarest class", "KID ×100", *(["TSTR acc."] if tstr else []))]
+                          "class TV", "rarest class", "KID ×100", *(["TSTR acc."] if tstr else []),
+                          *(["in classes"] if inside else []))]
         for name in item.with_ + names:
             s = summary.get(name)
             if s is None:
-                lines.append(row(grid.label(name, item.by), "no results (failed)", *["–"] * (9 + tstr)))
+                lines.append(row(grid.label(name, item.by), "no results (failed)", *["–"] * (9 + extra)))
                 continue
             lines.append(row(grid.label(name, item.by), scored(grid, s, "fid"),
                              *_test_cells(grid, summary, item, names, name, base, tests.get(name)),
                              fmt(s["confident_fraction"], 2), fmt(s["class_coverage"], 2),
                              fmt(s["class_tv"], 2), rarest(s), scored(grid, s, "kid", 0.01),
-                             *([fmt(s["tstr_accuracy"], 2)] if tstr else [])))
+                             *([fmt(s["tstr_accuracy"], 2)] if tstr else []),
+                             *([fmt(s["in_classes"], 2)] if inside else [])))
         for reference in range_rows(grid, summary):
             lines.append(row(reference[0], reference[1], *["–"] * 4, *reference[3:6], "–",
-                             reference[2], *([reference[6]] if tstr else [])))
+                             reference[2], *([reference[6]] if tstr else []),
+                             *([reference[7]] if inside else [])))
         lines.append("")
     return lines + statistics_legend(len(grid.seeds))
 

@@ -93,6 +93,10 @@ def test_class_mix_tv_and_rarest_class_against_hand_computation():
     # collect recomputes it from the class mix (records written before this rule hold class 0)
     from fedrun.experiments.collect import rarest
     assert rarest({**record, "min_class": 0, "min_class_fraction": 0.25}) == (1, 0.125)
+    # and the share of the samples in the held-out images' classes (None where they hold all)
+    from fedrun.experiments.collect import in_classes
+    assert in_classes(record) == 0.75
+    assert in_classes(evaluator.report(images([0, 0, 0, 1, 2, 2, 2, 2]))) is None
 
 
 def test_unknown_and_unavailable_feature_extractors_are_clear_errors():

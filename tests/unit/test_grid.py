@@ -362,6 +362,15 @@ def test_report_of_a_matrix_grid_has_a_table_per_partition_and_the_figures(tmp_p
     assert text.count("| public model (anchor) | 14 | – | – | – | – | – | – | 0.9 | – | – | 0.21 |") == 2
     assert "| public model (anchor) | 14 | – | – | – |" in text  # the main table's
     assert "| KID ×100 | TSTR acc. |" in text and "| 0.55 ± 0.071 |" in text
+    assert "| in classes |" not in text  # the held-out images hold every class
+    # held-out images of only some classes (data.classes): the samples' share in those classes
+    grid.anchors = {"public model": {"fid": 14.0, "class_tv": 0.9, "tstr_accuracy": 0.21, "in_classes": 0.05}}
+    for r in results:
+        r["in_classes"] = 0.6 + 0.2 * r["seed"]
+    text = write_report(grid, results, tmp_path / "in_classes", "cmd", 60.0).read_text()
+    assert "| KID ×100 | TSTR acc. | in classes |" in text and "| 0.55 ± 0.071 | 0.7 ± 0.14 |" in text
+    assert "| public model (anchor) | 14 | – | – | – | – | – | – | 0.9 | – | – | 0.21 | 0.05 |" in text
+    assert "| real vs real (floor) | 1.4 | – | – | – | – | 0.97 | 4 | – | – | 0 | – | 1 |" in text
     grid.anchors = {}
     assert "**momentum helps under skew**: holds" in text  # one 'better' claim: p = cauchy_p(-31)
     assert "code of commit `abc`" in text
