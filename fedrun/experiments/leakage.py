@@ -20,7 +20,8 @@ from fedrun.experiments.steps import RunSpec
 
 AUDIT_FILE = "audit/audit.json"
 #: the keys ``leakage`` adds to a collected result (summarised over seeds like the scores)
-LEAKAGE = ("mia_auc", "mia_tpr_at_1pct_fpr", "memorised_fraction", "epsilon", "noise_multiplier")
+LEAKAGE = ("mia_auc", "mia_tpr_at_1pct_fpr", "memorised_fraction", "epsilon", "noise_multiplier",
+           "mia_members", "mia_nonmembers")
 
 
 def check_options(options: Dict[str, Any], path: str) -> None:

@@ -24,10 +24,11 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write (110 dpi) and close a report figure; returns its path."""
+def save_figure(fig, path: Path, rect=None) -> Path:
+    """Lay out (within ``rect`` of the figure: room for a figure legend), write (110 dpi) and
+    close a report figure; returns its path."""
     plt = pyplot()
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -186,7 +187,9 @@ def plot_privacy(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List
     against epsilon (log), one line per value of its ``lines`` axis through its runs with an
     epsilon; right of them the runs without noise (clip only: square; no DP: diamond); the
     series' ``runs`` as single points. The FID panel draws the floor, every panel the untrained
-    model and the grid's ``anchors`` where they have the metric, the MIA panel chance (0.5)."""
+    model and the grid's ``anchors`` where they have the metric, the MIA panel chance (0.5) with
+    the band a no-signal attack's AUC falls in (95 %) for the audit's member and non-member
+    counts. One legend below the panels."""
     plt = pyplot()
     paths = []
     for item in [i for i in grid.series if i.kind == "privacy"]:
@@ -217,18 +220,41 @@ def plot_privacy(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> List
                 if scores.get(key) is not None:
                     ax.axhline(scores[key], color="firebrick", linestyle=style, label=name)
             if key == "mia_auc":
-                ax.axhline(0.5, color="gray", linestyle=":", label="chance")
+                ax.axhline(0.5, color="gray", linestyle=":", label="chance (MIA AUC 0.5)")
+                half = chance_auc_halfwidth(summary, picked)
+                if half:
+                    ax.axhspan(0.5 - half, 0.5 + half, color="gray", alpha=0.15,
+                               label=f"no-signal AUC, 95 % (± {half:.3f})")
             ax.set_xscale("log")
-            ticks = sorted(set(round(e, 3) for e in epsilons))
+            ticks = sorted(set(float(f"{e:.3g}") for e in epsilons))  # 7.9999 -> 8
             ax.set_xticks([*ticks, infinite, 1.5 * infinite],
                           [*(f"{t:g}" for t in ticks), "clip\nonly", "no\nDP"])
             ax.minorticks_off()
             ax.set_xlabel("ε (δ = 1e-5); no noise: clip only (square), no DP (diamond)")
             ax.set_title(label, fontsize=10)
-        axes[0].legend(fontsize=7)
+        handles = {}
+        for ax in axes:  # one legend for the figure, each label once, below the panels
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
         fig.suptitle(item.name, fontsize=11)
-        paths.append(save_figure(fig, report_dir / (item.file or f"privacy_{len(paths)}.png")))
+        fig.legend(list(handles.values()), list(handles), loc="lower center", fontsize=7,
+                   ncol=min(5, len(handles)), frameon=False)
+        paths.append(save_figure(fig, report_dir / (item.file or f"privacy_{len(paths)}.png"),
+                                 rect=(0, 0.13, 1, 1)))
     return paths
+
+
+def chance_auc_halfwidth(summary: Dict[str, dict], names: List[str]) -> Optional[float]:
+    """Half the 95 % range of the AUC of an attack with no signal (members and non-members
+    exchangeable): 1.96 x sqrt((m + n + 1) / (12 m n)), the null standard deviation of the
+    Mann-Whitney statistic divided by m n, for the audit's m members and n non-members (the
+    first configuration that has them); None without an audit."""
+    for name in names:
+        m = summary[name].get("mia_members", (math.nan,))[0]
+        n = summary[name].get("mia_nonmembers", (math.nan,))[0]
+        if math.isfinite(m) and math.isfinite(n) and m > 0 and n > 0:
+            return 1.96 * math.sqrt((m + n + 1) / (12 * m * n))
+    return None
 
 
 def _privacy_x(s: dict, infinite: float) -> tuple:

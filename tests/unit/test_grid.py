@@ -423,3 +423,13 @@ def test_pareto_front_and_the_bytes_report(tmp_path):
     assert text.count("| **central** | 0 | 0 | 0 | 5.05 ± 0.0707 |") == 2
     assert "| iid-fedavg | 0.001 | 0.003 | 0.004 | 10.1 ± 0.0707 |" in text
     assert (tmp_path / "report" / "bytes_vs_fid.png").stat().st_size > 10_000
+
+
+def test_chance_band_of_the_membership_auc():
+    """A no-signal attack's AUC: Mann-Whitney U / (m n) has null variance (m + n + 1) / (12 m n);
+    761 members and 135 non-members (the privacy study): 1.96 x sqrt(897 / 1,232,820) = 0.0529."""
+    from fedrun.experiments.plots import chance_auc_halfwidth
+
+    summary = {"a": {}, "b": {"mia_members": (761.0, 0.0), "mia_nonmembers": (135.0, 0.0)}}
+    assert chance_auc_halfwidth(summary, ["a", "b"]) == pytest.approx(0.05287, abs=1e-5)
+    assert chance_auc_halfwidth(summary, ["a"]) is None  # no audit
