@@ -46,7 +46,7 @@ def test_every_grid_file_loads_and_plans(path, quick, monkeypatch):
         assert not {s.seed for s in runs} & set(grid.seeds)
 
 
-@pytest.mark.parametrize("study", ["compare_paper", "communication", "noniid", "optimizer_reset"])
+@pytest.mark.parametrize("study", ["compare_paper", "communication", "noniid", "optimizer_reset", "privacy"])
 def test_committed_results_are_reported_again_by_the_current_code(study, tmp_path, monkeypatch):
     """The committed reports' raw results (collected before the confident-sample rate, the
     evaluations by budget and the tuning existed) render with today's tables; the non-IID
@@ -70,9 +70,14 @@ def test_committed_results_are_reported_again_by_the_current_code(study, tmp_pat
     sweep = tuning.Sweep.from_json(json.loads(saved.read_text())) if saved.is_file() else None
     text = write_report(grid, data["runs"], tmp_path / "report", data["command"], data["wall_s"],
                         sweep=sweep).read_text()
+    # the privacy study: the digits 5-9 only (its own floor and anchor), audited, with epsilons
+    floor, untrained = ("2.67", "49.9") if study == "privacy" else ("1.4", "39.5")
     if sweep is not None:
-        assert "## Tuning" in text and "| untrained model (anchor) | 39.5 |" in text
-    assert "| real vs real (floor) | 1.4 |" in text
+        assert "## Tuning" in text and f"| untrained model (anchor) | {untrained} |" in text
+    assert f"| real vs real (floor) | {floor} |" in text
+    if study == "privacy":
+        assert "## Leakage" in text and "| in classes |" in text
+        assert (tmp_path / "report" / "privacy_utility_leakage.png").stat().st_size > 5000
     assert "| configuration | FID | KID ×100 | confident |" in text
     if grid.tables:
         assert "Holm interval" in text
