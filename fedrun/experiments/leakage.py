@@ -12,6 +12,7 @@ The report's leakage table is ``fedrun.experiments.tables.leakage_table``.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -22,6 +23,14 @@ AUDIT_FILE = "audit/audit.json"
 #: the keys ``leakage`` adds to a collected result (summarised over seeds like the scores)
 LEAKAGE = ("mia_auc", "mia_tpr_at_1pct_fpr", "memorised_fraction", "epsilon", "noise_multiplier",
            "mia_members", "mia_nonmembers")
+
+
+def privacy_level(s: Dict[str, Any]) -> str:
+    """What a configuration's summary (metric -> (mean, std)) says of its privacy: 'dp' (an
+    epsilon), 'clip' (the clip-only control: DP without noise, noise multiplier 0) or 'none'."""
+    if math.isfinite(s.get("epsilon", (math.nan,))[0]):
+        return "dp"
+    return "clip" if s.get("noise_multiplier", (math.nan,))[0] == 0 else "none"
 
 
 def check_options(options: Dict[str, Any], path: str) -> None:

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from fedrun.experiments.grid import Grid, Series
+from fedrun.experiments.leakage import privacy_level
 
 
 def pyplot():
@@ -259,12 +260,10 @@ def chance_auc_halfwidth(summary: Dict[str, dict], names: List[str]) -> Optional
 
 def _privacy_x(s: dict, infinite: float) -> tuple:
     """(x position, marker) of a configuration: its epsilon, or the noiseless edge."""
-    epsilon = s.get("epsilon", (math.nan,))[0]
-    if math.isfinite(epsilon):
-        return epsilon, "o"
-    if s.get("noise_multiplier", (math.nan,))[0] == 0:
-        return infinite, "s"
-    return 1.5 * infinite, "D"
+    level = privacy_level(s)
+    if level == "dp":
+        return s["epsilon"][0], "o"
+    return (infinite, "s") if level == "clip" else (1.5 * infinite, "D")
 
 
 def _privacy_line(ax, summary: Dict[str, dict], names: List[str], key: str, infinite: float,

@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from fedrun.experiments.grid import Grid, Table
+from fedrun.experiments.leakage import privacy_level
 from fedrun.experiments.stats import ALPHA, compare_family, pareto_front
 
 NOT_INFORMATIVE = " †"
@@ -383,10 +384,9 @@ def leakage_table(names: List[str], summary: Dict[str, dict]) -> List[str]:
              *header("configuration", "ε", "MIA AUC", "TPR at 1 % FPR", "memorised samples")]
     for name in audited:
         s = summary[name]
-        epsilon = s.get("epsilon", (math.nan, math.nan))
-        clip_only = s.get("noise_multiplier", (math.nan,))[0] == 0
-        lines.append(row(name, ("∞ (clip only, σ = 0)" if clip_only else "∞ (no DP)")
-                         if math.isnan(epsilon[0]) else fmt(epsilon),
+        level = privacy_level(s)
+        lines.append(row(name, {"clip": "∞ (clip only, σ = 0)", "none": "∞ (no DP)"}.get(level)
+                         or fmt(s["epsilon"]),
                          fmt(s["mia_auc"]), fmt(s["mia_tpr_at_1pct_fpr"]), fmt(s["memorised_fraction"])))
     lines += ["", "Mean ± std over the seeds. MIA: the loss-threshold membership-inference attack of "
               "`fedrun audit` (training images against held-out ones; AUC 0.5 = no signal); TPR at "

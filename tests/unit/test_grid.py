@@ -77,6 +77,9 @@ def test_committed_results_are_reported_again_by_the_current_code(study, tmp_pat
     assert f"| real vs real (floor) | {floor} |" in text
     if study == "privacy":
         assert "## Leakage" in text and "| in classes |" in text
+        for line in ("| scratch-clip | ∞ (clip only, σ = 0) |", "| scratch-nodp | ∞ (no DP) |",
+                     "| lora-eps4 | 4 ± 0 |"):  # the three privacy levels (leakage.privacy_level)
+            assert line in text
         assert (tmp_path / "report" / "privacy_utility_leakage.png").stat().st_size > 5000
     assert "| configuration | FID | KID ×100 | confident |" in text
     if grid.tables:
