@@ -31,14 +31,10 @@ def collect(spec: RunSpec) -> dict:
     if record is None:  # a run trained outside the runner: its rounds' times, its last write
         record = {"wall_s": sum(r.get("round_time_s", 0.0) for r in records),
                   "ended": (spec.run_dir / "metrics.jsonl").stat().st_mtime}
-    fractions = final.get("class_fractions")
-    min_class, min_fraction = rarest(final)
     return {
         "name": spec.name, "seed": spec.seed, "kind": spec.kind, "commit": record.get("commit"),
-        **evaluation(final), "final_loss": last["train_loss"],
-        "class_fractions": fractions, "reference_class_fractions": final.get("reference_class_fractions"),
-        "min_class": min_class, "min_class_fraction": min_fraction,
-        "in_classes": in_classes(final),
+        **evaluation(final), "final_loss": last["train_loss"], **class_mix(final),
+        "reference_class_fractions": final.get("reference_class_fractions"),
         "samples": nominal(last), "samples_seen": last["samples"], "bytes_total": last["bytes_total"],
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         # the run's own time, its rounds (evaluations included): unlike wall_s it leaves out
@@ -47,9 +43,7 @@ def collect(spec: RunSpec) -> dict:
         "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
         "curve": [(nominal(r), r["fid"]) for r in evals],
         # every evaluation's scores, by samples seen: the report's earlier budgets read them
-        "at": {str(nominal(r)): {**evaluation(r), "final_loss": r["train_loss"],
-                                   "class_fractions": r.get("class_fractions"),
-                                   **dict(zip(("min_class", "min_class_fraction"), rarest(r)))}
+        "at": {str(nominal(r)): {**evaluation(r), "final_loss": r["train_loss"], **class_mix(r)}
                for r in evals},
         "bytes_curve": [(r.get("bytes_total", 0), r["fid"]) for r in evals],
         # runs from before the directions were counted apart: half each way (fp32 FedAvg)
@@ -59,6 +53,14 @@ def collect(spec: RunSpec) -> dict:
         "steps": last.get("steps"),  # central runs: optimizer steps taken
         **leakage(spec.run_dir),  # its audit (grid key audit) and epsilon, when it has them
     }
+
+
+def class_mix(record: dict) -> dict:
+    """An evaluation record's class mix and what the report reads of it: the rarest class and
+    its share, the share in the held-out images' classes (each budget's own, not the final's)."""
+    min_class, min_fraction = rarest(record)
+    return {"class_fractions": record.get("class_fractions"), "min_class": min_class,
+            "min_class_fraction": min_fraction, "in_classes": in_classes(record)}
 
 
 def rarest(record: dict) -> tuple:

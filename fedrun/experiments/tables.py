@@ -100,10 +100,6 @@ def range_rows(grid: Grid, summary: Dict[str, dict]) -> List[tuple]:
     return rows
 
 
-def has_tstr(summary: Dict[str, dict]) -> bool:
-    return has(summary, "tstr_accuracy")
-
-
 def has(summary: Dict[str, dict], key: str) -> bool:
     """Whether any configuration has the score ``key`` (e.g. 'in_classes': only where the
     held-out images leave classes out, data.classes)."""
@@ -160,7 +156,7 @@ def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table) -> List[str]:
         names = grid.select({item.by: value.name})
         base = baseline_of(grid, names, item.baseline, None)
         tests = _table_tests(grid, summary, item, names)
-        tstr = has_tstr(summary)  # train-on-synthetic, test-on-real accuracy, when scored
+        tstr = has(summary, "tstr_accuracy")  # train-on-synthetic, test-on-real accuracy, when scored
         inside = has(summary, "in_classes")  # the held-out images hold only some classes
         extra = tstr + inside
         lines += [f"### {item.name or item.by}: {value.label}", "",

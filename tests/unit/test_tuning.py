@@ -234,6 +234,29 @@ def test_results_at_each_budget():
         ("central", 6.0), ("a", 3.0), ("old", 4.0)]
 
 
+def test_an_earlier_budget_reads_its_own_class_mix(tmp_path):
+    """collect keeps each evaluation's class mix and what is read of it (rarest class, share in
+    the held-out images' classes) by budget: an earlier budget does not show the final one's."""
+    from fedrun.experiments.collect import collect
+    from fedrun.experiments.steps import RunSpec
+
+    spec = RunSpec("a", "train", tmp_path / "a", round_samples=16)
+    (spec.run_dir / "final").mkdir(parents=True)
+    reference = [0.0, 0.5, 0.5]  # data.classes a subset: class 0 left out
+    mixes = {1: [0.5, 0.4, 0.1], 2: [0.1, 0.3, 0.6]}
+    (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(
+        {"round": r, "samples": 16 * r, "train_loss": 0.1, "bytes_total": 8 * r, "fid": 10.0 / r,
+         "eval_samples": 24, "eval_reference": 180, "eval_feature": "digits",
+         "class_fractions": mix, "reference_class_fractions": reference}) + "\n"
+        for r, mix in mixes.items()))
+    result = collect(spec)
+    assert (result["min_class"], result["min_class_fraction"]) == (1, 0.3)
+    assert result["in_classes"] == pytest.approx(0.9)
+    early = at_budget(result, 16)
+    assert (early["min_class"], early["min_class_fraction"]) == (2, 0.1)
+    assert early["in_classes"] == pytest.approx(0.5) and early["class_fractions"] == mixes[1]
+
+
 def write_run(spec, fid_of):
     """What a finished grid run leaves: final/ and its evaluations in metrics.jsonl, with the
     FID ``fid_of(spec, samples)`` at each evaluation point."""
