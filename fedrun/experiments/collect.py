@@ -38,8 +38,8 @@ def collect(spec: RunSpec) -> dict:
         "samples": nominal(last), "samples_seen": last["samples"], "bytes_total": last["bytes_total"],
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         # the run's own time, its rounds (evaluations included): unlike wall_s it leaves out
-        # the start-up and any time the run was paused between rounds
-        "rounds_s": sum(r.get("round_time_s", 0.0) for r in records),
+        # the start-up and the time the run was paused (paused_s)
+        **dict(zip(("rounds_s", "paused_s"), round_times(records))),
         "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
         "curve": [(nominal(r), r["fid"]) for r in evals],
         # every evaluation's scores, by samples seen: the report's earlier budgets read them
@@ -53,6 +53,30 @@ def collect(spec: RunSpec) -> dict:
         "steps": last.get("steps"),  # central runs: optimizer steps taken
         **leakage(spec.run_dir),  # its audit (grid key audit) and epsilon, when it has them
     }
+
+
+PAUSED = 10  # a round that took over 10 x its run's median round of its kind was paused
+
+
+def round_times(records: List[dict]) -> Tuple[float, float]:
+    """A run's rounds' time (evaluations included) without its pauses, and the pauses: a round
+    that took over PAUSED times the run's median round of its kind (evaluated or not) was
+    stopped (kill -STOP while other work ran) and counts at that median. Records written
+    without round_time_s count 0."""
+    import numpy as np
+
+    times = {True: [], False: []}
+    for r in records:
+        times["fid" in r].append(r.get("round_time_s", 0.0))
+    median = {kind: float(np.median(t)) if t else 0.0 for kind, t in times.items()}
+    total = paused = 0.0
+    for r in records:
+        t, m = r.get("round_time_s", 0.0), median["fid" in r]
+        if m > 0 and t > PAUSED * m:
+            total, paused = total + m, paused + t - m
+        else:
+            total += t
+    return total, paused
 
 
 def class_mix(record: dict) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 from fedrun.errors import FedrunError
-from fedrun.experiments.collect import budget_view, collect_all
+from fedrun.experiments.collect import PAUSED, budget_view, collect_all
 from fedrun.experiments.grid import Grid, load_grid, plan, setup_specs
 from fedrun.experiments.leakage import audit_steps
 from fedrun.experiments.runner import execute
@@ -189,7 +189,8 @@ def study_time(results: List[dict], sweep: Optional[Sweep]) -> dict:
             "reporting_run_s": sum(r["wall_s"] for r in results),
             "reporting_rounds_s": sum(r.get("rounds_s") or 0.0 for r in results),
             "tuning_runs": int(cost.get("runs", 0)), "tuning_run_s": cost.get("wall_s", 0.0),
-            "tuning_rounds_s": cost.get("rounds_s") or 0.0}
+            "tuning_rounds_s": cost.get("rounds_s") or 0.0,
+            "paused_s": sum(r.get("paused_s") or 0.0 for r in results) + (cost.get("paused_s") or 0.0)}
 
 
 def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, collected: int,
@@ -207,9 +208,12 @@ def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, 
                + (f" and {hours(study['tuning_run_s'])} for {study['tuning_runs']} tuning runs"
                   if study["tuning_runs"] else "") + ".")
     if study.get("reporting_rounds_s"):  # the runs' own round times: no start-up, no pauses
-        timing += (f" Their rounds alone (evaluations included; not the start-up, nor any time a "
-                   f"run was paused): {hours(study['reporting_rounds_s'])}"
-                   + (f" and {hours(study['tuning_rounds_s'])}" if study["tuning_runs"] else "") + ".")
+        timing += (f" Their rounds alone (evaluations included; not the start-up, nor the pauses: a "
+                   f"round over {PAUSED} × its run's median round counts at that median): "
+                   f"{hours(study['reporting_rounds_s'])}"
+                   + (f" and {hours(study['tuning_rounds_s'])}" if study["tuning_runs"] else "")
+                   + (f" ({hours(study['paused_s'])} of pauses left out)" if study.get("paused_s") else "")
+                   + ".")
     budgets = grid.budget_list
     seen = (f"every run {grid.samples:,} samples seen" if len(budgets) == 1 else
             f"compared at {', '.join(f'{b:,}' for b in budgets)} samples seen")

@@ -306,19 +306,53 @@ def sweep_tables(sweep, anchor: Optional[float] = None) -> List[str]:
         lines += [f"### {group.name}", "", f"Tuning runs train `{group.run}`; the choice is reported "
                   f"for {', '.join(f'`{n}`' for n in group.serves)}.", "",
                   *header("point", *keys, *columns)]
+        failed = _failed_points(sweep.failures, group.name)
         for point in group.points:
             cells = []
             for budget in sweep.budgets:
                 values = group.scores.get(point.label, {}).get(str(budget), {})
-                per_seed = ", ".join(fmt(values.get(str(s))) for s in sweep.seeds)
+                per_seed = ", ".join(fmt(values.get(str(s))) if str(s) in values
+                                     else failed.get(point.label, {}).get(s, "–") for s in sweep.seeds)
                 chosen = (group.choice.get(str(budget)) or {}).get("point") == point.label
                 mean = (sum(values.values()) / len(values)) if len(values) == len(sweep.seeds) else None
                 text = fmt(mean) + (NOT_INFORMATIVE if _beyond(mean, anchor, sweep.lower_is_better) else "")
                 cells += [per_seed, f"**{text}** ✓" if chosen else text]
             label = point.label + (" (beyond an edge)" if point.extension else "")
             lines.append(row(label, *[fmt(point.values[k]) for k in keys], *cells))
-        lines += ["", *_edge_notes(sweep, group), ""]
+        lines += ["", *_failure_notes(sweep.failures, group.name), *_edge_notes(sweep, group), ""]
     return lines
+
+
+def _reason(failure: dict) -> str:
+    """A tuning run's failure in one word: 'diverged' where the run stopped itself because
+    every client update was rejected (it cannot learn at that point), else 'failed'."""
+    return "diverged" if "cannot learn" in (failure.get("error") or "") else "failed"
+
+
+def _failed_points(failures: List[dict], group: str) -> Dict[str, Dict[int, str]]:
+    """The group's tuning runs without results: point label -> {seed: 'diverged' or 'failed'}."""
+    failed: Dict[str, Dict[int, str]] = {}
+    for f in failures:
+        name, _, label = f["name"].removeprefix("tuning/").partition("@")
+        if name == group:
+            failed.setdefault(label, {})[f["seed"]] = _reason(f)
+    return failed
+
+
+def _failure_notes(failures: List[dict], group: str) -> List[str]:
+    """One line per kind of failure of the group's tuning runs: the points and the first error."""
+    kinds: Dict[str, List[dict]] = {}
+    for f in failures:
+        name, _, label = f["name"].removeprefix("tuning/").partition("@")
+        if name == group:
+            kinds.setdefault(_reason(f), []).append({**f, "label": label})
+    notes = []
+    for reason, runs in kinds.items():
+        points = ", ".join(dict.fromkeys(f"{r['label']} (seed {r['seed']})" for r in runs))
+        why = ("the run stopped: every client update was rejected round after round (non-finite), "
+               "so the point is not a candidate" if reason == "diverged" else runs[0]["error"])
+        notes.append(f"- {reason}, no results: {points}; {why} (log: `{runs[0].get('log')}`)")
+    return notes
 
 
 def _beyond(value: Optional[float], anchor: Optional[float], lower_is_better: bool) -> bool:
@@ -338,7 +372,12 @@ def _protocol(sweep) -> List[str]:
             f"tuning seeds ({better} is better; a point missing a seed is not a candidate) is the "
             "setting the reporting runs train with. Cost of the tuning: "
             f"{cost.get('runs', 0):.0f} runs, {duration(cost.get('wall_s') or 0)} of run time "
-            "(summed over the runs)" + (f"; {len(sweep.failures)} tuning runs without results"
+            "(summed over the runs)"
+            + (f"; {duration(cost['rounds_s'])} of rounds alone (evaluations included; not the "
+               "start-up, nor the pauses" + (f": {duration(cost['paused_s'])} left out"
+                                             if cost.get("paused_s") else "") + ")"
+               if cost.get("rounds_s") else "")
+            + (f"; {len(sweep.failures)} tuning runs without results"
                                          if sweep.failures else "") + "."
             + (" Reused from tuning.json (the same tuning runs)." if sweep.reused else "")]
 

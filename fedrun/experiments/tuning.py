@@ -88,7 +88,7 @@ class Sweep:
     seeds: List[int]
     budgets: List[int]
     groups: List[Group]
-    cost: Dict[str, Optional[float]] = field(default_factory=dict)  # runs, wall_s, rounds_s, started, ended
+    cost: Dict[str, Optional[float]] = field(default_factory=dict)  # runs, wall_s, rounds_s, paused_s, started, ended
     failures: List[dict] = field(default_factory=list)
     complete: bool = False
     reused: bool = False  # read from tuning.json rather than from the tuning runs
@@ -320,6 +320,7 @@ def _score(sweep: Sweep, outcomes: Dict[str, Outcome]) -> None:
                   "wall_s": sum(r["wall_s"] for r in results) + sum(o.wall_s for o in outcomes.values()
                                                                     if not o.ok),
                   "rounds_s": sum(r.get("rounds_s") or 0.0 for r in results),
+                  "paused_s": sum(r.get("paused_s") or 0.0 for r in results),
                   "started": min((r["ended"] - r["wall_s"] for r in results), default=None),
                   "ended": max((r["ended"] for r in results), default=None)}
     sweep.failures = failures

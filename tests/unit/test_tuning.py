@@ -234,6 +234,21 @@ def test_results_at_each_budget():
         ("central", 6.0), ("a", 3.0), ("old", 4.0)]
 
 
+def test_a_paused_round_counts_at_its_runs_median_round_of_its_kind():
+    """A run stopped (kill -STOP) mid-round for an hour: that round counts at the median round,
+    the hour is reported apart; evaluated rounds (slower) are compared with each other only."""
+    from fedrun.experiments.collect import round_times
+
+    rounds = [{"round_time_s": 1.0} for _ in range(9)] + [{"round_time_s": 7.0, "fid": 30.0}]
+    assert round_times(rounds) == (pytest.approx(16.0), 0.0)  # 7 s is an evaluation, not a pause
+    rounds[3] = {"round_time_s": 3601.0}
+    rounds += [{"round_time_s": 8.0, "fid": 20.0}, {"round_time_s": 9.0, "fid": 10.0}]
+    assert round_times(rounds) == (pytest.approx(33.0), pytest.approx(3600.0))
+    rounds[-1] = {"round_time_s": 600.0, "fid": 10.0}  # an evaluation paused too
+    assert round_times(rounds) == (pytest.approx(32.0), pytest.approx(3600.0 + 592.0))
+    assert round_times([{"round": 1}]) == (0.0, 0.0)  # records from before round_time_s
+
+
 def test_an_earlier_budget_reads_its_own_class_mix(tmp_path):
     """collect keeps each evaluation's class mix and what is read of it (rarest class, share in
     the held-out images' classes) by budget: an earlier budget does not show the final one's."""
@@ -349,13 +364,30 @@ def test_the_sweep_tables_of_the_report(tmp_path):
     grid = load_text(tmp_path)
     sweep = sweep_of(grid, {"fedavg": {"p00": {32: {7: 50.0, 8: 52.0}, 64: {7: 9.0, 8: 11.0}},
                                        "p03": {32: {7: 30.0, 8: 32.0}, 64: {7: 20.0, 8: 22.0}}}})
-    sweep.cost = {"runs": 36, "wall_s": 7200.0}
+    sweep.cost = {"runs": 36, "wall_s": 7200.0, "rounds_s": 5400.0, "paused_s": 600.0}
+    stopped = ("exit code 2: fedrun train: error: every client update was rejected in 3 consecutive "
+               "rounds (1-3), so the model cannot learn (faults.max_rejected_rounds=3).")
+    sweep.failures = [{"name": "tuning/fedavg@p01", "seed": 8, "status": "failed", "error": stopped,
+                       "log": "out/tuning/fedavg/p01/seed8.train.log"},
+                      {"name": "tuning/fedavg@p05", "seed": 7, "status": "failed", "error": "killed",
+                       "log": "out/tuning/fedavg/p05/seed7.train.log"},
+                      {"name": "tuning/fedavgm@p00", "seed": 7, "status": "failed", "error": stopped}]
     text = "\n".join(sweep_tables(sweep, anchor=40.0))
-    assert "Cost of the tuning: 36 runs, 2.00 h of run time" in text
+    assert ("Cost of the tuning: 36 runs, 2.00 h of run time (summed over the runs); 90.0 min of "
+            "rounds alone (evaluations included; not the start-up, nor the pauses: 10.0 min left out); "
+            "3 tuning runs without results.") in text
+    # a run that stopped itself (every update rejected) is 'diverged', any other failure 'failed'
+    assert "| p01 | 0.001 | 1 | –, diverged | – | –, diverged | – |" in text
+    assert "| p05 | 0.004 | 1 | failed, – | – | failed, – | – |" in text
+    assert ("- diverged, no results: p01 (seed 8); the run stopped: every client update was rejected "
+            "round after round (non-finite), so the point is not a candidate "
+            "(log: `out/tuning/fedavg/p01/seed8.train.log`)") in text
+    assert "- failed, no results: p05 (seed 7); killed (log: `out/tuning/fedavg/p05/seed7.train.log`)" in text
+    assert text.count("no results: p00 (seed 7)") == 1  # fedavgm's, under fedavgm only
     assert "The untrained model scores fid 40; †: a mean at or beyond it." in text
     assert "| point | optim.lr | server.lr | fid at 32: per seed | mean | fid at 64: per seed | mean |" in text
     assert "| p00 | 0.001 | 0.5 | 50, 52 | 51 † | 9, 11 | **10** ✓ |" in text
     assert "| p03 | 0.002 | 1 | 30, 32 | **31** ✓ | 20, 22 | 21 |" in text
-    assert "| p01 | 0.001 | 1 | –, – | – | –, – | – |" in text  # not run (or failed)
+    assert "| p04 | 0.004 | 0.5 | –, – | – | –, – | – |" in text  # not run
     assert "- 64 samples: **chosen p00 is on the low edge of `optim.lr`**" in text
     assert "### fedavgm" in text and "- 32 samples: **no point has results for every tuning seed**" in text
