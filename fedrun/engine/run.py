@@ -160,6 +160,12 @@ def restore_run(run: Run, ckpt: Checkpoint) -> None:
                                                        run.progress.bytes_total - run.progress.bytes_up_total))
 
 
+#: A run that stopped itself because it cannot learn (every client update rejected round after
+#: round) leaves RUN_DIR/stopped.json: {"reason": "cannot learn", "round", "error"}. It is a
+#: result, not a crash: the experiment runner does not start such a run again.
+STOPPED_FILE = "stopped.json"
+
+
 def start_logging(run: Run, job_type: str, description: str) -> RunLogger:
     """Rank 0 writes config.yaml (and partition.json) and trims metrics.jsonl to the resumed
     round; the logger (a no-op on other ranks) opens and says what runs."""
@@ -168,6 +174,7 @@ def start_logging(run: Run, job_type: str, description: str) -> RunLogger:
     cfg, run_dir, main = run.cfg, Path(run.cfg.output_dir), run.rank == 0
     start = run.progress.start_round
     if main:
+        (run_dir / STOPPED_FILE).unlink(missing_ok=True)  # a resumed run is not stopped (yet)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         truncate_metrics(run_dir, start, run.progress.resumed_record)
         _write_partition(run, run_dir)

@@ -21,6 +21,7 @@ through their registries (``fedrun.registry``); the task (what is trained) too.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,8 @@ from fedrun.engine.client_state import ClientStateStore
 from fedrun.engine.cohort import assign_to_ranks, dropped_clients, sample_cohort
 from fedrun.engine.ema import EMA
 from fedrun.engine.metrics import RunLogger
-from fedrun.engine.run import (Run, device_memory, drive, open_run, restore_run, start_logging,
-                               write_outputs)
+from fedrun.engine.run import (STOPPED_FILE, Run, device_memory, drive, open_run, restore_run,
+                               start_logging, write_outputs)
 from fedrun.errors import CheckpointError, ConfigError, DistributedError, TrainingError
 from fedrun.fl.aggregation.buffer import (BYTES_PER_FLOAT, RoundBuffer, RoundResult, client_weight,
                                           weighted_loss)
@@ -476,12 +477,17 @@ def check_can_learn(fed: Federation) -> None:
     for _, rejected in streak:
         for why in rejected.values():
             reasons[why] = reasons.get(why, 0) + 1
-    raise TrainingError(
-        f"every client update was rejected in {len(rounds)} consecutive rounds "
-        f"({rounds[0]}-{rounds[-1]}; rejections: "
-        + ", ".join(f"{why} x{n}" for why, n in sorted(reasons.items()))
-        + f"), so the model cannot learn (faults.max_rejected_rounds={limit}). "
-        + _REJECTION_HINTS.get(max(reasons, key=reasons.get).split(":")[0], ""))
+    message = (f"every client update was rejected in {len(rounds)} consecutive rounds "
+               f"({rounds[0]}-{rounds[-1]}; rejections: "
+               + ", ".join(f"{why} x{n}" for why, n in sorted(reasons.items()))
+               + f"), so the model cannot learn (faults.max_rejected_rounds={limit}). "
+               + _REJECTION_HINTS.get(max(reasons, key=reasons.get).split(":")[0], ""))
+    if fed.run.rank == 0:  # the run's verdict, for the experiment runner: do not start it again
+        from fedrun.engine.checkpoint import atomic_write_text
+
+        atomic_write_text(Path(fed.run.cfg.output_dir) / STOPPED_FILE, json.dumps(
+            {"reason": "cannot learn", "round": rounds[-1], "error": message}))
+    raise TrainingError(message)
 
 
 def client_bytes(fed: Federation, result: RoundResult, global_round: int) -> tuple[dict, dict]:

@@ -27,7 +27,7 @@ from fedrun.experiments.grid import Grid, load_grid, plan, setup_specs
 from fedrun.experiments.leakage import audit_steps
 from fedrun.experiments.runner import execute
 from fedrun.experiments.stats import check_findings, describe_commits, summarise
-from fedrun.experiments.steps import FINISHED_EARLIER, MISSING, Outcome, RunSpec, read_record
+from fedrun.experiments.steps import FINISHED_EARLIER, MISSING, Outcome, RunSpec, earlier, read_record
 from fedrun.experiments.tuning import TUNING_FILE, Sweep, tune
 from fedrun.experiments import plots, tables
 
@@ -94,9 +94,9 @@ def untuned(grid: Grid, sweep: Optional[Sweep]) -> List[dict]:
 
 
 def as_found(spec: RunSpec) -> Outcome:
-    """--collect: a run as its directory holds it, finished or why not."""
-    if spec.finished:
-        return Outcome(spec, FINISHED_EARLIER)
+    """--collect: a run as its directory holds it, finished, diverged or why not."""
+    if spec.settled:
+        return earlier(spec)
     record = read_record(spec) or {}
     if record.get("error"):
         error = record["error"]

@@ -1,6 +1,7 @@
 """The experiment runner: ``execute(plan, jobs, backend)`` runs a list of steps
 (``fedrun.experiments.steps.RunSpec``) in the order of their dependencies, skipping the
-finished ones, and returns each step's ``Outcome``.
+settled ones (finished, or diverged: the run stopped itself, unable to learn), and returns
+each step's ``Outcome``.
 
 Backends:
 
@@ -30,7 +31,7 @@ from importlib import import_module
 from typing import Callable, Dict, List, Optional
 
 from fedrun.errors import ConfigError, FedrunError
-from fedrun.experiments.steps import FINISHED_EARLIER, REPO, Outcome, RunSpec, blocked, finish
+from fedrun.experiments.steps import DIVERGED, REPO, Outcome, RunSpec, blocked, earlier, finish
 
 BACKENDS = ("inline", "processes", "slurm")
 
@@ -51,11 +52,19 @@ def execute(plan: List[RunSpec], jobs: int = 1, backend: Optional[str] = None, s
         raise ConfigError(f"runner backend must be one of {list(BACKENDS)}, got '{backend}'")
     order = dependency_order(plan)
     todo = stale_steps(order, rerun)
-    outcomes = {s.id: Outcome(s, FINISHED_EARLIER) for s in order if s.id not in todo}
-    say(f"{len(plan)} steps ({len(outcomes)} already finished), backend {backend}"
+    outcomes = {s.id: earlier(s) for s in order if s.id not in todo}
+    diverged = sum(o.status == DIVERGED for o in outcomes.values())
+    say(f"{len(plan)} steps ({len(outcomes) - diverged} already finished"
+        + (f", {diverged} diverged earlier" if diverged else "") + f"), backend {backend}"
         + (f", {jobs} at once" if backend != "inline" else ""))
     commit = commit or code_commit()  # the code the steps run with, read before they start
-    steps = [s for s in order if s.id in todo]
+    steps = []
+    for spec in (s for s in order if s.id in todo):  # after a step that diverged earlier: not run
+        not_run = blocked(spec, outcomes)
+        if not_run is None:
+            steps.append(spec)
+        else:
+            outcomes[spec.id] = not_run
     if backend == "slurm":
         from fedrun.experiments.slurm import run_slurm
 
@@ -95,10 +104,11 @@ def dependency_order(plan: List[RunSpec]) -> List[RunSpec]:
 
 
 def stale_steps(order: List[RunSpec], rerun: bool = False) -> set:
-    """Ids of the steps to run: unfinished ones and those after a step that runs."""
+    """Ids of the steps to run: unsettled ones (neither finished nor diverged) and those after
+    a step that runs."""
     todo = set()
     for spec in order:
-        if rerun or not spec.finished or any(dep in todo for dep in spec.depends_on):
+        if rerun or not spec.settled or any(dep in todo for dep in spec.depends_on):
             todo.add(spec.id)
     return todo
 

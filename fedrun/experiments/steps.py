@@ -9,7 +9,10 @@ a scoring, building a model). The same spec runs in this process, as ``python -m
 A step is *finished* when its run directory holds its ``outputs`` (and, with ``metric``, its
 last metrics record has that key) and its runner record says it ran through with the same
 inputs (config, overrides, params): the runner skips finished steps, which makes an
-interrupted experiment resumable by running it again, and reruns changed ones.
+interrupted experiment resumable by running it again, and reruns changed ones. A step is
+*diverged* when the run stopped itself because it cannot learn (every client update rejected
+round after round: it left ``stopped.json``) with the same inputs: a result without scores,
+not a crash, so the runner does not start it again either (``settled``: finished or diverged).
 """
 
 from __future__ import annotations
@@ -76,9 +79,27 @@ class RunSpec:
             return False
         if not self.record_path.is_file():
             return True  # made outside the runner (or by compare before it)
+        return self._recorded(RAN)
+
+    @property
+    def diverged(self) -> bool:
+        """It stopped itself, unable to learn, with the same inputs (its record says so and it
+        left ``stopped.json``): running it again would only stop again."""
+        from fedrun.engine.run import STOPPED_FILE
+
+        return (self.run_dir / STOPPED_FILE).is_file() and self._recorded(DIVERGED)
+
+    @property
+    def settled(self) -> bool:
+        """Finished or diverged: what the runner does not start again."""
+        return self.finished or self.diverged
+
+    def _recorded(self, status: str) -> bool:
+        if not self.record_path.is_file():
+            return False
         record = json.loads(self.record_path.read_text())
         inputs = self.inputs()
-        return record.get("status") == RAN and {key: record.get(key) for key in inputs} == inputs
+        return record.get("status") == status and {key: record.get(key) for key in inputs} == inputs
 
     def inputs(self) -> dict:
         """What the step's results are made from, as its record stores it (JSON types)."""
@@ -111,8 +132,9 @@ class RunSpec:
         return {**asdict(self), "run_dir": str(self.run_dir)}
 
 
-RAN, FINISHED_EARLIER, FAILED, BLOCKED, MISSING = (
-    "ran", "finished earlier", "failed", "not run: a step it depends on failed", "not run")
+RAN, FINISHED_EARLIER, FAILED, BLOCKED, MISSING, DIVERGED = (
+    "ran", "finished earlier", "failed", "not run: a step it depends on failed", "not run",
+    "diverged")
 
 
 @dataclass
@@ -141,16 +163,30 @@ def blocked(spec: RunSpec, outcomes: Dict[str, Outcome]) -> Optional[Outcome]:
 def finish(spec: RunSpec, wall_s: float, error: Optional[str], commit: Optional[str],
            log: Optional[Path] = None, say=None) -> Outcome:
     """The outcome of a step that ran (``error``: why it failed, else None), also written to its
-    record; a step that returned without its outputs failed."""
+    record; a step that returned without its outputs failed; one that stopped itself because
+    it cannot learn (``stopped.json``) diverged."""
+    from fedrun.engine.run import STOPPED_FILE
+
     if error is None and not spec.has_outputs:
         error = f"ended without its outputs {list(spec.outputs)}" + (
             f" and '{spec.metric}' in its last metrics record" if spec.metric else "")
-    outcome = Outcome(spec, FAILED if error else RAN, wall_s, error, log)
+    status = RAN if error is None else (DIVERGED if (spec.run_dir / STOPPED_FILE).is_file() else FAILED)
+    outcome = Outcome(spec, status, wall_s, error, log)
     write_record(outcome, commit)
     if say is not None:
         where = f"; log {log}" if log and error else ""
-        say(f"{spec.id}: {'failed: ' + error if error else 'done'} ({wall_s:.0f} s{where})")
+        say(f"{spec.id}: {status + ': ' + error if error else 'done'} ({wall_s:.0f} s{where})")
     return outcome
+
+
+def earlier(spec: RunSpec) -> Outcome:
+    """The outcome of a settled step the runner skips: finished earlier, or diverged earlier
+    (its recorded error and log)."""
+    if spec.finished:
+        return Outcome(spec, FINISHED_EARLIER)
+    record = read_record(spec) or {}
+    return Outcome(spec, DIVERGED, record.get("wall_s", 0.0), record.get("error"),
+                   Path(record["log"]) if record.get("log") else None)
 
 
 def write_record(outcome: Outcome, commit: Optional[str]) -> None:

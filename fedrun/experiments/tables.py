@@ -15,6 +15,7 @@ import numpy as np
 from fedrun.experiments.grid import Grid, Table
 from fedrun.experiments.leakage import privacy_level
 from fedrun.experiments.stats import ALPHA, compare_family, pareto_front
+from fedrun.experiments.steps import DIVERGED
 
 NOT_INFORMATIVE = " †"
 
@@ -125,8 +126,12 @@ def range_legend(grid: Grid) -> List[str]:
 
 
 def failed_seeds(failures: List[dict], name: str) -> str:
-    seeds = [str(f["seed"]) for f in failures if f["name"] == name]
-    return f" (**failed: seed {', '.join(seeds)}**)" if seeds else ""
+    """The seeds of configuration ``name`` without results, by why: diverged or failed."""
+    kinds: Dict[str, List[str]] = {}
+    for f in failures:
+        if f["name"] == name:
+            kinds.setdefault(_reason(f), []).append(str(f["seed"]))
+    return "".join(f" (**{why}: seed {', '.join(seeds)}**)" for why, seeds in kinds.items())
 
 
 def rarest(s: dict) -> str:
@@ -325,8 +330,10 @@ def sweep_tables(sweep, anchor: Optional[float] = None) -> List[str]:
 
 def _reason(failure: dict) -> str:
     """A tuning run's failure in one word: 'diverged' where the run stopped itself because
-    every client update was rejected (it cannot learn at that point), else 'failed'."""
-    return "diverged" if "cannot learn" in (failure.get("error") or "") else "failed"
+    every client update was rejected (it cannot learn at that point; records from before that
+    status: told by the error), else 'failed'."""
+    diverged = failure.get("status") == DIVERGED or "cannot learn" in (failure.get("error") or "")
+    return DIVERGED if diverged else "failed"
 
 
 def _failed_points(failures: List[dict], group: str) -> Dict[str, Dict[int, str]]:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from fedrun.experiments.collect import at_budget, collect_all
 from fedrun.experiments.grid import TUNING_METRICS, Grid, run_specs
-from fedrun.experiments.steps import Outcome, RunSpec
+from fedrun.experiments.steps import DIVERGED, Outcome, RunSpec
 
 TUNING_FILE = "tuning.json"
 
@@ -304,7 +304,8 @@ def tune(grid: Grid, run: Callable[[List[RunSpec]], Dict[str, Outcome]], tuning_
             say(f"tuning: {len(more)} runs beyond optima on an edge")
             outcomes.update(run(more))
             _score(sweep, outcomes)
-    sweep.complete = not sweep.failures
+    # a diverged point is a result (the run stopped itself, unable to learn): not run again
+    sweep.complete = all(f["status"] == DIVERGED for f in sweep.failures)
     save_sweep(sweep, tuning_file)
     return sweep
 

@@ -223,6 +223,10 @@ def test_a_run_whose_every_update_is_rejected_stops_with_an_error(tmp_path, caps
         assert r["updates_applied"] == 0 and r["model_updated"] is False
         assert len(set(r["rejected"].values())) == 1 and len(r["rejected"]) == 4
     assert not (run_dir / "final").exists()
+    # its verdict for the experiment runner, which does not start such a run again
+    stopped = json.loads((run_dir / "stopped.json").read_text())
+    assert stopped["reason"] == "cannot learn" and stopped["round"] == 3
+    assert stopped["error"].startswith("every client update was rejected in 3 consecutive rounds")
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrun.errors import ConfigError, DataError
+from fedrun.errors import ConfigError, DataError, TrainingError
 from fedrun.experiments import slurm, tuning
 from fedrun.experiments.grid import load_grid
 
@@ -16,7 +16,7 @@ from fedrun.experiments.grid import load_grid
 # on their path only: no import from the tests' conftest here.
 REPO = Path(__file__).resolve().parents[2]
 from fedrun.experiments.runner import dependency_order, execute
-from fedrun.experiments.steps import BLOCKED, FAILED, FINISHED_EARLIER, RAN, RunSpec
+from fedrun.experiments.steps import BLOCKED, DIVERGED, FAILED, FINISHED_EARLIER, RAN, RunSpec
 
 
 def write_output(spec):
@@ -26,13 +26,18 @@ def write_output(spec):
         handle.write(spec.id + "\n")
     if spec.params.get("fail"):
         raise DataError(spec.params["fail"])
+    if spec.params.get("diverge"):  # what a training run that cannot learn leaves and raises
+        spec.run_dir.mkdir(parents=True, exist_ok=True)
+        (spec.run_dir / "stopped.json").write_text(json.dumps({"reason": "cannot learn"}))
+        raise TrainingError("every client update was rejected: the model cannot learn")
     spec.run_dir.mkdir(parents=True, exist_ok=True)
     (spec.run_dir / "out.txt").write_text("done")
 
 
-def step(tmp_path, name, depends_on=(), fail=None):
+def step(tmp_path, name, depends_on=(), fail=None, diverge=False):
     return RunSpec(name, f"{__name__}:write_output", tmp_path / name, outputs=("out.txt",),
-                   params={"calls": str(tmp_path / "calls.txt"), "fail": fail},
+                   params={"calls": str(tmp_path / "calls.txt"), "fail": fail,
+                           **({"diverge": True} if diverge else {})},
                    depends_on=[d.id for d in depends_on])
 
 
@@ -104,6 +109,35 @@ def test_a_failing_step_is_recorded_and_the_others_go_on(tmp_path, backend, monk
         assert failed.error.startswith("exit code 2: bad/seed0/write_output: error: no such data set")
         assert failed.log == tmp_path / "bad.write_output.log" and record["log"] == str(failed.log)
         assert (tmp_path / "good.write_output.log").is_file()
+
+
+@pytest.mark.parametrize("backend", ["inline", "processes"])
+def test_a_diverged_step_is_a_result_not_run_again_while_a_failed_one_is(tmp_path, backend, monkeypatch):
+    """A run that stopped itself because it cannot learn (it left stopped.json) is settled:
+    the next execution and --collect report it diverged, with its error, without running it;
+    with other inputs it runs again. A failed step (a crash, a missing file) runs again."""
+    from fedrun.experiments.compare import as_found
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    diverging, bad, after = step(tmp_path, "div", diverge=True), step(tmp_path, "bad", fail="boom"), None
+    after = step(tmp_path, "after", [diverging])
+    quiet = dict(say=lambda *_: None, backend=backend, jobs=2)
+    first = execute([diverging, bad, after], **quiet)
+    assert statuses(first) == {"div": DIVERGED, "bad": FAILED, "after": BLOCKED}
+    assert "cannot learn" in first[diverging.id].error and not first[diverging.id].ok
+    assert json.loads(diverging.record_path.read_text())["status"] == DIVERGED
+    assert sorted(calls(tmp_path)) == sorted([diverging.id, bad.id])
+    said = []
+    again = execute([diverging, bad, after], say=said.append, backend=backend, jobs=2)
+    assert statuses(again) == {"div": DIVERGED, "bad": FAILED, "after": BLOCKED}
+    assert calls(tmp_path) == [bad.id]  # the diverged run is not started again
+    assert "cannot learn" in again[diverging.id].error and "(0 already finished, 1 diverged earlier)" in said[0]
+    found = as_found(diverging)
+    assert found.status == DIVERGED and "cannot learn" in found.error
+    diverging.params["size"] = 2  # other inputs: not the run that diverged
+    assert not diverging.settled
+    execute([diverging], **quiet)
+    assert calls(tmp_path) == [diverging.id]
 
 
 def test_a_step_that_returns_without_its_outputs_failed(tmp_path):

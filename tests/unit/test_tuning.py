@@ -16,7 +16,7 @@ from fedrun.errors import ConfigError, FedrunError
 from fedrun.experiments import tuning
 from fedrun.experiments.collect import at_budget, budget_view
 from fedrun.experiments.grid import load_grid, plan
-from fedrun.experiments.steps import FAILED, RAN, Outcome
+from fedrun.experiments.steps import DIVERGED, FAILED, RAN, Outcome
 
 TUNING_GRID = f"""
 base_config: {REPO / "configs" / "digits_fedavg.yaml"}
@@ -336,12 +336,14 @@ def test_a_tuning_with_failed_runs_chooses_among_the_rest_and_is_tuned_again(tmp
     grid = load_text(tmp_path)
     calls = []
 
+    failing = [FAILED]
+
     def run(specs):
         calls.append(len(specs))
         outcomes = {}
         for spec in specs:
             if spec.name == "tuning/fedavg@p00" and spec.seed == 8:
-                outcomes[spec.id] = Outcome(spec, FAILED, wall_s=1.0, error="boom")
+                outcomes[spec.id] = Outcome(spec, failing[0], wall_s=1.0, error="boom")
                 continue
             write_run(spec, lambda spec, samples: 1.0 if "optim.lr=0.001" in spec.overrides else 2.0)
             outcomes[spec.id] = Outcome(spec, RAN)
@@ -356,6 +358,11 @@ def test_a_tuning_with_failed_runs_chooses_among_the_rest_and_is_tuned_again(tmp
     assert calls == [36, 36]  # incomplete: not reused (the runner skips what is finished)
     collected = tuning.tune(grid, run, tmp_path / "tuning.json", say=lambda *_: None, collect_only=True)
     assert collected.reused and calls == [36, 36]  # collecting: the saved sweep as it is
+    failing[0] = DIVERGED  # the run stopped itself, unable to learn: a result, the sweep complete
+    diverged = tuning.tune(grid, run, tmp_path / "tuning.json", say=lambda *_: None)
+    assert diverged.complete and [f["status"] for f in diverged.failures] == [DIVERGED]
+    assert tuning.tune(grid, run, tmp_path / "tuning.json", say=lambda *_: None).reused
+    assert calls == [36, 36, 36]
 
 
 def test_the_sweep_tables_of_the_report(tmp_path):
