@@ -27,7 +27,7 @@ from fedrun.experiments.grid import Grid, load_grid, plan, setup_specs
 from fedrun.experiments.leakage import audit_steps
 from fedrun.experiments.runner import execute
 from fedrun.experiments.stats import check_findings, describe_commits, summarise
-from fedrun.experiments.steps import FINISHED_EARLIER, MISSING, Outcome, RunSpec, earlier, read_record
+from fedrun.experiments.steps import FAILED, FINISHED_EARLIER, MISSING, Outcome, RunSpec, earlier, read_record
 from fedrun.experiments.tuning import TUNING_FILE, Sweep, tune
 from fedrun.experiments import plots, tables
 
@@ -98,6 +98,8 @@ def as_found(spec: RunSpec) -> Outcome:
     if spec.settled:
         return earlier(spec)
     record = read_record(spec) or {}
+    if record.get("error") and spec.recorded(FAILED):  # it ran with these inputs and failed
+        return Outcome(spec, FAILED, record.get("wall_s", 0.0), record["error"], record.get("log"))
     if record.get("error"):
         error = record["error"]
     elif spec.has_outputs:

@@ -79,7 +79,7 @@ class RunSpec:
             return False
         if not self.record_path.is_file():
             return True  # made outside the runner (or by compare before it)
-        return self._recorded(RAN)
+        return self.recorded(RAN)
 
     @property
     def diverged(self) -> bool:
@@ -87,14 +87,15 @@ class RunSpec:
         left ``stopped.json``): running it again would only stop again."""
         from fedrun.engine.run import STOPPED_FILE
 
-        return (self.run_dir / STOPPED_FILE).is_file() and self._recorded(DIVERGED)
+        return (self.run_dir / STOPPED_FILE).is_file() and self.recorded(DIVERGED)
 
     @property
     def settled(self) -> bool:
         """Finished or diverged: what the runner does not start again."""
         return self.finished or self.diverged
 
-    def _recorded(self, status: str) -> bool:
+    def recorded(self, status: str) -> bool:
+        """Its runner record has ``status`` and the inputs it has now."""
         if not self.record_path.is_file():
             return False
         record = json.loads(self.record_path.read_text())

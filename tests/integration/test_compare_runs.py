@@ -75,7 +75,7 @@ def test_failed_run_is_recorded_the_others_finish_and_a_rerun_trains_nothing_fin
     assert metrics.stat().st_mtime_ns == before
     # --collect reads the same numbers without running anything
     collected = compare(str(grid_file), collect_only=True, output_dir=str(out), say=lambda *_: None)
-    assert [(f["name"], f["status"]) for f in collected.failures] == [("broken", "not run")]
+    assert [(f["name"], f["status"]) for f in collected.failures] == [("broken", FAILED)]
     assert "does not exist" in collected.failures[0]["error"]  # from its record
     assert json.loads((out / "report" / "results.json").read_text())["runs"] == results["runs"]
 

@@ -134,6 +134,9 @@ def test_a_diverged_step_is_a_result_not_run_again_while_a_failed_one_is(tmp_pat
     assert "cannot learn" in again[diverging.id].error and "(0 already finished, 1 diverged earlier)" in said[0]
     found = as_found(diverging)
     assert found.status == DIVERGED and "cannot learn" in found.error
+    found = as_found(bad)  # --collect tells a run that failed from one never run
+    assert found.status == FAILED and "boom" in found.error
+    assert as_found(after).status == "not run"
     diverging.params["size"] = 2  # other inputs: not the run that diverged
     assert not diverging.settled
     execute([diverging], **quiet)
