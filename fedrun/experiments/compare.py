@@ -74,9 +74,8 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     if not results:
         raise FedrunError(f"no run of the grid '{grid_file}' has results: " + "; ".join(
             f"{f['name']} seed {f['seed']}: {f['error']}" for f in failures[:3]))
-    if collect_only:  # the grid's: from the first run's start (tuning runs included) to the last one's end
-        wall = study_time(results, sweep)["span_s"]
-        collected = 0
+    if collect_only:  # no invocation to time: the study's span says it
+        wall, collected = None, 0
     else:
         wall = time.perf_counter() - started
         collected = sum(o.status == FINISHED_EARLIER for o in outcomes.values())
@@ -126,7 +125,7 @@ def bytes_groups(grid: Grid, summary: Dict[str, dict]) -> Dict[str, List[str]]:
     return {title: names for title, names in groups.items() if names}
 
 
-def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str, wall_s: float,
+def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str, wall_s: Optional[float],
                  collected: int = 0, failures: Optional[List[dict]] = None,
                  sweep: Optional[Sweep] = None) -> Path:
     """README.md (the tuning's sweeps, then per budget the tables and findings; figures,
@@ -195,16 +194,21 @@ def study_time(results: List[dict], sweep: Optional[Sweep]) -> dict:
             "paused_s": sum(r.get("paused_s") or 0.0 for r in results) + (cost.get("paused_s") or 0.0)}
 
 
-def _introduction(grid: Grid, results: List[dict], command: str, wall_s: float, collected: int,
+def _introduction(grid: Grid, results: List[dict], command: str, wall_s: Optional[float], collected: int,
                   commit: str, study: dict) -> List[str]:
     from fedrun.eval.features import bias_warning
 
     first = results[0]
-    timing = (f"Wall time of the grid: {wall_s / 60:.1f} min." if not collected else
-              f"Wall time of this invocation: {wall_s / 60:.1f} min ({len(results) - collected} runs "
-              f"trained, {collected} finished earlier and collected; each run's own time is below).")
+    if wall_s is None:  # --collect
+        timing = ""
+    elif not collected:
+        timing = f"Wall time of the grid: {wall_s / 60:.1f} min. "
+    else:
+        timing = (f"Wall time of this invocation: {wall_s / 60:.1f} min ({len(results) - collected} runs "
+                  f"trained, {collected} finished earlier and collected; each run's own time is below). ")
     hours = tables.duration
-    timing += (f" The study, from its first run's start to its last run's end: {hours(study['span_s'])}; "
+    timing += (f"The study, from its first run's start to its last run's end (any pause or break "
+               f"between invocations included): {hours(study['span_s'])}; "
                f"run time summed over its runs: {hours(study['reporting_run_s'])} for "
                f"{study['reporting_runs']} reporting runs"
                + (f" and {hours(study['tuning_run_s'])} for {study['tuning_runs']} tuning runs"
