@@ -27,6 +27,7 @@ def collect(spec: RunSpec) -> dict:
     # Under Poisson cohorts (DP) the samples actually seen vary around it ("samples_seen").
     nominal = ((lambda r: r["round"] * spec.round_samples) if spec.round_samples
                else (lambda r: r["samples"]))
+    until = rounds_until(records)
     record = read_record(spec)
     if record is None:  # a run trained outside the runner: its rounds' times, its last write
         record = {"wall_s": sum(r.get("round_time_s", 0.0) for r in records),
@@ -43,7 +44,8 @@ def collect(spec: RunSpec) -> dict:
         "eval_reference": final["eval_reference"], "eval_feature": final["eval_feature"],
         "curve": [(nominal(r), r["fid"]) for r in evals],
         # every evaluation's scores, by samples seen: the report's earlier budgets read them
-        "at": {str(nominal(r)): {**evaluation(r), "final_loss": r["train_loss"], **class_mix(r)}
+        "at": {str(nominal(r)): {**evaluation(r), "final_loss": r["train_loss"], **class_mix(r),
+                                 "rounds_s": until[r["round"]]}
                for r in evals},
         "bytes_curve": [(r.get("bytes_total", 0), r["fid"]) for r in evals],
         # runs from before the directions were counted apart: half each way (fp32 FedAvg)
@@ -63,20 +65,34 @@ def round_times(records: List[dict]) -> Tuple[float, float]:
     that took over PAUSED times the run's median round of its kind (evaluated or not) was
     stopped (kill -STOP while other work ran) and counts at that median. Records written
     without round_time_s count 0."""
+    counted = counted_times(records)
+    return (sum(c for c, _ in counted), sum(p for _, p in counted))
+
+
+def counted_times(records: List[dict]) -> List[Tuple[float, float]]:
+    """Each record's round time as ``round_times`` counts it, and the pause taken out of it."""
     import numpy as np
 
     times = {True: [], False: []}
     for r in records:
         times["fid" in r].append(r.get("round_time_s", 0.0))
     median = {kind: float(np.median(t)) if t else 0.0 for kind, t in times.items()}
-    total = paused = 0.0
+    out = []
     for r in records:
         t, m = r.get("round_time_s", 0.0), median["fid" in r]
-        if m > 0 and t > PAUSED * m:
-            total, paused = total + m, paused + t - m
-        else:
-            total += t
-    return total, paused
+        out.append((m, t - m) if m > 0 and t > PAUSED * m else (t, 0.0))
+    return out
+
+
+def rounds_until(records: List[dict]) -> Dict[int, float]:
+    """The rounds' time (pauses left out, as ``round_times``) from the start of the run to the
+    end of each evaluated round: round -> seconds."""
+    total, out = 0.0, {}
+    for r, (t, _) in zip(records, counted_times(records)):
+        total += t
+        if "fid" in r:
+            out[r["round"]] = total
+    return out
 
 
 def class_mix(record: dict) -> dict:
@@ -144,6 +160,20 @@ def budget_view(results: List[dict], budget: int,
             continue
         if result["samples"] >= budget:
             out.append({**at_budget(result, budget), "name": run, "point": point or None})
+    return out
+
+
+def budget_failures(failures: List[dict], budget: int,
+                    chosen: Optional[Dict[str, Dict[int, str]]] = None) -> List[dict]:
+    """The runs without results that the report's rows miss at ``budget``, named by their grid
+    run as ``budget_view`` names results: an untuned run's, and a tuned run's only at the point
+    chosen for it at this budget."""
+    out = []
+    for failure in failures:
+        run, _, point = failure["name"].partition("@")
+        if point and (chosen or {}).get(run, {}).get(budget) != point:
+            continue
+        out.append({**failure, "name": run})
     return out
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 from fedrun.errors import FedrunError
-from fedrun.experiments.collect import PAUSED, budget_view, collect_all
+from fedrun.experiments.collect import PAUSED, budget_failures, budget_view, collect_all
 from fedrun.experiments.grid import Grid, load_grid, plan, setup_specs
 from fedrun.experiments.leakage import audit_steps
 from fedrun.experiments.runner import execute
@@ -149,7 +149,8 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     lines = [*_introduction(grid, results, command, wall_s, collected, commit, study),
              *(tables.sweep_tables(sweep, grid.untrained.get(sweep.metric)) if sweep else [])]
     for budget in budgets:
-        lines += _budget_section(grid, summaries[budget], results, failures, findings[budget],
+        lines += _budget_section(grid, summaries[budget], results,
+                                 budget_failures(failures, budget, chosen), findings[budget],
                                  budget if len(budgets) > 1 else None)
     lines += tables.leakage_table(names, summary)
     if grid.bytes_plot:
@@ -173,7 +174,7 @@ def _budget_section(grid: Grid, summary: Dict[str, dict], results: List[dict], f
     lines = [f"## At {budget:,} samples seen", ""] if budget else []
     lines += [*tables.main_table(grid, summary, failures), *_legend(grid, summary, results)]
     for item in grid.tables:
-        lines += tables.axis_tables(grid, summary, item)
+        lines += tables.axis_tables(grid, summary, item, failures)
     return lines + _findings(findings, budget)
 
 
@@ -236,7 +237,10 @@ def _introduction(grid: Grid, results: List[dict], command: str, wall_s: Optiona
 
 def _legend(grid: Grid, summary: dict, results: List[dict]) -> List[str]:
     return ["", "Mean ± standard deviation over the seeds (sample std, n = "
-            f"{len(grid.seeds)}). FID and KID are of the EMA model at the end of the budget. "
+            f"{len(grid.seeds)}; fewer where a row names seeds without results: diverged, the run "
+            "stopped itself because every client update was rejected, or failed). FID and KID are "
+            "of the EMA model at the end of the budget. Time of rounds: the run's rounds until the "
+            "budget, evaluations included, not its start-up nor the time it was paused. "
             "Class TV is the total variation distance "
             "between the classifier's class distribution of the samples and the held-out labels' "
             f"(0 = the same mix of digits); rarest class: the share of the samples in their least "

@@ -67,7 +67,7 @@ def summarise(results: List[dict], run_names: List[str]) -> Dict[str, dict]:
 
 SUMMARISED = ("fid", "kid", "kid_std", "floor_fid", "floor_kid", "class_tv", "min_class_fraction",
               "confident_fraction", "class_coverage", "floor_confident_fraction",
-              "floor_class_coverage", "final_loss", "samples", "bytes_total", "wall_s",
+              "floor_class_coverage", "final_loss", "samples", "bytes_total", "wall_s", "rounds_s",
               "tstr_accuracy", "in_classes", *LEAKAGE)
 PAIRED = ("fid", "kid", "confident_fraction", "class_coverage")  # per seed in a summary
 
@@ -248,7 +248,7 @@ def check_findings(grid: Grid, summary: Dict[str, dict]) -> List[dict]:
     for i, item in enumerate(grid.findings):
         if i not in decidable:
             missing = [n for n in item.runs if n not in summary]
-            verdict, detail = NOT_DECIDED, f"no results for {', '.join(missing)} (failed)"
+            verdict, detail = NOT_DECIDED, f"no results for {', '.join(missing)}"
         elif item.kind == "better":
             verdict, detail = _better(item, summary, better[i], len(better))
         else:

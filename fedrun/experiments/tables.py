@@ -15,7 +15,7 @@ import numpy as np
 from fedrun.experiments.grid import Grid, Table
 from fedrun.experiments.leakage import privacy_level
 from fedrun.experiments.stats import ALPHA, compare_family, pareto_front
-from fedrun.experiments.steps import DIVERGED
+from fedrun.experiments.steps import BLOCKED, DIVERGED, FAILED, MISSING
 
 NOT_INFORMATIVE = " †"
 
@@ -53,7 +53,7 @@ def main_table(grid: Grid, summary: Dict[str, dict], failures: List[dict]) -> Li
     so; then the floor's and the untrained anchor's rows."""
     lines = header("configuration", "FID", "KID ×100", "confident", "classes covered", "floor FID",
                    "floor KID ×100", "class TV", "rarest class", "final loss", "samples seen",
-                   "bytes communicated", "wall time (s)")
+                   "bytes communicated", "time of rounds (s)")
     for run in grid.runs:
         s = summary.get(run.name)
         name = run.name + failed_seeds(failures, run.name)
@@ -64,8 +64,16 @@ def main_table(grid: Grid, summary: Dict[str, dict], failures: List[dict]) -> Li
                          fmt(s["confident_fraction"], 2), fmt(s["class_coverage"], 2),
                          fmt(s["floor_fid"]), fmt(s["floor_kid"], scale=0.01), fmt(s["class_tv"], 2),
                          rarest(s), fmt(s["final_loss"]), f"{s['samples'][0]:,.0f}",
-                         f"{s['bytes_total'][0]:,.0f}", fmt(s["wall_s"], 3)))
+                         f"{s['bytes_total'][0]:,.0f}", fmt(run_time(s), 3)))
     return lines + [row(*reference[:5], *["–"] * 8) for reference in range_rows(grid, summary)]
+
+
+def run_time(s: dict):
+    """A summary's or result's time of rounds until its budget, pauses left out (results
+    collected before that was kept: the run's wall time)."""
+    rounds = s.get("rounds_s")
+    missing = rounds is None or (isinstance(rounds, tuple) and not math.isfinite(rounds[0]))
+    return s["wall_s"] if missing else rounds
 
 
 def scored(grid: Grid, s: dict, key: str, scale: float = 1.0) -> str:
@@ -151,11 +159,13 @@ def reference_rarest(summary: Dict[str, dict]) -> str:
     return f" (held-out images: {reference[c]:.3g}, class {c})"
 
 
-def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table) -> List[str]:
+def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table,
+                failures: Optional[List[dict]] = None) -> List[str]:
     """One markdown table per value of the axis ``item.by``: a row per run with that value
-    (named by its other axes' values), the ``with`` runs as reference rows, each row's paired
-    FID difference to the row matching ``item.baseline`` (Holm-corrected within the table),
-    and the floor's and the anchor's rows."""
+    (named by its other axes' values, and the seeds it has no results for and why), the
+    ``with`` runs as reference rows, each row's paired FID difference to the row matching
+    ``item.baseline`` (Holm-corrected within the table), and the floor's and the anchor's rows."""
+    failures = failures or []
     lines = []
     for value in grid.axis(item.by).values:
         names = grid.select({item.by: value.name})
@@ -171,10 +181,11 @@ def axis_tables(grid: Grid, summary: Dict[str, dict], item: Table) -> List[str]:
                           *(["in classes"] if inside else []))]
         for name in item.with_ + names:
             s = summary.get(name)
+            label = grid.label(name, item.by) + failed_seeds(failures, name)
             if s is None:
-                lines.append(row(grid.label(name, item.by), "no results (failed)", *["–"] * (9 + extra)))
+                lines.append(row(label, "no results", *["–"] * (9 + extra)))
                 continue
-            lines.append(row(grid.label(name, item.by), scored(grid, s, "fid"),
+            lines.append(row(label, scored(grid, s, "fid"),
                              *_test_cells(grid, summary, item, names, name, base, tests.get(name)),
                              fmt(s["confident_fraction"], 2), fmt(s["class_coverage"], 2),
                              fmt(s["class_tv"], 2), rarest(s), scored(grid, s, "kid", 0.01),
@@ -210,13 +221,16 @@ def _test_cells(grid: Grid, summary: Dict[str, dict], item: Table, names: List[s
     verdict = f"**{test.verdict}**" if test.verdict in ("better", "worse") else test.verdict
     if beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own]):
         verdict = "not informative (both †)"
+    if test.n < len(grid.seeds):  # a seed of the row or its baseline has no result
+        against += f" (n = {test.n})"
     return [f"{test.diff:+.3g} [{test.low:+.3g}, {test.high:+.3g}]{against}",
             f"[{test.holm_low:+.3g}, {test.holm_high:+.3g}] at {100 * (1 - test.holm_level):.3g} %",
             f"{test.p_holm:.2g}", verdict]
 
 
 def statistics_legend(n_seeds: int) -> List[str]:
-    return [f"ΔFID: the mean over the paired seeds (n = {n_seeds}, the same seeds for every row) of "
+    return [f"ΔFID: the mean over the paired seeds (n = {n_seeds}, the same seeds for every row; "
+            "where a row or its baseline has no result for a seed, the seeds both have, n shown) of "
             "the row's FID minus its baseline's, with its 95 % paired t interval (mean ± t(0.975, "
             "n − 1) · s_d / √n). Within each table the m comparisons are corrected by Holm's "
             "step-down procedure: ordered by p, the i-th is tested at level 0.05 / (m − i + 1) and "
@@ -288,12 +302,12 @@ def per_seed_table(results: List[dict], budgets: Optional[List[int]] = None) -> 
     budgets = budgets or sorted({r["samples"] for r in results})
     fids = [f"FID at {b:,}" for b in budgets] if len(budgets) > 1 else ["FID"]
     lines = header("configuration", "seed", *fids, "KID ×100 (± subset std)", "confident",
-                   "classes covered", "final loss", "wall time (s)")
+                   "classes covered", "final loss", "time of rounds (s)")
     for r in results:
         reached = [fmt(at_budget(r, b)["fid"]) if r["samples"] >= b else "–" for b in budgets]
         kid = fmt(r["kid"], scale=0.01) + (f" ± {r['kid_std'] * 100:.2g}" if r.get("kid_std") else "")
         lines.append(row(r["name"], r["seed"], *reached, kid, fmt(r.get("confident_fraction"), 2),
-                         fmt(r.get("class_coverage")), fmt(r["final_loss"]), f"{r['wall_s']:.0f}"))
+                         fmt(r.get("class_coverage")), fmt(r["final_loss"]), f"{run_time(r):.0f}"))
     return lines
 
 
@@ -329,11 +343,14 @@ def sweep_tables(sweep, anchor: Optional[float] = None) -> List[str]:
 
 
 def _reason(failure: dict) -> str:
-    """A tuning run's failure in one word: 'diverged' where the run stopped itself because
-    every client update was rejected (it cannot learn at that point; records from before that
-    status: told by the error), else 'failed'."""
+    """Why a run has no results, in a word or two: 'diverged' where the run stopped itself
+    because every client update was rejected (it cannot learn at that point; records from
+    before that status: told by the error), 'not run' where it never ran or did not finish
+    (--collect of an unfinished grid, or a step it depends on failed), else 'failed'."""
     diverged = failure.get("status") == DIVERGED or "cannot learn" in (failure.get("error") or "")
-    return DIVERGED if diverged else "failed"
+    if diverged:
+        return DIVERGED
+    return MISSING if failure.get("status") in (MISSING, BLOCKED) else FAILED
 
 
 def _failed_points(failures: List[dict], group: str) -> Dict[str, Dict[int, str]]:
@@ -412,7 +429,8 @@ def failures_list(failures: List[dict]) -> List[str]:
     lines = ["## Runs without results", ""]
     for f in failures:
         log = f" (log: `{f['log']}`)" if f.get("log") else ""
-        lines.append(f"- {f['name']} seed {f['seed']}: {f['status']}: {f['error']}{log}")
+        status = DIVERGED if _reason(f) == DIVERGED else f["status"]  # older records: by the error
+        lines.append(f"- {f['name']} seed {f['seed']}: {status}: {f['error']}{log}")
     return lines + [""]
 
 

@@ -395,10 +395,34 @@ def test_report_marks_failed_runs_and_leaves_their_claims_undecided(tmp_path):
                  "error": "exit code 2: boom", "log": f"/runs/seed{s}.train.log"} for s in (0, 1)]
     text = write_report(grid, results, tmp_path / "report", "cmd", 60.0, failures=failures).read_text()
     assert "| dir0.1-fedavgm (**failed: seed 0, 1**) | no results |" in text
-    assert "| fedavgm | no results (failed) |" in text  # its row of the Dirichlet table
+    assert "| fedavgm (**failed: seed 0, 1**) | no results |" in text  # its row of the Dirichlet table
     assert "**momentum helps under skew**: not decided" in text
     assert "- dir0.1-fedavgm seed 1: failed: exit code 2: boom (log: `/runs/seed1.train.log`)" in text
     assert (tmp_path / "report" / "panels.png").is_file()
+
+
+def test_rows_name_their_seeds_without_results_and_compare_on_the_rest(tmp_path):
+    """A run that diverged on one of 3 seeds: its rows say so, its difference to the baseline
+    pairs the 2 seeds both have (n shown); a run never run says 'not run', not 'failed'. The
+    time column is the rounds' time (pauses left out) where a result has it."""
+    grid = load_text(tmp_path, MATRIX_GRID.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
+    results = [fake_result(name, seed, 10.0 + seed + (name == "dir0.1-fedavgm"), [0.25] * 4,
+                           "central" if name == "central" else "train")
+               for name in [r.name for r in grid.runs] if name != "iid-fedavgm2" for seed in (0, 1, 2)
+               if (name, seed) != ("dir0.1-fedavgm", 2)]
+    for r in results:
+        r["rounds_s"] = 0.5
+    failures = [{"name": "dir0.1-fedavgm", "seed": 2, "kind": "train", "status": "diverged",
+                 "error": "every client update was rejected", "log": None},
+                *[{"name": "iid-fedavgm2", "seed": s, "kind": "train", "status": "not run",
+                   "error": "unfinished", "log": None} for s in (0, 1, 2)]]
+    text = write_report(grid, results, tmp_path / "report", "cmd", None, failures=failures).read_text()
+    assert "| dir0.1-fedavgm (**diverged: seed 2**) | 11.5 ± 0.707 |" in text
+    assert "| fedavgm (**diverged: seed 2**) | 11.5 ± 0.707 | +1 [+1, +1] (n = 2) |" in text
+    assert "| fedavgm2 (**not run: seed 0, 1, 2**) | no results |" in text
+    assert "| fedavgm | 11 ± 1 | +0 [+0, +0] |" in text  # IID: all 3 seeds, no n shown
+    assert "| time of rounds (s) |" in text and "| 1,000 | 0.5 ± 0 |" in text
+    assert "- dir0.1-fedavgm seed 2: diverged: every client update was rejected" in text
 
 
 def test_pareto_front_and_the_bytes_report(tmp_path):

@@ -249,6 +249,31 @@ def test_a_paused_round_counts_at_its_runs_median_round_of_its_kind():
     assert round_times([{"round": 1}]) == (0.0, 0.0)  # records from before round_time_s
 
 
+def test_an_earlier_budget_reads_the_time_of_the_rounds_until_it():
+    """A budget read from a longer run (its choice is the same at both) costs the rounds until
+    that budget, evaluations included and pauses left out, not the whole run's time."""
+    from fedrun.experiments.collect import rounds_until
+
+    rounds = [{"round": r, "round_time_s": 1.0} for r in range(1, 11)]
+    rounds[1]["round_time_s"] = 500.0  # paused: counts at the median round, 1 s
+    rounds[4].update(round_time_s=6.0, fid=20.0)
+    rounds[9].update(round_time_s=8.0, fid=10.0)
+    assert rounds_until(rounds) == {5: pytest.approx(10.0), 10: pytest.approx(22.0)}
+
+
+def test_failures_count_at_the_budgets_where_their_point_is_chosen():
+    """A tuned run's failure ('<run>@<point>') leaves a row without that seed only at the
+    budgets whose choice is that point; an untuned run's at every budget."""
+    from fedrun.experiments.collect import budget_failures
+
+    failures = [{"name": "iid-sgd@p02", "seed": 0, "status": "diverged"},
+                {"name": "central", "seed": 1, "status": "failed"}]
+    chosen = {"iid-sgd": {10: "x01", 40: "p02", 100: "p02"}}
+    assert [(f["name"], f["seed"]) for f in budget_failures(failures, 10, chosen)] == [("central", 1)]
+    assert [(f["name"], f["seed"]) for f in budget_failures(failures, 40, chosen)] == [
+        ("iid-sgd", 0), ("central", 1)]
+
+
 def test_an_earlier_budget_reads_its_own_class_mix(tmp_path):
     """collect keeps each evaluation's class mix and what is read of it (rarest class, share in
     the held-out images' classes) by budget: an earlier budget does not show the final one's."""
