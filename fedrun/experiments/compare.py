@@ -148,9 +148,11 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     study = study_time(results, sweep)
     lines = [*_introduction(grid, results, command, wall_s, collected, commit, study),
              *(tables.sweep_tables(sweep, grid.untrained.get(sweep.metric)) if sweep else [])]
+    missing = {b: budget_failures(failures, b, chosen) for b in budgets}
+    if grid.tables:
+        lines += tables.glance_tables(grid, summaries, grid.tables[0], missing)
     for budget in budgets:
-        lines += _budget_section(grid, summaries[budget], results,
-                                 budget_failures(failures, budget, chosen), findings[budget],
+        lines += _budget_section(grid, summaries[budget], results, missing[budget], findings[budget],
                                  budget if len(budgets) > 1 else None)
     lines += tables.leakage_table(names, summary)
     if grid.bytes_plot:

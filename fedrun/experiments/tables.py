@@ -241,6 +241,69 @@ def statistics_legend(n_seeds: int) -> List[str]:
             "'not informative' when both FIDs are beyond the untrained anchor.", ""]
 
 
+def glance_tables(grid: Grid, summaries: Dict[int, Dict[str, dict]], item: Table,
+                  failures: Dict[int, List[dict]]) -> List[str]:
+    """The verdicts of the axis tables of ``item`` in one table per budget: a row per run label
+    (the ``with`` runs first), a column per value of the axis, each cell the row's ΔFID to its
+    baseline there with the table's verdict (the same tests as the axis tables)."""
+    values = grid.axis(item.by).values
+    budgets = sorted(summaries)
+    lines = ["## Verdicts at a glance", "",
+             f"ΔFID to {_baseline_label(grid, item)} in each {item.by}'s table (negative: lower FID), "
+             "with that table's verdict: **better** / **worse** when the Holm-corrected paired test "
+             "rejects, else the difference alone; † both beyond the untrained anchor (not "
+             "informative); n: the seeds compared where some diverged or failed. The tables below "
+             "give the intervals.", ""]
+    for budget in budgets:
+        summary = summaries[budget]
+        cells: Dict[str, Dict[str, str]] = {}
+        for value in values:
+            names = grid.select({item.by: value.name})
+            tests = _table_tests(grid, summary, item, names)
+            for name in item.with_ + names:
+                label = grid.label(name, item.by)
+                own = baseline_of(grid, names, item.baseline, name)
+                if own != baseline_of(grid, names, item.baseline, None):
+                    label += f" (vs {grid.label(own, item.by)})"
+                cells.setdefault(label, {})[value.name] = _glance_cell(
+                    grid, summary, name, own, tests.get(name), failures.get(budget, []))
+        if len(budgets) > 1:
+            lines += [f"At {budget:,} samples seen:", ""]
+        lines += header("run", *[v.label for v in values])
+        lines += [row(label, *[by.get(v.name, "–") for v in values]) for label, by in cells.items()]
+        lines.append("")
+    return lines
+
+
+def _baseline_label(grid: Grid, item: Table) -> str:
+    return ", ".join(str(v) for v in item.baseline.values()) if item.baseline else "the baseline"
+
+
+def _glance_cell(grid: Grid, summary: Dict[str, dict], name: str, own: Optional[str], test,
+                 failures: List[dict]) -> str:
+    kinds: Dict[str, int] = {}
+    for f in failures:
+        if f["name"] == name:
+            kinds[_reason(f)] = kinds.get(_reason(f), 0) + 1
+    if name not in summary:
+        return " / ".join(kinds) if kinds else "no results"
+    if name == own:  # the baseline itself
+        return f"FID {fmt(summary[name]['fid'][0])}" + (f" ({_lost(kinds)})" if kinds else "")
+    if test is None or not math.isfinite(test.p):
+        return "–"  # no baseline results, or fewer than 2 paired seeds
+    cell = f"{test.diff:+.3g}"
+    if beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own]):
+        cell += " †"
+    elif test.verdict in ("better", "worse"):
+        cell += f" **{test.verdict}**"
+    notes = ([f"n = {test.n}"] if test.n < len(grid.seeds) else []) + ([_lost(kinds)] if kinds else [])
+    return cell + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _lost(kinds: Dict[str, int]) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in kinds.items())
+
+
 def baseline_of(grid: Grid, names: List[str], baseline: dict, name: Optional[str]) -> Optional[str]:
     """The run among ``names`` that ``name`` is compared with: the one matching ``baseline``
     (axis -> value), except where ``name``'s value on that axis names its own ``baseline`` value

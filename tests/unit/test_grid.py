@@ -423,6 +423,12 @@ def test_rows_name_their_seeds_without_results_and_compare_on_the_rest(tmp_path)
     assert "| fedavgm | 11 ± 1 | +0 [+0, +0] |" in text  # IID: all 3 seeds, no n shown
     assert "| time of rounds (s) |" in text and "| 1,000 | 0.5 ± 0 |" in text
     assert "- dir0.1-fedavgm seed 2: diverged: every client update was rejected" in text
+    # the verdicts at a glance: a row per method, a column per partition, the same tests
+    glance = text[text.index("## Verdicts at a glance"):text.index("### Partition")]
+    assert "| run | iid | Dirichlet 0.1 |" in glance
+    assert "| fedavg | FID 11 | FID 11 |" in glance
+    assert "| fedavgm | +0 | +1 **worse** (n = 2; 1 diverged) |" in glance
+    assert "| fedavgm2 (vs fedavgm) | not run | -1 **better** (n = 2) |" in glance
 
 
 def test_pareto_front_and_the_bytes_report(tmp_path):
