@@ -156,6 +156,11 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--collect", action="store_true", help="only collect finished runs, train nothing")
     parser.add_argument("--out", help="folder of the runs (default: the grid's output_dir)")
     parser.add_argument("--report", help="report folder (default: <output_dir>/report)")
+    parser.add_argument("--records", metavar="DIR",
+                        help="keep every settled run's records (metrics, runner record; not its "
+                             "weights) in DIR and restore from it the runs missing here: commit DIR "
+                             "to carry a study to another machine, or to let --collect make its "
+                             "report again")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
 
 
@@ -165,7 +170,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     command = "python -m fedrun compare " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["compare"] else [])
     report = compare(args.grid, args.quick, max(1, args.jobs), args.collect, args.report,
                      args.overrides, command=command.strip(), say=_say, output_dir=args.out,
-                     backend=args.backend)
+                     backend=args.backend, records_dir=args.records)
     _say(f"report: {report.readme}" + (f" ({len(report.failures)} runs without results, marked in it)"
                                       if report.failures else ""))
     return 1 if report.failures else 0

@@ -4,6 +4,7 @@ sample budget and seeds, and write a report folder (markdown tables, curves, fin
     python -m fedrun compare --grid configs/grids/paper.yaml --jobs 2
     python -m fedrun compare --grid configs/grids/paper.yaml --quick      # tiny, for tests
     python -m fedrun compare --grid configs/grids/noniid.yaml --jobs 8 --backend slurm
+    python -m fedrun compare --grid configs/grids/noniid.yaml --collect --records docs/results/noniid/runs
 
 grid file -> (its ``setup`` runs, made once: e.g. a public pre-training the runs start from)
 -> (``tuning.tune``: the tuning runs, the choice per method and budget, tuning.json)
@@ -29,7 +30,7 @@ from fedrun.experiments.runner import execute
 from fedrun.experiments.stats import check_findings, describe_commits, summarise
 from fedrun.experiments.steps import FAILED, FINISHED_EARLIER, MISSING, Outcome, RunSpec, earlier, read_record
 from fedrun.experiments.tuning import TUNING_FILE, Sweep, tune
-from fedrun.experiments import plots, tables
+from fedrun.experiments import plots, records, tables
 
 
 class Compared(NamedTuple):
@@ -40,8 +41,10 @@ class Compared(NamedTuple):
 def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bool = False,
             report_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
             command: str = "", say=print, output_dir: Optional[str] = None,
-            backend: Optional[str] = None) -> Compared:
-    """Run (``collect_only``: only collect) the grid, its tuning first, and write its report."""
+            backend: Optional[str] = None, records_dir: Optional[str] = None) -> Compared:
+    """Run (``collect_only``: only collect) the grid, its tuning first, and write its report.
+    ``records_dir``: the study's kept records (``fedrun.experiments.records``), restored
+    where a run is missing before each batch of steps and added to as they settle."""
     grid = load_grid(grid_file, quick, overrides)
     if output_dir:
         grid.output_dir = output_dir
@@ -50,9 +53,17 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     progress = lambda message: say(f"compare: {message}")  # noqa: E731
 
     def run(specs: List[RunSpec]) -> Dict[str, Outcome]:
+        if records_dir:
+            records.restore(specs, Path(grid.output_dir), Path(records_dir), progress)
         if collect_only:
-            return {s.id: as_found(s) for s in specs}
-        return execute(specs, jobs, backend, say=progress)
+            outcomes = {s.id: as_found(s) for s in specs}
+        else:
+            outcomes = execute(specs, jobs, backend, say=progress)
+        if records_dir:
+            kept, written = records.save(specs, Path(grid.output_dir), Path(records_dir))
+            if written:
+                progress(f"records: {written} runs kept in {records_dir} ({kept} of these steps there)")
+        return outcomes
 
     setup = setup_specs(grid)  # grid key setup: made once, before everything that uses them
     failed = [o for o in run(setup).values() if not o.ok]

@@ -31,7 +31,7 @@ from importlib import import_module
 from typing import Callable, Dict, List, Optional
 
 from fedrun.errors import ConfigError, FedrunError
-from fedrun.experiments.steps import DIVERGED, REPO, Outcome, RunSpec, blocked, earlier, finish
+from fedrun.experiments.steps import DIVERGED, REPO, RESTORED_FILE, Outcome, RunSpec, blocked, earlier, finish
 
 BACKENDS = ("inline", "processes", "slurm")
 
@@ -62,6 +62,8 @@ def execute(plan: List[RunSpec], jobs: int = 1, backend: Optional[str] = None, s
     for spec in (s for s in order if s.id in todo):  # after a step that diverged earlier: not run
         not_run = blocked(spec, outcomes)
         if not_run is None:
+            # a step restored from kept records that runs again is no longer one
+            (spec.run_dir / RESTORED_FILE).unlink(missing_ok=True)
             steps.append(spec)
         else:
             outcomes[spec.id] = not_run

@@ -6,8 +6,9 @@ overrides) or a custom function ``"package.module:function"`` called with the sp
 a scoring, building a model). The same spec runs in this process, as ``python -m fedrun ...``
 (a custom step: ``python -m fedrun.experiments.runner``) or on Slurm: a step is data only.
 
-A step is *finished* when its run directory holds its ``outputs`` (and, with ``metric``, its
-last metrics record has that key) and its runner record says it ran through with the same
+A step is *finished* when its run directory holds its ``outputs`` (or was restored from kept
+records without them: ``fedrun.experiments.records``; and, with ``metric``, its last metrics
+record has that key) and its runner record says it ran through with the same
 inputs (config, overrides, params): the runner skips finished steps, which makes an
 interrupted experiment resumable by running it again, and reruns changed ones. A step is
 *diverged* when the run stopped itself because it cannot learn (every client update rejected
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 CONFIG_VERBS = ("train", "central", "finetune")  # fedrun verbs taking --config and key=value
 REPO = Path(__file__).resolve().parents[2]  # the checkout the subprocesses import fedrun from
+RESTORED_FILE = "restored.json"  # a run restored from kept records (fedrun.experiments.records)
 
 
 @dataclass
@@ -67,9 +69,17 @@ class RunSpec:
         """Its outputs are in its run directory (and its metric in the last metrics record)."""
         from fedrun.engine.metrics import read_metrics
 
-        if not all((self.run_dir / output).exists() for output in self.outputs):
+        missing = [o for o in self.outputs if not (self.run_dir / o).exists()]
+        if missing and not set(missing) <= set(self.not_kept):
             return False
         return self.metric is None or self.metric in (read_metrics(self.run_dir) or [{}])[-1]
+
+    @property
+    def not_kept(self) -> List[str]:
+        """The outputs a run restored from kept records (``fedrun.experiments.records``) does
+        not have: its weights were not kept."""
+        path = self.run_dir / RESTORED_FILE
+        return json.loads(path.read_text()).get("not_kept", []) if path.is_file() else []
 
     @property
     def finished(self) -> bool:

@@ -177,6 +177,37 @@ def test_a_tuned_grid_tunes_first_reports_every_sweep_and_reuses_its_choice(tmp_
 
 
 @pytest.mark.slow
+def test_a_study_goes_on_and_reports_from_its_kept_records_on_another_machine(tmp_path, capsys):
+    """--records: the tuned grid's runs keep their records (no weights); with the run folder
+    gone (another machine), --collect makes the same report from them alone and running the
+    grid again trains nothing."""
+    import shutil
+
+    grid_file, out, kept = tiny_grid(tmp_path, TUNED.format(tuning_seed=7)), tmp_path / "grid", tmp_path / "kept"
+    text = grid_file.read_text().replace("eval_every_samples: 32\n", "").replace(
+        "runs:\n  - {name: a, overrides: [num_clients=2, local_steps=1]}\n"
+        "  - {name: b, overrides: [num_clients=4, local_steps=1]}\n", "runs:\n")
+    grid_file.write_text(text)
+    args = ["compare", "--grid", str(grid_file), "--out", str(out), "--records", str(kept)]
+    assert fedrun_main(args) == 0
+    assert "records: 4 runs kept in" in capsys.readouterr().err  # the tuning's 4
+    before = json.loads((out / "report" / "results.json").read_text())
+    assert not list(kept.rglob("*.safetensors")) and len(list(kept.rglob("metrics.jsonl.gz"))) == 9
+    shutil.rmtree(out)  # the runs and their report are gone; tuning.json too
+    assert fedrun_main(args + ["--collect", "--report", str(tmp_path / "again")]) == 0
+    err = capsys.readouterr().err
+    assert "records: 4 runs restored from" in err and "records: 5 runs restored from" in err, err
+    after = json.loads((tmp_path / "again" / "results.json").read_text())
+    keys = ("name", "seed", "fid", "kid", "confident_fraction", "at", "wall_s", "rounds_s", "commit")
+    assert [{k: r[k] for k in keys} for r in after["runs"]] == [{k: r[k] for k in keys} for r in before["runs"]]
+    assert after["chosen"] == before["chosen"] and after["study"] == before["study"]
+    assert fedrun_main(args) == 0  # the study goes on: nothing is left to train
+    err = capsys.readouterr().err
+    assert "started" not in err and "5 steps (5 already finished)" in err, err
+    assert not (out / "runs" / "central" / "seed0" / "final").exists()
+
+
+@pytest.mark.slow
 def test_noniid_quick_grid_runs_and_reports(tmp_path, monkeypatch):
     """The non-IID study at toy size, in this process (~2 s a run): one tuning run per method,
     then 25 configurations (3 of the 5 partitions, every method) compared at 2 budgets."""
