@@ -152,8 +152,9 @@ class ClientConfig:
     up to fp32 rounding. Groups hold clients with equal local step counts and are dealt to
     ranks whole, so 1, 2, 3, ... processes stay bit-identical. Fast for many small clients
     (one image, a few steps); needs a task that splits its loss (ddpm, dit), a client algorithm
-    whose steps are the optimizer's plus a gradient term (fedavg, fedprox, scaffold), no
-    stateful_optimizer, precision=fp32. 0 = off (one client after another)."""
+    whose steps are the optimizer's plus a gradient term (fedavg, fedprox, scaffold),
+    precision=fp32; with stateful_optimizer, AdamW (each client's own step count) or plain
+    SGD. 0 = off (one client after another)."""
 
     def __post_init__(self) -> None:
         _require(self.vectorize >= 0, "client.vectorize",
@@ -929,9 +930,10 @@ def _check_vectorize(cfg: Any, task_cls: type) -> None:
                           "its own (not the optimizer's steps plus a gradient term), which "
                           f"vectorized clients do not run; use client.algorithm={'|'.join(able)}, "
                           "or client.vectorize=0")
-    if cfg.client.stateful_optimizer:
-        raise ConfigError(f"{key}: vectorized clients start a fresh optimizer every round; set "
-                          "client.stateful_optimizer=false, or client.vectorize=0")
+    if cfg.client.stateful_optimizer and cfg.optim.name == "sgd" and cfg.optim.momentum > 0:
+        raise ConfigError(f"{key}: stateful vectorized clients continue AdamW, or plain SGD, "
+                          f"not SGD with momentum (optim.momentum={cfg.optim.momentum}); set "
+                          "optim.momentum=0, optim.name=adamw, or client.vectorize=0")
     if cfg.precision != "fp32":
         raise ConfigError(f"{key}: vectorized clients train in fp32 only, got "
                           f"precision={cfg.precision}; set precision=fp32, or client.vectorize=0")

@@ -49,7 +49,7 @@ from fedrun.fl.aggregation.transforms import (RoundInfo, ServerTransform, Update
                                               UpdateTransform, build_server_transforms,
                                               build_update_transforms)
 from fedrun.fl.clients import ClientAlgorithm, build_client_algorithm
-from fedrun.fl.local import (ClientJob, ClientResult, batch_indices, client_generator,
+from fedrun.fl.local import (OPTIM_PREFIX, ClientJob, ClientResult, batch_indices, client_generator,
                              num_local_steps)
 from fedrun.fl.vectorized import GroupTrainer, client_groups, deal_groups, draw_client_steps, stack_steps
 from fedrun.fl.privacy.accountant import PrivacySpec, privacy_spec, write_privacy_file
@@ -316,11 +316,15 @@ def _train_group(fed: Federation, buffer: RoundBuffer, group: List[int], global_
         jobs.append(_client_job(fed, begun[-1], global_round))
         terms.append(algorithm.grad_term(jobs[-1]))
         draws.append(draw_client_steps(run.task.draw_step, begun[-1].batches, begun[-1].generator))
-    finals, losses = fed.vectorized.train(starts, stack_steps(draws), terms)
-    for start, job, term, final, loss in zip(begun, jobs, terms, finals, losses):
+    states = None
+    if run.cfg.client.stateful_optimizer:  # each client's stored optimizer state (None: fresh)
+        states = [{k: v for k, v in job.state.items() if k.startswith(OPTIM_PREFIX)} if job.state else None
+                  for job in jobs]
+    finals, losses, kept = fed.vectorized.train(starts, stack_steps(draws), terms, states)
+    for row, (start, job, term, final, loss) in enumerate(zip(begun, jobs, terms, finals, losses)):
         run.params.load_(final)
-        result = algorithm.finish(job, ClientResult(loss, int(start.batches.size)), term)
-        _contribute(fed, buffer, start, result, global_round)
+        result = ClientResult(loss, int(start.batches.size), state=kept[row] if kept is not None else None)
+        _contribute(fed, buffer, start, algorithm.finish(job, result, term), global_round)
 
 
 def _contribute(fed: Federation, buffer: RoundBuffer, start: _ClientStart, result: ClientResult,

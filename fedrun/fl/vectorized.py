@@ -14,6 +14,14 @@ draws it (``Task.draw_step``), then passed in batched; the loss of the drawn inp
 (``Task.step_loss``) is what vmap differentiates. The resulting weights equal the sequential
 path's up to fp32 rounding (the batched kernels sum in another order).
 
+With ``client.stateful_optimizer`` each client continues its own AdamW state (moments and step
+count) from the client state store. torch's AdamW keeps one step count per tensor, and the
+clients of a group have trained different numbers of rounds, so their bias corrections differ:
+``StackedAdamW`` steps the group's [G, P] moments with each row's own step count, torch's
+AdamW update (decoupled weight decay, bias-corrected moments) row by row in a few whole-buffer
+operations. Plain SGD (momentum 0) keeps no state; SGD with momentum is refused for stateful
+vectorized clients (a fresh client's first step starts its buffer differently).
+
 Each client's final weights then go, one by one, through the same path as a sequential client
 (uplink codec, update transforms such as DP clipping, the exact sum, client state): see
 ``fedrun.engine.simulator.train_local``. Groups are fixed before clients are dealt to ranks
@@ -96,6 +104,57 @@ def clip_per_client_(grads: List[torch.Tensor], max_norm: float) -> torch.Tensor
     return norms
 
 
+OPTIM_KEYS = ("optim.exp_avg", "optim.exp_avg_sq", "optim.step")  # AdamW's, as optimizer_state stores them
+
+
+class StackedAdamW:
+    """AdamW over a group's flat weights [G, P] whose rows continue their own states: moments
+    [G, P] and step counts [G]. The update is torch's ``AdamW`` (``_single_tensor_adamw``,
+    its default on CPU) for each row: weight decay ``p *= 1 - lr wd``, ``m = lerp(m, g, 1 - b1)``,
+    ``v = b2 v + (1 - b2) g^2``, ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``
+    with t the row's step count, the corrections computed in float64 as torch computes them in
+    Python floats. The states are the client store's (``fedrun.fl.local.optimizer_state``):
+    'optim.exp_avg' and 'optim.exp_avg_sq' of P floats, 'optim.step' one float; None = fresh."""
+
+    def __init__(self, flat: torch.Tensor, optim: "OptimConfig",
+                 states: Sequence[Optional[Dict[str, torch.Tensor]]]):
+        self.flat, self.optim = flat, optim
+        self.lr, (self.beta1, self.beta2) = optim.lr, optim.betas
+        self.eps = 1e-8  # torch.optim.AdamW's default, as build_optimizer leaves it
+        rows, numel = flat.shape
+        self.exp_avg = torch.zeros_like(flat)
+        self.exp_avg_sq = torch.zeros_like(flat)
+        self.steps = torch.zeros(rows, dtype=torch.float64)
+        for row, state in enumerate(states):
+            if not state:
+                continue
+            if any(key not in state for key in OPTIM_KEYS):
+                raise ValueError(f"a stored client optimizer state lacks {[k for k in OPTIM_KEYS if k not in state]} "
+                                 f"(has {sorted(state)}): not an AdamW state")
+            self.exp_avg[row].copy_(state["optim.exp_avg"].reshape(-1))
+            self.exp_avg_sq[row].copy_(state["optim.exp_avg_sq"].reshape(-1))
+            self.steps[row] = float(state["optim.step"].reshape(-1)[0])
+
+    def step(self, grad: torch.Tensor) -> None:
+        """One step of every row with the gradients ``grad`` [G, P]."""
+        self.steps += 1
+        column = lambda values: values.to(self.flat.dtype).view(-1, 1)  # noqa: E731
+        step_size = column(self.lr / (1 - self.beta1 ** self.steps))
+        correction2_sqrt = column((1 - self.beta2 ** self.steps).sqrt())
+        if self.optim.weight_decay:
+            self.flat.mul_(1 - self.lr * self.optim.weight_decay)
+        self.exp_avg.lerp_(grad, 1 - self.beta1)
+        self.exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        denom = (self.exp_avg_sq.sqrt() / correction2_sqrt).add_(self.eps)
+        self.flat.sub_(self.exp_avg / denom * step_size)
+
+    def states(self) -> List[Dict[str, torch.Tensor]]:
+        """Each row's state as the client store keeps it (fresh tensors)."""
+        return [{"optim.exp_avg": self.exp_avg[row].clone(), "optim.exp_avg_sq": self.exp_avg_sq[row].clone(),
+                 "optim.step": torch.tensor([float(self.steps[row])], dtype=torch.float32)}
+                for row in range(self.flat.shape[0])]
+
+
 class GroupTrainer:
     """Trains the local steps of a group of clients at once.
 
@@ -149,16 +208,27 @@ class GroupTrainer:
         return mu, anchors, offsets
 
     def train(self, starts: torch.Tensor, steps: Sequence[StepInputs],
-              terms: Optional[Sequence[Optional["GradTerm"]]] = None) -> Tuple[torch.Tensor, List[float]]:
+              terms: Optional[Sequence[Optional["GradTerm"]]] = None,
+              states: Optional[Sequence[Optional[Dict[str, torch.Tensor]]]] = None
+              ) -> Tuple[torch.Tensor, List[float], Optional[List[Dict[str, torch.Tensor]]]]:
         """From ``starts`` ([G, P]: each client's initial flat weights) one optimizer step per
         item of ``steps`` (each client's drawn inputs, stacked), each client's gradient term
-        (``terms``) added to its gradients before clipping, as the sequential hook does. Returns
-        the final weights [G, P] and each client's mean loss (summed in fp32 and divided as
-        ``train_client`` does)."""
+        (``terms``) added to its gradients before clipping, as the sequential hook does. With
+        ``states`` (stateful client optimizers: each client's stored state, None = fresh) the
+        optimizer continues them. Returns the final weights [G, P], each client's mean loss
+        (summed in fp32 and divided as ``train_client`` does) and, with ``states``, each
+        client's final optimizer state."""
         weights = self._unflatten(starts)
         tensors = [weights[name] for name in self.names]
         mu, anchors, offsets = self._term(terms or [None] * starts.shape[0])
-        optimizer = build_optimizer(tensors, self.optim, fused=True)  # fresh, as sequentially
+        if states is None:
+            optimizer = build_optimizer(tensors, self.optim, fused=True)  # fresh, as sequentially
+        elif self.optim.name == "adamw":
+            optimizer = _StackedStep(StackedAdamW(starts.clone(), self.optim, states), tensors)
+        elif self.optim.momentum == 0:  # plain SGD keeps no state
+            optimizer = build_optimizer(tensors, self.optim, fused=True)
+        else:
+            raise ValueError("stateful vectorized clients run AdamW or plain SGD (optim.momentum=0)")
         loss_sum = torch.zeros(starts.shape[0], device=starts.device)
         for inputs in steps:
             grads, losses = self._grads_and_losses(weights, inputs)
@@ -176,7 +246,27 @@ class GroupTrainer:
             optimizer.step()
             loss_sum += losses.detach().float()
         final = torch.cat([t.reshape(starts.shape[0], -1) for t in tensors], dim=1)
-        return final, [value / len(steps) for value in loss_sum.tolist()]
+        kept = None
+        if states is not None:
+            kept = optimizer.adamw.states() if isinstance(optimizer, _StackedStep) else [{} for _ in states]
+        return final, [value / len(steps) for value in loss_sum.tolist()], kept
+
+
+class _StackedStep:
+    """``StackedAdamW`` stepping the group's per-name tensors (their gradients gathered into one
+    [G, P] buffer, the new weights written back): an optimizer's ``step()`` for
+    ``GroupTrainer.train``."""
+
+    def __init__(self, adamw: StackedAdamW, tensors: List[torch.Tensor]):
+        self.adamw, self.tensors = adamw, tensors
+        self.sizes = [t[0].numel() for t in tensors]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rows = self.adamw.flat.shape[0]
+        self.adamw.step(torch.cat([t.grad.reshape(rows, -1) for t in self.tensors], dim=1))
+        for tensor, part in zip(self.tensors, self.adamw.flat.split(self.sizes, dim=1)):
+            tensor.copy_(part.reshape(tensor.shape))
 
 
 def draw_client_steps(draw_step: Callable[[np.ndarray, torch.Generator], StepInputs],

@@ -21,6 +21,8 @@ SHAPE = ["num_clients=7", "clients_per_round=6", "partition.method=unbalanced", 
 VARIANTS = {
     "adamw": (["optim.name=adamw"], 2e-3),
     "sgd": (["optim.name=sgd", "optim.lr=0.05"], 2e-5),
+    # each client continues its own AdamW state (its own step count) from the state store
+    "stateful": (["optim.name=adamw", "client.stateful_optimizer=true"], 2e-3),
     # FedProx's proximal gradient (a large mu, so that it matters within a few steps) and
     # SCAFFOLD's correction (round 2: the clients' and the server's variates from round 1)
     "fedprox": (["client.algorithm=fedprox", "client.prox_mu=5.0", "optim.name=sgd",

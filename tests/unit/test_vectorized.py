@@ -150,7 +150,7 @@ def _vectorized(fed, clients, steps, global_round=0):
         batches = batch_indices(run.client_indices[client], steps, cfg.optim.batch_size, generator)
         draws.append(draw_client_steps(run.task.draw_step, batches, generator))
     starts = run.global_weights.expand(len(clients), -1).clone()
-    return trainer.train(starts, stack_steps(draws))
+    return trainer.train(starts, stack_steps(draws))[:2]
 
 
 @pytest.mark.parametrize("optimizer", [
@@ -236,13 +236,58 @@ def test_a_group_adds_each_clients_gradient_term_as_the_hook_does(federation, fo
         draws.append(draw_client_steps(run.task.draw_step, batches, generator))
     sequential = torch.stack(sequential)
     trainer = GroupTrainer(run.task.functional_model(run.model), run.params, run.task.step_loss, cfg.optim)
-    with_terms, _ = trainer.train(starts, stack_steps(draws), terms)
-    without, _ = trainer.train(starts, stack_steps(draws))
+    with_terms, _, _ = trainer.train(starts, stack_steps(draws), terms)
+    without, _, _ = trainer.train(starts, stack_steps(draws))
     rounding = float((with_terms - sequential).norm())
     effect = float((with_terms - without).norm())
     print(f"{form}: |vectorized - one by one| {rounding:.2e}, the term's effect {effect:.2e}")
     torch.testing.assert_close(with_terms, sequential, rtol=0, atol=2e-6)
     assert effect > 1e-3 and effect > 1000 * rounding
+
+
+def test_stateful_clients_continue_their_own_adamw_state_in_a_group(federation):
+    """client.stateful_optimizer: one client continuing the AdamW state of 3 earlier steps and
+    two fresh ones, in one group: weights and kept states equal one-by-one training with torch's
+    AdamW continued from the same states up to fp32 rounding, the step counts exactly; and the
+    continued state changes the continuing client's result by far more than that rounding."""
+    fed = federation("optim.name=adamw", "optim.weight_decay=0.01", "optim.grad_clip=0.05")
+    run, cfg = fed.run, fed.run.cfg
+    gw = run.global_weights.clone()
+
+    def batches(client, count, global_round):
+        generator = client_generator(cfg.seed, client, global_round)
+        return generator, batch_indices(run.client_indices[client], count, cfg.optim.batch_size, generator)
+
+    run.params.load_(gw)
+    generator, rows = batches(0, 3, 0)  # round 0: client 0 trains 3 steps, keeping its state
+    earlier = train_client(run.model, run.params.params, run.task.loss, rows, generator, cfg.optim,
+                           run.device, keep_optimizer=True).state
+    clients, states = [0, 1, 2], [earlier, None, None]
+    sequential, kept_sequential, draws = [], [], []
+    for client, state in zip(clients, states):  # round 1: 2 steps each
+        run.params.load_(gw)
+        generator, rows = batches(client, 2, 1)
+        result = train_client(run.model, run.params.params, run.task.loss, rows, generator,
+                              cfg.optim, run.device, optimizer_in=state, keep_optimizer=True)
+        sequential.append(run.params.flat.clone())
+        kept_sequential.append(result.state)
+        generator, rows = batches(client, 2, 1)
+        draws.append(draw_client_steps(run.task.draw_step, rows, generator))
+    sequential = torch.stack(sequential)
+    trainer = GroupTrainer(run.task.functional_model(run.model), run.params, run.task.step_loss, cfg.optim)
+    starts = gw.expand(len(clients), -1).clone()
+    vectorized, _, kept = trainer.train(starts, stack_steps(draws), None, states)
+    update = sequential - gw
+    difference = float((vectorized - sequential).norm() / update.norm())
+    assert update.abs().max() > 1e-3 and difference < 5e-3
+    assert [float(k["optim.step"]) for k in kept] == [float(k["optim.step"]) for k in kept_sequential] == [5.0, 2.0, 2.0]
+    for mine, theirs in zip(kept, kept_sequential):
+        for key in ("optim.exp_avg", "optim.exp_avg_sq"):
+            assert float((mine[key] - theirs[key]).norm() / theirs[key].norm()) < 5e-3, key
+    fresh, _, _ = trainer.train(starts, stack_steps(draws), None, [None, None, None])
+    effect = float((fresh[0] - vectorized[0]).norm() / update[0].norm())
+    print(f"stateful: relative difference {difference:.2e}, the continued state's effect {effect:.2e}")
+    assert effect > 20 * difference and torch.equal(fresh[1:], vectorized[1:])
 
 
 def test_a_group_refuses_clients_whose_terms_differ_in_form(federation):
@@ -261,7 +306,7 @@ def test_a_group_refuses_clients_whose_terms_differ_in_form(federation):
 @pytest.mark.parametrize("overrides, says", [
     (["client.vectorize=-1"], "must be >= 0"),
     (["client.algorithm=toy_visits"], "client algorithm 'toy_visits'"),  # its own train
-    (["client.stateful_optimizer=true"], "client.stateful_optimizer=false"),
+    (["client.stateful_optimizer=true", "optim.name=sgd", "optim.momentum=0.9"], "optim.momentum=0"),
     (["precision=bf16"], "precision=fp32"),
 ])
 def test_combinations_vectorized_clients_cannot_run_are_refused(overrides, says):
