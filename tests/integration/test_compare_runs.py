@@ -124,15 +124,20 @@ findings:
 @pytest.mark.slow
 def test_a_tuned_grid_tunes_first_reports_every_sweep_and_reuses_its_choice(tmp_path, capsys):
     """The --quick path of the tuning protocol: 4 tuning runs, then the reporting runs with the
-    chosen points (inline, ~2 s a run: well under a minute)."""
-    grid_file, out = tiny_grid(tmp_path, TUNED.format(tuning_seed=7)), tmp_path / "grid"
+    chosen points (inline, ~2 s a run: well under a minute). With --records the runs keep
+    their records (no weights): with the run folder gone (another machine), --collect makes
+    the same report from them alone and running the grid again trains nothing."""
+    import shutil
+
+    grid_file, out, kept = tiny_grid(tmp_path, TUNED.format(tuning_seed=7)), tmp_path / "grid", tmp_path / "kept"
     text = grid_file.read_text().replace("eval_every_samples: 32\n", "").replace(
         "seeds: [0]\n", "seeds: [0, 1]\n").replace(
         "runs:\n  - {name: a, overrides: [num_clients=2, local_steps=1]}\n"
         "  - {name: b, overrides: [num_clients=4, local_steps=1]}\n", "runs:\n")
     grid_file.write_text(text)
-    args = ["compare", "--grid", str(grid_file), "--out", str(out)]
+    args = ["compare", "--grid", str(grid_file), "--out", str(out), "--records", str(kept)]
     assert fedrun_main(args) == 0
+    assert "records: 4 runs kept in" in capsys.readouterr().err  # the tuning's 4
     report = out / "report"
     sweep = json.loads((report / "tuning.json").read_text())
     assert sweep["complete"] and sweep["cost"]["runs"] == 4 and sweep["cost"]["wall_s"] > 0
@@ -175,35 +180,19 @@ def test_a_tuned_grid_tunes_first_reports_every_sweep_and_reuses_its_choice(tmp_
     text = (report / "README.md").read_text()
     assert "Wall time" not in text and "The study, from its first run's start to its last run's end (any " in text
 
-
-@pytest.mark.slow
-def test_a_study_goes_on_and_reports_from_its_kept_records_on_another_machine(tmp_path, capsys):
-    """--records: the tuned grid's runs keep their records (no weights); with the run folder
-    gone (another machine), --collect makes the same report from them alone and running the
-    grid again trains nothing."""
-    import shutil
-
-    grid_file, out, kept = tiny_grid(tmp_path, TUNED.format(tuning_seed=7)), tmp_path / "grid", tmp_path / "kept"
-    text = grid_file.read_text().replace("eval_every_samples: 32\n", "").replace(
-        "runs:\n  - {name: a, overrides: [num_clients=2, local_steps=1]}\n"
-        "  - {name: b, overrides: [num_clients=4, local_steps=1]}\n", "runs:\n")
-    grid_file.write_text(text)
-    args = ["compare", "--grid", str(grid_file), "--out", str(out), "--records", str(kept)]
-    assert fedrun_main(args) == 0
-    assert "records: 4 runs kept in" in capsys.readouterr().err  # the tuning's 4
-    before = json.loads((out / "report" / "results.json").read_text())
-    assert not list(kept.rglob("*.safetensors")) and len(list(kept.rglob("metrics.jsonl.gz"))) == 9
-    shutil.rmtree(out)  # the runs and their report are gone; tuning.json too
+    # another machine: only the kept records (no weights), not the runs nor the report
+    assert not list(kept.rglob("*.safetensors")) and len(list(kept.rglob("metrics.jsonl.gz"))) == 14
+    shutil.rmtree(out)
     assert fedrun_main(args + ["--collect", "--report", str(tmp_path / "again")]) == 0
     err = capsys.readouterr().err
-    assert "records: 4 runs restored from" in err and "records: 5 runs restored from" in err, err
-    after = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert "records: 4 runs restored from" in err and "records: 10 runs restored from" in err, err
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
     keys = ("name", "seed", "fid", "kid", "confident_fraction", "at", "wall_s", "rounds_s", "commit")
-    assert [{k: r[k] for k in keys} for r in after["runs"]] == [{k: r[k] for k in keys} for r in before["runs"]]
-    assert after["chosen"] == before["chosen"] and after["study"] == before["study"]
+    assert [{k: r[k] for k in keys} for r in again["runs"]] == [{k: r[k] for k in keys} for r in collected["runs"]]
+    assert again["chosen"] == collected["chosen"] and again["study"] == collected["study"]
     assert fedrun_main(args) == 0  # the study goes on: nothing is left to train
     err = capsys.readouterr().err
-    assert "started" not in err and "5 steps (5 already finished)" in err, err
+    assert "started" not in err and "10 steps (10 already finished)" in err, err
     assert not (out / "runs" / "central" / "seed0" / "final").exists()
 
 
