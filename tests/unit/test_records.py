@@ -13,6 +13,7 @@ from fedrun.errors import FedrunError, TrainingError
 from fedrun.experiments import records
 from fedrun.experiments.runner import execute
 from fedrun.experiments.steps import DIVERGED, FINISHED_EARLIER, RAN, RunSpec
+from test_runner import calls  # the steps' calls noted in calls.txt
 
 
 def make_run(spec):
@@ -36,13 +37,6 @@ def make_run(spec):
 def step(out, name, diverge=False):
     return RunSpec(name, f"{__name__}:make_run", out / name / "seed0", outputs=("final", "out.txt"),
                    params={"calls": str(out.parent / "calls.txt"), "diverge": diverge})
-
-
-def calls(tmp_path):
-    path = tmp_path / "calls.txt"
-    made = path.read_text().split() if path.is_file() else []
-    path.unlink(missing_ok=True)
-    return made
 
 
 def test_settled_runs_are_kept_without_weights_and_come_back_settled(tmp_path):
