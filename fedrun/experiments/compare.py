@@ -52,14 +52,17 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     started = time.perf_counter()
     progress = lambda message: say(f"compare: {message}")  # noqa: E731
 
+    def keep(outcome: Outcome) -> None:  # --records: a run's records as soon as it settles
+        records.save([outcome.spec], Path(grid.output_dir), Path(records_dir))
+
     def run(specs: List[RunSpec]) -> Dict[str, Outcome]:
         if records_dir:
             records.restore(specs, Path(grid.output_dir), Path(records_dir), progress)
         if collect_only:
             outcomes = {s.id: as_found(s) for s in specs}
         else:
-            outcomes = execute(specs, jobs, backend, say=progress)
-        if records_dir:
+            outcomes = execute(specs, jobs, backend, say=progress, on_outcome=keep if records_dir else None)
+        if records_dir:  # and those settled before (--collect: the runs settled so far)
             kept, written = records.save(specs, Path(grid.output_dir), Path(records_dir))
             if written:
                 progress(f"records: {written} runs kept in {records_dir} ({kept} of these steps there)")

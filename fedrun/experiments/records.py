@@ -4,8 +4,8 @@ study from one machine to another, or lets a reader make its report again.
 A study of hundreds of runs outlives the machine it started on (a cluster's scratch purged, a
 laptop exchanged). The weights are large and the report does not read them; what it reads is
 small: each run's metrics (every round's record, the evaluations with them), its runner record
-(status, inputs, commit, times) and a few files beside them. ``save`` copies those of every
-*settled* step (finished or diverged) into DIR, under the step's path inside the grid's output
+(status, inputs, commit, times) and a few files beside them. ``save`` (called by ``compare`` as
+each step ends, and for the whole plan after each batch) copies those of every *settled* step (finished or diverged) into DIR, under the step's path inside the grid's output
 folder: the run directory's top-level files (``metrics.jsonl`` gzipped, ``runner_<kind>.json``,
 ``config.yaml``, ``partition.json``, ``stopped.json``, ...), the step's own outputs that are
 files (an audit's ``audit/audit.json``) and ``final/privacy.json``; never the model

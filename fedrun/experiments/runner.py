@@ -42,9 +42,12 @@ def say(message: str, who: str = "fedrun") -> None:
 
 
 def execute(plan: List[RunSpec], jobs: int = 1, backend: Optional[str] = None, say=say,
-            rerun: bool = False, commit: Optional[str] = None) -> Dict[str, Outcome]:
+            rerun: bool = False, commit: Optional[str] = None,
+            on_outcome: Optional[Callable[[Outcome], None]] = None) -> Dict[str, Outcome]:
     """Run the unfinished steps of ``plan`` (all of them with ``rerun``); returns step id ->
-    Outcome in plan order. ``backend`` defaults to inline for one job, processes otherwise."""
+    Outcome in plan order. ``backend`` defaults to inline for one job, processes otherwise.
+    ``on_outcome`` is called in this thread with each step's outcome as the step ends (Slurm:
+    as its array is collected)."""
     from fedrun.engine.metrics import code_commit
 
     backend = backend or ("inline" if jobs <= 1 else "processes")
@@ -70,12 +73,19 @@ def execute(plan: List[RunSpec], jobs: int = 1, backend: Optional[str] = None, s
     if backend == "slurm":
         from fedrun.experiments.slurm import run_slurm
 
-        outcomes.update(run_slurm(steps, max(1, jobs), commit, say))
+        ended = run_slurm(steps, max(1, jobs), commit, say)
+        for outcome in ended.values():
+            (on_outcome or _ignore)(outcome)
+        outcomes.update(ended)
     elif backend == "processes":
-        outcomes.update(run_processes(steps, max(1, jobs), commit, say))
+        outcomes.update(run_processes(steps, max(1, jobs), commit, say, on_outcome or _ignore))
     else:
-        outcomes.update(run_inline(steps, commit, say))
+        outcomes.update(run_inline(steps, commit, say, on_outcome or _ignore))
     return {s.id: outcomes[s.id] for s in plan}
+
+
+def _ignore(outcome: Outcome) -> None:
+    del outcome
 
 
 def dependency_order(plan: List[RunSpec]) -> List[RunSpec]:
@@ -117,12 +127,14 @@ def stale_steps(order: List[RunSpec], rerun: bool = False) -> set:
 
 # ---------------------------------------------------------------- inline
 
-def run_inline(steps: List[RunSpec], commit: Optional[str], say) -> Dict[str, Outcome]:
+def run_inline(steps: List[RunSpec], commit: Optional[str], say,
+               on_outcome: Callable[[Outcome], None] = _ignore) -> Dict[str, Outcome]:
     """Each step in this process, one after the other (the main thread: fedrun's runs may set
     signal handlers)."""
     outcomes: Dict[str, Outcome] = {}
     for spec in steps:
         outcomes[spec.id] = blocked(spec, outcomes) or _attempt(spec, commit, say, lambda: run_here(spec))
+        on_outcome(outcomes[spec.id])
     return outcomes
 
 
@@ -162,7 +174,8 @@ def _attempt(spec: RunSpec, commit: Optional[str], say, work: Callable[[], None]
 
 # ---------------------------------------------------------------- processes
 
-def run_processes(steps: List[RunSpec], jobs: int, commit: Optional[str], say) -> Dict[str, Outcome]:
+def run_processes(steps: List[RunSpec], jobs: int, commit: Optional[str], say,
+                  on_outcome: Callable[[Outcome], None] = _ignore) -> Dict[str, Outcome]:
     """Up to ``jobs`` subprocesses at once, each step as soon as its dependencies are done."""
     outcomes: Dict[str, Outcome] = {}
     pending, running = list(steps), {}
@@ -179,7 +192,8 @@ def run_processes(steps: List[RunSpec], jobs: int, commit: Optional[str], say) -
                     running[pool.submit(run_subprocess, spec, commit, say)] = spec
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in done:
-                outcomes[running.pop(future).id] = future.result()
+                outcome = outcomes[running.pop(future).id] = future.result()
+                on_outcome(outcome)
     return outcomes
 
 

@@ -6,6 +6,7 @@ no longer marked restored, and a kept file that does not read back is an error n
 
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,9 @@ def make_run(spec):
     with open(spec.params["calls"], "a") as handle:
         handle.write(spec.id + "\n")
     run_dir = spec.run_dir
+    expect = spec.params.get("expect_kept")
+    if expect and not Path(expect).is_file():
+        raise TrainingError(f"'{expect}' was not kept before this step started")
     (run_dir / "final").mkdir(parents=True, exist_ok=True)
     (run_dir / "final" / "model.safetensors").write_bytes(b"\0" * 1000)
     if spec.params.get("diverge"):  # (a DP run: its accounting is kept)
@@ -101,3 +105,24 @@ def test_a_kept_file_that_does_not_read_back_is_an_error_naming_it(tmp_path):
     with pytest.raises(FedrunError, match=r"kept record '.*metrics.jsonl.gz' does not read back"):
         records.restore([good], out, kept, lambda *_: None)
     assert not good.run_dir.exists()  # nothing half restored
+
+
+@pytest.mark.parametrize("backend", ["inline", "processes"])
+def test_a_run_is_kept_as_soon_as_it_settles(tmp_path, backend, monkeypatch):
+    """The runner hands each outcome over as its step ends (compare --records keeps it then):
+    a step after another finds the first one's records kept when it starts."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))
+    out, kept = tmp_path / "runs", tmp_path / "kept"
+    first = step(out, "first")
+    second = step(out, "second")
+    second.depends_on = [first.id]
+    second.params["expect_kept"] = str(kept / "first" / "seed0" / "runner_make_run.json")
+    ended = []
+
+    def keep(outcome):
+        ended.append(outcome.spec.name)
+        records.save([outcome.spec], out, kept)
+
+    outcomes = execute([first, second], backend=backend, jobs=2, say=lambda *_: None, on_outcome=keep)
+    assert {o.status for o in outcomes.values()} == {RAN}, [o.error for o in outcomes.values()]
+    assert ended == ["first", "second"] and (kept / "second" / "seed0" / "metrics.jsonl.gz").is_file()
