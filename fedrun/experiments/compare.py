@@ -29,7 +29,7 @@ from fedrun.experiments.leakage import audit_steps
 from fedrun.experiments.runner import execute
 from fedrun.experiments.stats import check_findings, describe_commits, summarise
 from fedrun.experiments.steps import FAILED, FINISHED_EARLIER, MISSING, Outcome, RunSpec, earlier, read_record
-from fedrun.experiments.tuning import TUNING_FILE, Sweep, tune
+from fedrun.experiments.tuning import TUNING_FILE, Sweep, group_specs, tune
 from fedrun.experiments import plots, records, tables
 
 
@@ -76,6 +76,9 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     sweep = None
     if grid.tuning is not None:
         sweep = tune(grid, run, target / TUNING_FILE, progress, collect_only)
+        if records_dir and sweep.reused:  # its runs kept too (a reused sweep runs none of them)
+            records.save([s for g in sweep.groups for s in group_specs(grid, g, g.points)],
+                         Path(grid.output_dir), Path(records_dir))
     training = plan(grid, sweep.tuned() if sweep else None)
     audits = audit_steps(grid.audit, training)  # grid key audit: fedrun audit after each run
     outcomes = run(training + audits)

@@ -173,7 +173,9 @@ def test_a_tuned_grid_tunes_first_reports_every_sweep_and_reuses_its_choice(tmp_
     err = capsys.readouterr().err
     assert "tuning: reusing" in err and "already finished" in err and "started" not in err
     assert metrics.stat().st_mtime_ns == before
+    shutil.rmtree(kept / "tuning")  # a reused sweep's runs are kept too
     assert fedrun_main(args + ["--collect"]) == 0
+    assert len(list((kept / "tuning").rglob("runner_*.json"))) == 4
     collected = json.loads((report / "results.json").read_text())
     # collected: no invocation to time; the study's span (tuning included) says it
     assert collected["wall_s"] is None and collected["study"]["span_s"] > 0
