@@ -19,7 +19,6 @@ impossible value is reported with the full key name before any process group or 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import typing
@@ -746,11 +745,8 @@ def _defaults(cls: type) -> Dict[str, Any]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
 def _core_types() -> Dict[str, type]:
-    """The core sections' types (read only: cached, as get_type_hints is slow)."""
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+    return {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
 def _drop_legacy(raw: dict, task_cls: type) -> None:
@@ -814,7 +810,6 @@ def _not_a_parameter(where: str, item: str, registry: Registry, name: str, takes
         + f"'{name}' takes: {', '.join(sorted(takes)) or 'nothing else'}")
 
 
-@functools.lru_cache(maxsize=None)
 def _nested_type(section: str, sub: str) -> type:
     return typing.get_type_hints(_core_types()[section])[sub]
 
