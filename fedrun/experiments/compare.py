@@ -4,7 +4,7 @@ sample budget and seeds, and write a report folder (markdown tables, curves, fin
     python -m fedrun compare --grid configs/grids/paper.yaml --jobs 2
     python -m fedrun compare --grid configs/grids/paper.yaml --quick      # tiny, for tests
     python -m fedrun compare --grid configs/grids/noniid.yaml --jobs 8 --backend slurm
-    python -m fedrun compare --grid configs/grids/noniid.yaml --collect --records docs/results/noniid/runs
+    python -m fedrun compare --grid configs/grids/noniid.yaml --collect --records docs/results/noniid/records
 
 grid file -> (its ``setup`` runs, made once: e.g. a public pre-training the runs start from)
 -> (``tuning.tune``: the tuning runs, the choice per method and budget, tuning.json)

@@ -5,8 +5,8 @@ A study of hundreds of runs outlives the machine it started on (a cluster's scra
 laptop exchanged). The weights are large and the report does not read them; what it reads is
 small: each run's metrics (every round's record, the evaluations with them), its runner record
 (status, inputs, commit, times) and a few files beside them. ``save`` (called by ``compare`` as
-each step ends, and for the whole plan after each batch) copies those of every *settled* step (finished or diverged) into DIR, under the step's path inside the grid's output
-folder: the run directory's top-level files (``metrics.jsonl`` gzipped, ``runner_<kind>.json``,
+each step ends, and for the whole plan after each batch) copies those of every *settled* step
+(finished or diverged) into DIR, under the step's path inside the grid's output folder: the run directory's top-level files (``metrics.jsonl`` gzipped, ``runner_<kind>.json``,
 ``config.yaml``, ``partition.json``, ``stopped.json``, ...), the step's own outputs that are
 files (an audit's ``audit/audit.json``) and ``final/privacy.json``; never the model
 (``final/``), checkpoints, samples or client state. A step kept already with the same runner
@@ -142,13 +142,14 @@ def restore(specs: List[RunSpec], output_dir: Path, records: Path,
         stored = entry / spec.record_path.name
         if not stored.is_file():
             continue
-        record = json.loads(read_kept(entry)[Path(spec.record_path.name)])
+        files = read_kept(entry)
+        record = json.loads(files[Path(spec.record_path.name)])
         inputs = spec.inputs()
         if record.get("status") not in (RAN, DIVERGED) or \
                 {key: record.get(key) for key in inputs} != inputs:
             stale += 1
             continue
-        _restore_entry(spec, entry, records)
+        _restore_entry(spec, entry, files)
         if not spec.settled:  # what was kept does not make a settled run
             raise FedrunError(f"kept record '{entry}' restored to '{spec.run_dir}' is not a "
                               f"{record['status']} run (outputs {list(spec.outputs)}): delete "
@@ -160,10 +161,10 @@ def restore(specs: List[RunSpec], output_dir: Path, records: Path,
     return restored
 
 
-def _restore_entry(spec: RunSpec, entry: Path, records: Path) -> None:
-    """The kept files into the run directory (an unfinished one there is replaced: the runner
-    would start it afresh anyway), with ``restored.json`` naming what was not kept."""
-    files = read_kept(entry)
+def _restore_entry(spec: RunSpec, entry: Path, files: Dict[Path, bytes]) -> None:
+    """The kept ``files`` (``read_kept`` of ``entry``) into the run directory (an unfinished one
+    there is replaced: the runner would start it afresh anyway), with ``restored.json`` naming
+    what was not kept."""
     run_dir = spec.run_dir
     tmp = run_dir.with_name(f".{run_dir.name}.restoring")
     shutil.rmtree(tmp, ignore_errors=True)

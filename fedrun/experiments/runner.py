@@ -51,6 +51,7 @@ def execute(plan: List[RunSpec], jobs: int = 1, backend: Optional[str] = None, s
     from fedrun.engine.metrics import code_commit
 
     backend = backend or ("inline" if jobs <= 1 else "processes")
+    on_outcome = on_outcome or _ignore
     if backend not in BACKENDS:
         raise ConfigError(f"runner backend must be one of {list(BACKENDS)}, got '{backend}'")
     order = dependency_order(plan)
@@ -75,12 +76,12 @@ def execute(plan: List[RunSpec], jobs: int = 1, backend: Optional[str] = None, s
 
         ended = run_slurm(steps, max(1, jobs), commit, say)
         for outcome in ended.values():
-            (on_outcome or _ignore)(outcome)
+            on_outcome(outcome)
         outcomes.update(ended)
     elif backend == "processes":
-        outcomes.update(run_processes(steps, max(1, jobs), commit, say, on_outcome or _ignore))
+        outcomes.update(run_processes(steps, max(1, jobs), commit, say, on_outcome))
     else:
-        outcomes.update(run_inline(steps, commit, say, on_outcome or _ignore))
+        outcomes.update(run_inline(steps, commit, say, on_outcome))
     return {s.id: outcomes[s.id] for s in plan}
 
 

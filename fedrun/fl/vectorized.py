@@ -121,7 +121,7 @@ class StackedAdamW:
         self.flat, self.optim = flat, optim
         self.lr, (self.beta1, self.beta2) = optim.lr, optim.betas
         self.eps = 1e-8  # torch.optim.AdamW's default, as build_optimizer leaves it
-        rows, numel = flat.shape
+        rows = flat.shape[0]
         self.exp_avg = torch.zeros_like(flat)
         self.exp_avg_sq = torch.zeros_like(flat)
         self.steps = torch.zeros(rows, dtype=torch.float64)
