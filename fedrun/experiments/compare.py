@@ -55,8 +55,15 @@ def compare(grid_file: str, quick: bool = False, jobs: int = 1, collect_only: bo
     def keep(outcome: Outcome) -> None:  # --records: a run's records as soon as it settles
         records.save([outcome.spec], Path(grid.output_dir), Path(records_dir))
 
+    warned: List[Path] = []
+
     def run(specs: List[RunSpec]) -> Dict[str, Outcome]:
         if records_dir:
+            for folder in records.ignored_by_git(specs, Path(grid.output_dir), Path(records_dir)):
+                if folder not in warned:  # what git add would leave out without a word
+                    warned.append(folder)
+                    progress(f"records: warning: git ignores '{folder}' (see `git check-ignore -v "
+                             f"{folder}/record`): its records stay out of a commit")
             records.restore(specs, Path(grid.output_dir), Path(records_dir), progress)
         if collect_only:
             outcomes = {s.id: as_found(s) for s in specs}

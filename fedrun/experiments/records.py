@@ -161,6 +161,29 @@ def restore(specs: List[RunSpec], output_dir: Path, records: Path,
     return restored
 
 
+def ignored_by_git(specs: List[RunSpec], output_dir: Path, records: Path) -> List[Path]:
+    """The folders of ``records`` the steps of ``specs`` are kept in (its top-level ones:
+    ``runs``, ``tuning``, ...) that git ignores where ``records`` sits in a work tree: their
+    records would be left out of ``git add`` without a word. Empty outside a work tree or
+    without git."""
+    import subprocess
+
+    tops = sorted({rel.parts[0] for rel in (relative(s, output_dir) for s in specs) if rel and rel.parts})
+    if not tops:
+        return []
+    cwd = next((p for p in [records, *records.parents] if p.is_dir()), None)
+    if cwd is None:
+        return []
+    paths = [os.path.abspath(records / top / "record") for top in tops]
+    try:  # exit 0: some are ignored (listed), 1: none, 128: not a work tree
+        done = subprocess.run(["git", "check-ignore", "--no-index", "--", *paths], cwd=cwd,
+                              capture_output=True, text=True)
+    except OSError:
+        return []
+    listed = set(done.stdout.split("\n")) if done.returncode == 0 else set()
+    return [records / top for top, path in zip(tops, paths) if path in listed]
+
+
 def _restore_entry(spec: RunSpec, entry: Path, files: Dict[Path, bytes]) -> None:
     """The kept ``files`` (``read_kept`` of ``entry``) into the run directory (an unfinished one
     there is replaced: the runner would start it afresh anyway), with ``restored.json`` naming

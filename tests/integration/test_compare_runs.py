@@ -192,9 +192,14 @@ def test_a_tuned_grid_tunes_first_reports_every_sweep_and_reuses_its_choice(tmp_
     keys = ("name", "seed", "fid", "kid", "confident_fraction", "at", "wall_s", "rounds_s", "commit")
     assert [{k: r[k] for k in keys} for r in again["runs"]] == [{k: r[k] for k in keys} for r in collected["runs"]]
     assert again["chosen"] == collected["chosen"] and again["study"] == collected["study"]
+    import subprocess  # the records in a work tree whose .gitignore hides their runs/ folder
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / ".gitignore").write_text("runs/\n")
     assert fedrun_main(args) == 0  # the study goes on: nothing is left to train
     err = capsys.readouterr().err
     assert "started" not in err and "10 steps (10 already finished)" in err, err
+    assert err.count("records: warning: git ignores") == 1 and f"'{kept / 'runs'}'" in err, err
     assert not (out / "runs" / "central" / "seed0" / "final").exists()
 
 

@@ -126,3 +126,25 @@ def test_a_run_is_kept_as_soon_as_it_settles(tmp_path, backend, monkeypatch):
     outcomes = execute([first, second], backend=backend, jobs=2, say=lambda *_: None, on_outcome=keep)
     assert {o.status for o in outcomes.values()} == {RAN}, [o.error for o in outcomes.values()]
     assert ended == ["first", "second"] and (kept / "second" / "seed0" / "metrics.jsonl.gz").is_file()
+
+
+def test_a_records_folder_git_ignores_is_named(tmp_path):
+    """Records kept where a .gitignore rule hides them (a `runs/` rule for the grid's runs/
+    folder) would stay out of a commit without a word: ``ignored_by_git`` names those folders
+    (a real git work tree), and none outside a work tree."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / ".gitignore").write_text("runs/\n")
+    out = tmp_path / "out"
+    specs = [step(out / "runs", "a"), step(out / "tuning", "b")]
+    kept = repo / "docs" / "records"
+    assert records.ignored_by_git(specs, out, kept) == [kept / "runs"]
+    (repo / ".gitignore").write_text("/runs/\n")  # the top level only: nothing under docs/
+    assert records.ignored_by_git(specs, out, kept) == []
+    assert records.ignored_by_git(specs, out, tmp_path / "elsewhere") == []
