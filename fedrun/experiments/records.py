@@ -6,7 +6,8 @@ laptop exchanged). The weights are large and the report does not read them; what
 small: each run's metrics (every round's record, the evaluations with them), its runner record
 (status, inputs, commit, times) and a few files beside them. ``save`` (called by ``compare`` as
 each step ends, and for the whole plan after each batch) copies those of every *settled* step
-(finished or diverged) into DIR, under the step's path inside the grid's output folder: the run directory's top-level files (``metrics.jsonl`` gzipped, ``runner_<kind>.json``,
+(finished or diverged) into DIR, under the step's path inside the grid's output folder: the
+run directory's top-level files (``metrics.jsonl`` gzipped, ``runner_<kind>.json``,
 ``config.yaml``, ``partition.json``, ``stopped.json``, ...), the step's own outputs that are
 files (an audit's ``audit/audit.json``) and ``final/privacy.json``; never the model
 (``final/``), checkpoints, samples or client state. A step kept already with the same runner
@@ -168,7 +169,8 @@ def ignored_by_git(specs: List[RunSpec], output_dir: Path, records: Path) -> Lis
     without git."""
     import subprocess
 
-    tops = sorted({rel.parts[0] for rel in (relative(s, output_dir) for s in specs) if rel and rel.parts})
+    rels = (relative(spec, output_dir) for spec in specs)
+    tops = sorted({rel.parts[0] for rel in rels if rel and rel.parts})
     if not tops:
         return []
     cwd = next((p for p in [records, *records.parents] if p.is_dir()), None)
