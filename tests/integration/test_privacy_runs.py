@@ -230,8 +230,9 @@ def test_adaptive_clipping_with_pld_one_vs_two_processes_bit_identical(tmp_path)
     weights and the same clip trajectory; the records' epsilon is PLD's. Sigma 0.8, not
     ADAPTIVE's 0.3: PLD's one-round distribution at sigma 0.3 takes ~5 s to build (1.3 s at 0.8),
     once per process and again for the reference value."""
+    sigma = 0.8
     shape = ["num_clients=8", "clients_per_round=4", "rounds=3", "checkpoint.every=1", *DP,
-             *ADAPTIVE, "privacy.noise_multiplier=0.8", "privacy.accountant=pld"]
+             *ADAPTIVE, f"privacy.noise_multiplier={sigma}", "privacy.accountant=pld"]
     outputs = {}
     for world in (1, 2):
         out = tmp_path / f"ws{world}"
@@ -244,7 +245,7 @@ def test_adaptive_clipping_with_pld_one_vs_two_processes_bit_identical(tmp_path)
     for key in ("clients", "dp_clip_norm", "dp_unclipped_fraction", "epsilon"):
         assert [r[key] for r in records[1]] == [r[key] for r in records[2]], key
     assert len({r["dp_clip_norm"] for r in records[1]}) == 3
-    assert records[1][-1]["epsilon"] == pytest.approx(library_pld_epsilon(0.5, 0.8, 3, 1e-5), rel=1e-12)
+    assert records[1][-1]["epsilon"] == pytest.approx(library_pld_epsilon(0.5, sigma, 3, 1e-5), rel=1e-12)
     for group in ("model", "ema"):
         a, b = _weights(outputs[1], 3, group), _weights(outputs[2], 3, group)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), group
