@@ -36,7 +36,7 @@ def collect(spec: RunSpec) -> dict:
         "name": spec.name, "seed": spec.seed, "kind": spec.kind, "commit": record.get("commit"),
         **evaluation(final), "final_loss": last["train_loss"], **class_mix(final),
         "reference_class_fractions": final.get("reference_class_fractions"),
-        "samples": nominal(last), "samples_seen": last["samples"], "bytes_total": last["bytes_total"],
+        "samples": nominal(last), **spent(last),
         "wall_s": record["wall_s"], "ended": record["ended"], "eval_samples": final["eval_samples"],
         # the run's own time, its rounds (evaluations included): unlike wall_s it leaves out
         # the start-up and the time the run was paused (paused_s)
@@ -45,16 +45,22 @@ def collect(spec: RunSpec) -> dict:
         "curve": [(nominal(r), r["fid"]) for r in evals],
         # every evaluation's scores, by samples seen: the report's earlier budgets read them
         "at": {str(nominal(r)): {**evaluation(r), "final_loss": r["train_loss"], **class_mix(r),
-                                 "rounds_s": until[r["round"]]}
+                                 "rounds_s": until[r["round"]], **spent(r)}
                for r in evals},
         "bytes_curve": [(r.get("bytes_total", 0), r["fid"]) for r in evals],
-        # runs from before the directions were counted apart: half each way (fp32 FedAvg)
-        "bytes_up_total": last.get("bytes_up_total", last["bytes_total"] // 2),
-        "bytes_down_total": last.get("bytes_down_total", last["bytes_total"] - last["bytes_total"] // 2),
         "params_bytes": last.get("bytes_sent_per_client"),
-        "steps": last.get("steps"),  # central runs: optimizer steps taken
         **leakage(spec.run_dir),  # its audit (grid key audit) and epsilon, when it has them
     }
+
+
+def spent(record: dict) -> dict:
+    """What a run had spent by a record: samples seen, bytes (in all and each way: half each
+    way in runs from before the directions were counted apart) and optimizer steps (central)."""
+    total = record["bytes_total"]
+    return {"samples_seen": record["samples"], "bytes_total": total,
+            "bytes_up_total": record.get("bytes_up_total", total // 2),
+            "bytes_down_total": record.get("bytes_down_total", total - total // 2),
+            "steps": record.get("steps")}
 
 
 PAUSED = 10  # a round that took over 10 x its run's median round of its kind was paused

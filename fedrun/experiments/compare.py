@@ -159,7 +159,8 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     budgets = grid.budget_list
     names = [r.name for r in grid.runs]
     chosen = sweep.chosen() if sweep else {}
-    summaries = {b: summarise(budget_view(results, b, chosen), names) for b in budgets}
+    views = {b: budget_view(results, b, chosen) for b in budgets}  # each budget's own numbers
+    summaries = {b: summarise(views[b], names) for b in budgets}
     summary = summaries[budgets[-1]]
     figures = [*plots.plot_curves(grid, summary, report_dir),
                *plots.plot_class_mixes(grid, summary, report_dir),
@@ -176,7 +177,7 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     if grid.tables:
         lines += tables.glance_tables(grid, summaries, grid.tables[0], missing)
     for budget in budgets:
-        lines += _budget_section(grid, summaries[budget], results, missing[budget], findings[budget],
+        lines += _budget_section(grid, summaries[budget], views[budget], missing[budget], findings[budget],
                                  budget if len(budgets) > 1 else None)
     lines += tables.leakage_table(names, summary)
     if grid.bytes_plot:

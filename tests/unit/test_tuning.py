@@ -297,6 +297,28 @@ def test_an_earlier_budget_reads_its_own_class_mix(tmp_path):
     assert early["in_classes"] == pytest.approx(0.5) and early["class_fractions"] == mixes[1]
 
 
+def test_an_earlier_budget_reads_what_was_spent_until_it(tmp_path):
+    """A budget read from a longer run (the same point chosen at both) shows the bytes, steps and
+    samples seen until that budget, not the whole run's; records from before the directions
+    were counted apart split their bytes half each way."""
+    from fedrun.experiments.collect import collect
+    from fedrun.experiments.steps import RunSpec
+
+    spec = RunSpec("a", "train", tmp_path / "a", round_samples=16)
+    (spec.run_dir / "final").mkdir(parents=True)
+    records = [{"round": r, "samples": 16 * r, "train_loss": 0.1, "bytes_total": 10 * r,
+                "bytes_up_total": 4 * r, "bytes_down_total": 6 * r, "steps": 3 * r,
+                "fid": 10.0 / r, "eval_samples": 24, "eval_reference": 180, "eval_feature": "digits"}
+               for r in (1, 4)]
+    del records[0]["bytes_up_total"], records[0]["bytes_down_total"]  # an older record
+    (spec.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = collect(spec)
+    spent = ("samples_seen", "bytes_total", "bytes_up_total", "bytes_down_total", "steps")
+    assert [result[k] for k in spent] == [64, 40, 16, 24, 12]
+    assert [at_budget(result, 16)[k] for k in spent] == [16, 10, 5, 5, 3]
+    assert at_budget(result, 64) is result
+
+
 def write_run(spec, fid_of):
     """What a finished grid run leaves: final/ and its evaluations in metrics.jsonl, with the
     FID ``fid_of(spec, samples)`` at each evaluation point."""
