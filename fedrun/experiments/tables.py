@@ -364,7 +364,9 @@ def per_seed_table(results: List[dict], budgets: Optional[List[int]] = None) -> 
 
     budgets = budgets or sorted({r["samples"] for r in results})
     fids = [f"FID at {b:,}" for b in budgets] if len(budgets) > 1 else ["FID"]
-    lines = header("configuration", "seed", *fids, "KID ×100 (± subset std)", "confident",
+    lines = ["FID at each budget the run reached; the other columns at the run's end (a tuned "
+             "run trains to the last budget its point is chosen at).", ""] if len(budgets) > 1 else []
+    lines += header("configuration", "seed", *fids, "KID ×100 (± subset std)", "confident",
                    "classes covered", "final loss", "time of rounds (s)")
     for r in results:
         reached = [fmt(at_budget(r, b)["fid"]) if r["samples"] >= b else "–" for b in budgets]

@@ -234,6 +234,19 @@ def test_results_at_each_budget():
         ("central", 6.0), ("a", 3.0), ("old", 4.0)]
 
 
+def test_the_per_seed_table_shows_each_budget_a_run_reached():
+    from fedrun.experiments.tables import per_seed_table
+
+    results = [made_up("a@p00", 0, {32: 5.0}, samples=32), made_up("a@p01", 0, {32: 7.0, 64: 3.0})]
+    for r in results:
+        r["rounds_s"] = 10.0
+    lines = per_seed_table(results, [32, 64])
+    assert lines[0].startswith("FID at each budget the run reached; the other columns at the run's end")
+    assert "| configuration | seed | FID at 32 | FID at 64 | KID ×100 (± subset std) |" in lines[2]
+    assert lines[4].startswith("| a@p00 | 0 | 5 | – | 5 |") and lines[5].startswith("| a@p01 | 0 | 7 | 3 | 3 |")
+    assert per_seed_table(results[:1], [32])[0].startswith("| configuration | seed | FID |")  # one budget
+
+
 def test_a_paused_round_counts_at_its_runs_median_round_of_its_kind():
     """A run stopped (kill -STOP) mid-round for an hour: that round counts at the median round,
     the hour is reported apart; evaluated rounds (slower) are compared with each other only."""
