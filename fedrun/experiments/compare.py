@@ -164,6 +164,7 @@ def write_report(grid: Grid, results: List[dict], report_dir: Path, command: str
     summary = summaries[budgets[-1]]
     figures = [*plots.plot_curves(grid, summary, report_dir),
                *plots.plot_class_mixes(grid, summary, report_dir),
+               *plots.plot_differences(grid, summaries, report_dir),
                *plots.plot_privacy(grid, summary, report_dir)]
     groups = bytes_groups(grid, summary)
     if grid.bytes_plot:

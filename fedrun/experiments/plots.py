@@ -1,5 +1,6 @@
 """The report figures (matplotlib, Agg): FID vs samples seen per series (optionally one panel
-per value of an axis), the class mix of the final samples, bytes communicated vs FID, quality
+per value of an axis), the class mix of the final samples, each table's paired differences
+with their Holm intervals at every budget, bytes communicated vs FID, quality
 and leakage against epsilon (the privacy-utility-leakage figure); and the
 two helpers every report's figures use (``pyplot``, ``save_figure``). Every FID figure draws the
 metric's range: the real-vs-real floor and, when the grid gives it, the untrained model."""
@@ -124,6 +125,75 @@ def plot_class_mixes(grid: Grid, summary: Dict[str, dict], report_dir: Path) -> 
         ax.set_title(item.name, fontsize=10)
         ax.legend(fontsize=7, ncol=2)
         paths.append(save_figure(fig, report_dir / (item.file or f"class_mix_{len(paths)}.png")))
+    return paths
+
+
+def plot_differences(grid: Grid, summaries: Dict[int, Dict[str, dict]], report_dir: Path) -> List[Path]:
+    """Per table of the grid (e.g. one per partition, in one figure per table item): each row's
+    paired FID difference to its baseline with its Holm interval, one marker per budget, as the
+    tables decide them: filled where the corrected test rejects (better or worse), hollow where
+    no difference is detected, a cross where both FIDs are beyond the untrained anchor (not
+    informative). A symmetric-log axis holds differences of 0.5 and of 30 FID in one figure."""
+    from fedrun.experiments.tables import beyond_anchor, table_rows
+
+    plt = pyplot()
+    budgets = sorted(summaries)
+    colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.8, len(budgets)))
+    paths = []
+    for item in [t for t in grid.tables if t.baseline]:
+        values = grid.axis(item.by).values
+        points: Dict[str, list] = {}  # panel -> (label, budget index, test, not informative)
+        labels: List[str] = []
+        for value in values:
+            for i, budget in enumerate(budgets):
+                summary = summaries[budget]
+                for label, name, own, test in table_rows(grid, summary, item, value.name):
+                    if test is None or not math.isfinite(test.holm_low):
+                        continue
+                    if label not in labels:
+                        labels.append(label)
+                    lost = beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own])
+                    points.setdefault(value.name, []).append((label, i, test, lost))
+        panels = [v for v in values if v.name in points]
+        if not panels:
+            continue
+        height = 1.4 + 0.42 * len(labels)
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), height), squeeze=False,
+                                 sharey=True, sharex=True)
+        reach = max([1.0] + [max(abs(t.holm_low), abs(t.holm_high))
+                             for p in points.values() for _, _, t, _ in p])
+        ticks = [t for t in (-100, -30, -10, -3, -1, 0, 1, 3, 10, 30, 100) if abs(t) <= 1.2 * reach]
+        step = 0.6 / max(1, len(budgets))
+        for ax, value in zip(axes[0], panels):
+            for label, i, test, lost in points[value.name]:
+                y = len(labels) - 1 - labels.index(label) + (i - (len(budgets) - 1) / 2) * step
+                decided = test.verdict in ("better", "worse") and not lost
+                ax.plot([test.holm_low, test.holm_high], [y, y], color=colours[i], linewidth=1.2)
+                ax.plot([test.diff], [y], marker="x" if lost else "o", markersize=5, linestyle="",
+                        color=colours[i], markerfacecolor=colours[i] if decided else "white")
+            ax.axvline(0.0, color="gray", linewidth=0.8)
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(-1.2 * reach, 1.2 * reach)
+            ax.set_xticks(ticks)
+            ax.set_xticklabels([f"{t:g}" for t in ticks])
+            ax.set_title(value.label, fontsize=10)
+            ax.set_xlabel("ΔFID (Holm interval)", fontsize=8)
+            ax.tick_params(labelsize=7)
+        axes[0][0].set_yticks(range(len(labels)))
+        axes[0][0].set_yticklabels(list(reversed(labels)), fontsize=8)
+        handles = [plt.Line2D([], [], color=c, marker="o", label=f"{b:,} samples seen")
+                   for b, c in zip(budgets, colours)]
+        handles += [plt.Line2D([], [], color="black", marker="o", linestyle="", label="better / worse (Holm)"),
+                    plt.Line2D([], [], color="black", marker="o", markerfacecolor="white", linestyle="",
+                               label="no detected difference"),
+                    plt.Line2D([], [], color="black", marker="x", linestyle="",
+                               label="both beyond the untrained model")]
+        base = ", ".join(str(v) for v in item.baseline.values())
+        fig.suptitle(f"FID difference to {base} per {item.by} (negative: lower FID), paired over seeds",
+                     fontsize=10)
+        fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7)
+        rect = (0, 0.4 / height, 1, 1)
+        paths.append(save_figure(fig, report_dir / f"delta_fid_{item.by}.png", rect=rect))
     return paths
 
 

@@ -258,21 +258,31 @@ def glance_tables(grid: Grid, summaries: Dict[int, Dict[str, dict]], item: Table
         summary = summaries[budget]
         cells: Dict[str, Dict[str, str]] = {}
         for value in values:
-            names = grid.select({item.by: value.name})
-            tests = _table_tests(grid, summary, item, names)
-            for name in item.with_ + names:
-                label = grid.label(name, item.by)
-                own = baseline_of(grid, names, item.baseline, name)
-                if own != baseline_of(grid, names, item.baseline, None):
-                    label += f" (vs {grid.label(own, item.by)})"
+            for label, name, own, test in table_rows(grid, summary, item, value.name):
                 cells.setdefault(label, {})[value.name] = _glance_cell(
-                    grid, summary, name, own, tests.get(name), failures.get(budget, []))
+                    grid, summary, name, own, test, failures.get(budget, []))
         if len(budgets) > 1:
             lines += [f"At {budget:,} samples seen:", ""]
         lines += header("run", *[v.label for v in values])
         lines += [row(label, *[by.get(v.name, "–") for v in values]) for label, by in cells.items()]
         lines.append("")
     return lines
+
+
+def table_rows(grid: Grid, summary: Dict[str, dict], item: Table, value: str) -> List[tuple]:
+    """The rows of ``item``'s table for one value of its axis: (label, run, the run it is
+    compared with, its test or None), the ``with`` runs first; a row compared with another run
+    than the table's baseline says which in its label."""
+    names = grid.select({item.by: value})
+    tests = _table_tests(grid, summary, item, names)
+    out = []
+    for name in item.with_ + names:
+        label = grid.label(name, item.by)
+        own = baseline_of(grid, names, item.baseline, name)
+        if own != baseline_of(grid, names, item.baseline, None):
+            label += f" (vs {grid.label(own, item.by)})"
+        out.append((label, name, own, tests.get(name)))
+    return out
 
 
 def _baseline_label(grid: Grid, item: Table) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from fedrun.errors import ConfigError
-from fedrun.experiments import stats, tables, tuning
+from fedrun.experiments import plots, stats, tables, tuning
 from fedrun.experiments.compare import write_report
 from fedrun.experiments.grid import Finding, Grid, GridRun, load_grid, plan
 
@@ -429,6 +429,11 @@ def test_rows_name_their_seeds_without_results_and_compare_on_the_rest(tmp_path)
     assert "| fedavg | FID 11 | FID 11 |" in glance
     assert "| fedavgm | +0 | +1 **worse** (n = 2; 1 diverged) |" in glance
     assert "| fedavgm2 (vs fedavgm) | not run | -1 **better** (n = 2) |" in glance
+    # the same tests drawn: each row's difference with its Holm interval, per partition
+    assert (tmp_path / "report" / "delta_fid_partition.png").stat().st_size > 5000
+    assert "![delta_fid_partition](delta_fid_partition.png)" in text
+    grid.tables = []
+    assert plots.plot_differences(grid, {1000: {}}, tmp_path) == []
 
 
 def test_pareto_front_and_the_bytes_report(tmp_path):
