@@ -134,7 +134,7 @@ def plot_differences(grid: Grid, summaries: Dict[int, Dict[str, dict]], report_d
     tables decide them: filled where the corrected test rejects (better or worse), hollow where
     no difference is detected, a cross where both FIDs are beyond the untrained anchor (not
     informative). A symmetric-log axis holds differences of 0.5 and of 30 FID in one figure."""
-    from fedrun.experiments.tables import beyond_anchor, table_rows
+    from fedrun.experiments.tables import baseline_label, not_informative, table_rows
 
     plt = pyplot()
     budgets = sorted(summaries)
@@ -152,7 +152,7 @@ def plot_differences(grid: Grid, summaries: Dict[int, Dict[str, dict]], report_d
                         continue
                     if label not in labels:
                         labels.append(label)
-                    lost = beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own])
+                    lost = not_informative(grid, summary, name, own)
                     points.setdefault(value.name, []).append((label, i, test, lost))
         panels = [v for v in values if v.name in points]
         if not panels:
@@ -188,9 +188,8 @@ def plot_differences(grid: Grid, summaries: Dict[int, Dict[str, dict]], report_d
                                label="no detected difference"),
                     plt.Line2D([], [], color="black", marker="x", linestyle="",
                                label="both beyond the untrained model")]
-        base = ", ".join(str(v) for v in item.baseline.values())
-        fig.suptitle(f"FID difference to {base} per {item.by} (negative: lower FID), paired over seeds",
-                     fontsize=10)
+        fig.suptitle(f"FID difference to {baseline_label(grid, item)} per {item.by} (negative: lower "
+                     "FID), paired over seeds", fontsize=10)
         fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7)
         rect = (0, 0.4 / height, 1, 1)
         paths.append(save_figure(fig, report_dir / f"delta_fid_{item.by}.png", rect=rect))

@@ -88,6 +88,12 @@ def beyond_anchor(grid: Grid, s: dict) -> bool:
     return anchor is not None and s["fid"][0] >= anchor
 
 
+def not_informative(grid: Grid, summary: Dict[str, dict], name: str, own: str) -> bool:
+    """A row and the run it is compared with both beyond the untrained anchor: their
+    difference does not track training."""
+    return beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own])
+
+
 def range_rows(grid: Grid, summary: Dict[str, dict]) -> List[tuple]:
     """The reference rows: the floor, the untrained anchor (when given), the grid's other
     ``anchors``; each (name, FID, KID ×100, confident, classes covered, class TV, TSTR, in the
@@ -219,7 +225,7 @@ def _test_cells(grid: Grid, summary: Dict[str, dict], item: Table, names: List[s
     if not math.isfinite(test.p):
         return [f"{test.diff:+.3g}{against}", "–", "–", test.verdict]
     verdict = f"**{test.verdict}**" if test.verdict in ("better", "worse") else test.verdict
-    if beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own]):
+    if not_informative(grid, summary, name, own):
         verdict = "not informative (both †)"
     if test.n < len(grid.seeds):  # a seed of the row or its baseline has no result
         against += f" (n = {test.n})"
@@ -249,7 +255,7 @@ def glance_tables(grid: Grid, summaries: Dict[int, Dict[str, dict]], item: Table
     values = grid.axis(item.by).values
     budgets = sorted(summaries)
     lines = ["## Verdicts at a glance", "",
-             f"ΔFID to {_baseline_label(grid, item)} in each {item.by}'s table (negative: lower FID), "
+             f"ΔFID to {baseline_label(grid, item)} in each {item.by}'s table (negative: lower FID), "
              "with that table's verdict: **better** / **worse** when the Holm-corrected paired test "
              "rejects, else the difference alone; † both beyond the untrained anchor (not "
              "informative); n: the seeds compared where some diverged or failed. The tables below "
@@ -285,7 +291,7 @@ def table_rows(grid: Grid, summary: Dict[str, dict], item: Table, value: str) ->
     return out
 
 
-def _baseline_label(grid: Grid, item: Table) -> str:
+def baseline_label(grid: Grid, item: Table) -> str:
     return ", ".join(str(v) for v in item.baseline.values()) if item.baseline else "the baseline"
 
 
@@ -302,7 +308,7 @@ def _glance_cell(grid: Grid, summary: Dict[str, dict], name: str, own: Optional[
     if test is None or not math.isfinite(test.p):
         return "–"  # no baseline results, or fewer than 2 paired seeds
     cell = f"{test.diff:+.3g}"
-    if beyond_anchor(grid, summary[name]) and beyond_anchor(grid, summary[own]):
+    if not_informative(grid, summary, name, own):
         cell += " †"
     elif test.verdict in ("better", "worse"):
         cell += f" **{test.verdict}**"
@@ -377,7 +383,7 @@ def per_seed_table(results: List[dict], budgets: Optional[List[int]] = None) -> 
     lines = ["FID at each budget the run reached; the other columns at the run's end (a tuned "
              "run trains to the last budget its point is chosen at).", ""] if len(budgets) > 1 else []
     lines += header("configuration", "seed", *fids, "KID ×100 (± subset std)", "confident",
-                   "classes covered", "final loss", "time of rounds (s)")
+                    "classes covered", "final loss", "time of rounds (s)")
     for r in results:
         reached = [fmt(at_budget(r, b)["fid"]) if r["samples"] >= b else "–" for b in budgets]
         kid = fmt(r["kid"], scale=0.01) + (f" ± {r['kid_std'] * 100:.2g}" if r.get("kid_std") else "")
